@@ -1,0 +1,1 @@
+"""Checkpoints: hf.py (HF format in and out, the one name-mapping table), state.py (training state)."""

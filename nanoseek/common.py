@@ -1,0 +1,133 @@
+"""Device, dtype, seeding, printing and timing: the one place that decides them.
+
+Everything that asks "which device?" or "which compute dtype?" calls into this file, so a user
+can change the answer in one spot (flags or the NANOSEEK_DTYPE / NANOSEEK_DEVICE env vars).
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, bad file, bad config). The CLI prints the message
+    and exits with status 2 instead of a traceback."""
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose one of float32, bfloat16, float16")
+    return _DTYPES[name]
+
+
+def autodetect_device(requested: str | None = None) -> torch.device:
+    requested = requested or os.environ.get("NANOSEEK_DEVICE")
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX / AVX512-BF16 CPUs run bf16 matmuls several times faster than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    except OSError:
+        return False
+
+
+def compute_dtype(device: torch.device, requested: str | torch.dtype | None = None) -> torch.dtype:
+    """The dtype matmuls run in. Master weights stay fp32 whatever this returns.
+
+    Default: bf16 on CUDA with bf16 support and on CPUs with AMX/AVX512-BF16 (measured ~4x faster
+    than fp32 for 1024^2 matmuls on this project's CPU), fp32 elsewhere.
+    """
+    requested = requested or os.environ.get("NANOSEEK_DTYPE")
+    if requested:
+        return parse_dtype(requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast context for `dtype`, or a no-op for fp32."""
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def print0(*args, **kwargs) -> None:
+    """Print on rank 0 only, flushed (progress must be visible under pipes and CI)."""
+    if rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def progress(iterable=None, total=None, desc=None, disable=None, **kw):
+    """A tqdm bar on stderr (rank 0 only); a plain iterator when tqdm is missing."""
+    if disable is None:
+        disable = rank() != 0 or os.environ.get("NANOSEEK_NO_PROGRESS") == "1"
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable if iterable is not None else range(total or 0)
+    return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True,
+                file=sys.stderr, **kw)
+
+
+@contextmanager
+def timer(store: dict, key: str):
+    """`with timer(t, "gen"): ...` adds the elapsed seconds to t["gen"]."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        store[key] = store.get(key, 0.0) + time.perf_counter() - t0
+
+
+def set_threads(n: int | None = None) -> None:
+    """Use every core we were given (torch sometimes picks fewer inside containers)."""
+    n = n or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (n or os.cpu_count())
+    torch.set_num_threads(max(1, n))

@@ -1,0 +1,120 @@
+"""Multi-head Latent Attention (DeepSeek-V2 sec. 2.1, V3 eqs. 1-11).
+
+Shape legend: B batch, T new tokens, S attended tokens (cache + new), D hidden, H heads,
+N = qk_nope_head_dim, R = qk_rope_head_dim, V = v_head_dim, C = kv_lora_rank, Q = q_lora_rank.
+
+    c_Q  = RMSNorm(W_DQ h)                    (B,T,Q)      skipped when q_lora_rank == 0
+    q    = W_UQ c_Q -> per head [q_nope (N) ; q_pe (R)], q_pe rotated
+    [c~ ; k~_pe] = W_DKV h                    (B,T,C+R)    one rope key shared by all heads
+    c_KV = RMSNorm(c~)                        (B,T,C)      what the inference cache stores,
+    k_pe = RoPE(k~_pe)                        (B,T,R)      with k_pe: C+R numbers per token per layer
+    [k_nope ; v] per head = W_UKV c_KV        W_UKV = wkv_b, rows [h*(N+V), (h+1)*(N+V)) = [W_UK_h ; W_UV_h]
+    o_h  = softmax(tau * q_h . k_h) v_h ;  out = W_O [o_1 .. o_H]
+
+Two equal ways to attend (tested against each other):
+  naive   - expand k_nope and v for every token and head, then ordinary multi-head attention.
+            Best for training / long prefill without a cache.
+  absorbed- q_nope . (W_UK c) = (W_UK^T q_nope) . c, so map queries into latent space once
+            (q_lat = W_UK^T q_nope, C wide) and attend over the cached c_KV and k_pe directly: MQA with
+            one (C+R)-wide key and one C-wide value shared by all heads. The output is mapped back
+            with W_UV afterwards. Nothing per-head is ever materialised for cached tokens.
+tau includes YaRN's mscale^2 on the whole logit (nope and rope parts alike).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm
+from .rope import apply_rope
+
+
+class LatentCache(Protocol):
+    """What attention needs from an inference cache (the engine implements it).
+
+    `update(layer, kv_BTC, pe_BTR)` stores the new tokens' normalised latent and rotated rope key for
+    `layer` and returns everything to attend to: kv (B,S,C), pe (B,S,R) and a boolean mask
+    broadcastable to (B,1,T,S) (True = attend), or None meaning plain causal with S == T.
+    """
+
+    def update(self, layer: int, kv: torch.Tensor, pe: torch.Tensor): ...
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.nope, self.rope_dim, self.v_dim = (cfg.num_attention_heads, cfg.qk_nope_head_dim,
+                                                              cfg.qk_rope_head_dim, cfg.v_head_dim)
+        self.kv_rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        H, D, qk = cfg.num_attention_heads, cfg.hidden_size, cfg.qk_head_dim
+        if cfg.q_lora_rank:
+            self.wq_a = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+        else:
+            self.wq = nn.Linear(D, H * qk, bias=False)
+        self.wkv_a = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(H * cfg.v_head_dim, D, bias=False)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B,T,D) -> q_nope (B,T,H,N), q_pe (B,T,H,R) rotated, kv (B,T,C) normalised, pe (B,T,R) rotated."""
+        B, T, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
+        q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope, self.rope_dim], dim=-1)
+        kv, pe = self.wkv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin), self.kv_norm(kv), apply_rope(pe, cos, sin)
+
+    def forward(self, x, cos, sin, cache: LatentCache | None = None, absorb: bool | None = None):
+        q_nope, q_pe, kv, pe = self.project(x, cos, sin)
+        mask = None
+        if cache is not None:
+            kv, pe, mask = cache.update(self.layer_id, kv, pe)
+        if absorb is None:
+            absorb = cache is not None
+        o = (self.attend_absorbed if absorb else self.attend_naive)(q_nope, q_pe, kv, pe, mask)
+        return self.wo(o)
+
+    def _wkv_b_heads(self, dtype):
+        """wkv_b as (H, N+V, C): per head, W_UK rows then W_UV rows."""
+        return self.wkv_b.weight.to(dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+
+    def attend_naive(self, q_nope, q_pe, kv, pe, mask):
+        B, T, H, _ = q_nope.shape
+        S = kv.shape[1]
+        k_nope, v = self.wkv_b(kv).view(B, S, H, self.nope + self.v_dim).split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe.to(q_nope.dtype)], dim=-1).transpose(1, 2)                 # B,H,T,N+R
+        k = torch.cat([k_nope, pe.to(k_nope.dtype).unsqueeze(2).expand(B, S, H, self.rope_dim)], dim=-1)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)                                               # B,H,S,*
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return o.transpose(1, 2).reshape(B, T, H * self.v_dim)
+
+    def attend_absorbed(self, q_nope, q_pe, kv, pe, mask):
+        B, T, H, _ = q_nope.shape
+        S = kv.shape[1]
+        w = self._wkv_b_heads(q_nope.dtype)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]                                           # H,N,C / H,V,C
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)                                       # B,T,H,C
+        # All T*H query vectors attend to one shared key/value head: fold heads into the query axis.
+        q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).reshape(B, 1, T * H, -1)
+        k = torch.cat([kv, pe.to(kv.dtype)], dim=-1).to(q.dtype).unsqueeze(1)                    # B,1,S,C+R
+        v = kv.to(q.dtype).unsqueeze(1)                                                            # B,1,S,C
+        if mask is None:  # causal over a fresh sequence: query t (all heads) sees keys <= t
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask.dim() == 2:
+            mask = mask[None, None]
+        # (B,1,T,S) -> (B,1,T*H,S): every head of query t shares its row
+        mask = mask.unsqueeze(3).expand(*mask.shape[:3], H, S).reshape(mask.shape[0], 1, T * H, S)
+        o_lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)       # B,1,T*H,C
+        o = torch.einsum("bthc,hvc->bthv", o_lat.view(B, T, H, self.kv_rank), w_uv)
+        return o.reshape(B, T, H * self.v_dim)

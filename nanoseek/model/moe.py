@@ -1,0 +1,184 @@
+"""DeepSeekMoE: fine-grained routed experts + always-on shared experts (V3 sec. 2.1.2).
+
+Shape legend: T tokens (batch flattened), D hidden, E routed experts, K experts per token,
+G groups, F expert width (moe_intermediate_size).
+
+Gate (V3, `topk_method="noaux_tc"`):
+    s     = sigmoid(u W_g^T)                       affinities, fp32
+    s~    = s + b                                  b = e_score_correction_bias, fp32, selection only
+    group score = sum of the top-2 s~ in each of G consecutive expert blocks; keep topk_group groups,
+    experts of dropped groups get -inf (the official "fix scores mask"; 0 would let s+b < 0 leak through)
+    S     = top-K of the masked s~
+    w_e   = s_e / sum_{S} s  (unbiased scores)  * routed_scaling_factor
+V2 (`softmax`, `greedy` / `group_limited_greedy`): softmax scores, group score = max, no bias, and
+weights are normalised only if norm_topk_prob.
+Output: MoE(u) = sum_{e in S} w_e E_e(u) + shared(u), each expert a SwiGLU.
+
+Auxiliary-loss-free balancing: b is nudged after each optimizer step by the trainer (sign rule);
+the model only counts tokens per expert (`expert_load`) while training. b never gets a gradient.
+
+Compute: the (token, expert) pairs are sorted by expert so each expert's tokens are contiguous
+(the layout expert parallelism's all-to-all and DeepGEMM's grouped kernels use), then
+  "loop"    - one matmul pair per non-empty expert (autograd-safe; fastest on CPU for large T)
+  "grouped" - torch._grouped_mm over the segments (no grad; CPU forward only supports it)
+  "dense"   - every expert on every token, weights zero off the route: E/K x the FLOPs but ~6 ops,
+              which wins for decode-sized T where per-op overhead dominates.
+`moe_reference` is the per-token loop the tests hold all three to.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+
+def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: ModelConfig):
+    """Gate scores -> (weights (T,K) fp32, expert ids (T,K), scores (T,E) fp32)."""
+    logits = logits_TE.float()
+    scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores if bias_E is None else scores + bias_E
+    T, E = choice.shape
+    G = cfg.n_group
+    if cfg.topk_method != "greedy" and G > 1 and cfg.topk_group < G:
+        grouped = choice.view(T, G, E // G)
+        if cfg.topk_method == "noaux_tc":
+            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_score = grouped.amax(dim=-1)
+        keep = group_score.topk(cfg.topk_group, dim=-1).indices
+        dropped = torch.ones(T, G, dtype=torch.bool, device=choice.device).scatter_(1, keep, False)
+        choice = choice.masked_fill(dropped.unsqueeze(-1).expand(T, G, E // G).reshape(T, E), float("-inf"))
+    idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+    weights = scores.gather(1, idx)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, idx, scores
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.bias = None
+
+    def forward(self, x_TD: torch.Tensor):
+        with torch.autocast(x_TD.device.type, enabled=False):  # router logits in fp32 (pitfall 4)
+            logits = F.linear(x_TD.float(), self.weight.float())
+        return route(logits, self.bias, self.cfg)
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` must not round the selection bias (DeepSeek keeps it fp32).
+        bias = self.bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.bias.dtype != torch.float32:
+            self.bias = bias.to(device=self.bias.device, dtype=torch.float32)
+        return self
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored stacked: w13 (E, 2F, D) = [gate; up], w2 (E, D, F) (HF's fused layout)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, F_ = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.w13 = nn.Parameter(torch.empty(E, 2 * F_, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, F_))
+
+    def forward(self, x_TD, weights_TK, idx_TK, impl: str):
+        if impl == "dense":
+            return self._dense(x_TD, weights_TK, idx_TK)
+        T, K = idx_TK.shape
+        flat = idx_TK.flatten()
+        order = flat.argsort(stable=True)                       # (T*K,) pairs sorted by expert
+        token = order // K
+        counts = torch.bincount(flat, minlength=self.w13.shape[0])
+        xs = x_TD[token]
+        w13, w2 = self.w13.to(xs.dtype), self.w2.to(xs.dtype)
+        if impl == "grouped":
+            offs = counts.cumsum(0).to(torch.int32)
+            gate, up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+            ys = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offs)
+        else:
+            outs, start = [], 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    gate, up = (xs[start:start + n] @ w13[e].T).chunk(2, dim=-1)
+                    outs.append((F.silu(gate) * up) @ w2[e].T)
+                    start += n
+            ys = torch.cat(outs) if outs else xs.new_zeros(0, x_TD.shape[1])
+        ys = ys * weights_TK.flatten()[order].unsqueeze(1).to(ys.dtype)
+        return torch.zeros_like(x_TD, dtype=ys.dtype).index_add_(0, token, ys)
+
+    def _dense(self, x_TD, weights_TK, idx_TK):
+        T = x_TD.shape[0]
+        w13, w2 = self.w13.to(x_TD.dtype), self.w2.to(x_TD.dtype)
+        gate, up = torch.matmul(x_TD, w13.transpose(1, 2)).chunk(2, dim=-1)    # E,T,F
+        y_ETD = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))
+        dense_w = torch.zeros(T, w13.shape[0], dtype=y_ETD.dtype, device=x_TD.device)
+        dense_w.scatter_(1, idx_TK, weights_TK.to(y_ETD.dtype))
+        return torch.einsum("etd,te->td", y_ETD, dense_w)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        self.shared = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
+            if cfg.n_shared_experts else None
+        self.impl: str | None = None     # force "loop" / "grouped" / "dense"; None = choose per call
+        # Training-time routing statistics, read and reset by the trainer.
+        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.last_scores: torch.Tensor | None = None   # (T,E) fp32 with grad, for balance losses
+        self.last_idx: torch.Tensor | None = None
+
+    def choose_impl(self, n_tokens: int, grad: bool) -> str:
+        if self.impl:
+            return self.impl
+        if n_tokens * self.cfg.num_experts_per_tok <= 2 * self.cfg.n_routed_experts:
+            return "dense"
+        if not grad and n_tokens <= 256 and self.experts.w13.device.type == "cpu":
+            return "grouped"
+        return "loop"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        weights, idx, scores = self.gate(x_TD)
+        if self.training:
+            self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel())
+            self.last_scores, self.last_idx = scores, idx
+        impl = self.choose_impl(x_TD.shape[0], torch.is_grad_enabled() and x.requires_grad)
+        out = self.experts(x_TD, weights, idx, impl)
+        if self.shared is not None:
+            out = out + self.shared(x_TD)
+        return out.view(shape).to(x.dtype)
+
+
+def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Per-token, per-expert loop: the slow obvious definition the fast paths are tested against."""
+    x_TD = x.reshape(-1, x.shape[-1]).float()
+    weights, idx, _ = moe.gate(x_TD)
+    out = torch.zeros_like(x_TD)
+    w13, w2 = moe.experts.w13.float(), moe.experts.w2.float()
+    for t in range(x_TD.shape[0]):
+        for k in range(idx.shape[1]):
+            e = idx[t, k]
+            gate, up = (w13[e] @ x_TD[t]).chunk(2)
+            out[t] += weights[t, k] * (w2[e] @ (F.silu(gate) * up))
+        if moe.shared is not None:
+            out[t] += _mlp_ref(moe.shared, x_TD[t])
+    return out.view(x.shape)
+
+
+def _mlp_ref(mlp: MLP, x_D: torch.Tensor) -> torch.Tensor:
+    gate, up = (mlp.w13.weight.float() @ x_D).chunk(2)
+    return mlp.w2.weight.float() @ (F.silu(gate) * up)

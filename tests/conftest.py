@@ -1,0 +1,46 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("NANOSEEK_NO_PROGRESS", "1")
+torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    # keep unit tests deterministic regardless of test order
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_cfg():
+    from nanoseek.config import load_preset
+    return load_preset("tiny")
+
+
+def random_cfg(**kw):
+    """A small random-shaped DeepSeek-V3 config with YaRN and group-limited routing."""
+    from nanoseek.config import ModelConfig
+    base = dict(vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24,
+                num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=3, n_routed_experts=8,
+                n_group=4, topk_group=2, num_experts_per_tok=3, q_lora_rank=20, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10, routed_scaling_factor=2.5,
+                rope_factor=4.0, original_max_position_embeddings=16, max_position_embeddings=64,
+                num_nextn_predict_layers=1, initializer_range=0.1)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def randomize(model, seed=0, bias_std=0.5):
+    """Non-trivial weights everywhere: random norms and a non-zero router bias."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(model.cfg.initializer_range * torch.randn(p.shape, generator=g))
+        for moe in model.moe_layers():
+            if moe.gate.bias is not None:
+                moe.gate.bias.copy_(bias_std * torch.randn(moe.gate.bias.shape, generator=g))
+    return model

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from conftest import randomize, random_cfg
+from nanoseek.model import Transformer
+from nanoseek.model.moe import moe_reference, route
+
+
+def _moe(**kw):
+    torch.manual_seed(0)
+    model = randomize(Transformer(random_cfg(**kw)))
+    return model.layers[-1].ffn
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped", "dense"])
+@pytest.mark.parametrize("T", [1, 5, 40])
+def test_fast_paths_equal_per_token_reference(impl, T):
+    moe = _moe().eval()
+    moe.impl = impl
+    x = torch.randn(T, moe.cfg.hidden_size)
+    with torch.no_grad():
+        assert (moe(x) - moe_reference(moe, x)).abs().max() < 1e-5
+
+
+def test_loop_path_gradients_match_reference():
+    moe = _moe()
+    moe.impl = "loop"
+    x = torch.randn(9, moe.cfg.hidden_size, requires_grad=True)
+    moe(x).square().sum().backward()
+    g_fast = [p.grad.clone() for p in moe.parameters()]
+    moe.zero_grad()
+    x2 = x.detach().clone().requires_grad_()
+    moe_reference(moe, x2).square().sum().backward()
+    for a, (name, p) in zip(g_fast, moe.named_parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-5), name
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+
+
+def test_bias_changes_selection_not_weights():
+    cfg = random_cfg(n_group=1, topk_group=1, num_experts_per_tok=2)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0]])
+    w0, idx0, s = route(logits, torch.zeros(8), cfg)
+    bias = torch.zeros(8)
+    bias[7] = 10.0
+    w1, idx1, _ = route(logits, bias, cfg)
+    assert set(idx0[0].tolist()) == {0, 1} and 7 in idx1[0].tolist()
+    # the weight of a selected expert comes from its unbiased sigmoid score
+    chosen = idx1[0].tolist()
+    expect = s[0, chosen] / s[0, chosen].sum() * cfg.routed_scaling_factor
+    assert torch.allclose(w1[0], expect)
+
+
+def test_group_limited_routing_uses_top2_sum_and_masks_with_minus_inf():
+    cfg = random_cfg(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=2)
+    # group 0 = experts 0,1 has the single best expert but group 2 has the best top-2 sum
+    logits = torch.tensor([[5.0, -5.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0]])
+    # large negative bias everywhere: with a 0-mask, dropped experts (score 0) would beat kept ones
+    bias = torch.full((8,), -3.0)
+    _, idx, _ = route(logits, bias, cfg)
+    assert sorted(idx[0].tolist()) == [4, 5]
+
+
+def test_expert_load_counted_only_in_training():
+    moe = _moe()
+    x = torch.randn(10, moe.cfg.hidden_size)
+    moe.eval()
+    moe(x)
+    assert moe.expert_load.sum() == 0
+    moe.train()
+    moe(x)
+    assert moe.expert_load.sum() == 10 * moe.cfg.num_experts_per_tok
+
+
+def test_bias_stays_fp32_under_bf16_cast():
+    moe = _moe()
+    moe.gate.bias.fill_(1e-3 + 1e-6)
+    moe.to(torch.bfloat16)
+    assert moe.gate.bias.dtype == torch.float32 and moe.gate.bias[0].item() == pytest.approx(1e-3 + 1e-6)
+    assert moe.experts.w13.dtype == torch.bfloat16
