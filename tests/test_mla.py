@@ -17,7 +17,7 @@ class ListCache:
             pe = torch.cat([self.pe[layer], pe], dim=1)
         self.kv[layer], self.pe[layer] = kv, pe
         S = kv.shape[1]
-        return kv, pe, torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
+        return torch.cat([kv, pe], dim=-1), torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
 
 
 def _model(**kw):

@@ -37,8 +37,9 @@ class LatentCache(Protocol):
     """What attention needs from an inference cache (the engine implements it).
 
     `update(layer, kv_BTC, pe_BTR)` stores the new tokens' normalised latent and rotated rope key for
-    `layer` and returns everything to attend to: kv (B,S,C), pe (B,S,R) and a boolean mask
-    broadcastable to (B,1,T,S) (True = attend), or None meaning plain causal with S == T.
+    `layer` and returns everything to attend to as one tensor kvpe (B,S,C+R) = [c_KV ; k_pe] (the
+    absorbed path uses it directly as the shared key, and its first C channels as the value), plus a
+    boolean mask broadcastable to (B,1,T,S) (True = attend).
     """
 
     def update(self, layer: int, kv: torch.Tensor, pe: torch.Tensor): ...
@@ -73,13 +74,22 @@ class MLA(nn.Module):
         return q_nope, apply_rope(q_pe, cos, sin), self.kv_norm(kv), apply_rope(pe, cos, sin)
 
     def forward(self, x, cos, sin, cache: LatentCache | None = None, absorb: bool | None = None):
+        """Without a cache: causal attention over x. With one: attend over cache + x. `absorb` picks the
+        path (default: absorbed for short steps against a cache - decode, speculative verification)."""
         q_nope, q_pe, kv, pe = self.project(x, cos, sin)
-        mask = None
-        if cache is not None:
-            kv, pe, mask = cache.update(self.layer_id, kv, pe)
+        T = x.shape[1]
         if absorb is None:
-            absorb = cache is not None
-        o = (self.attend_absorbed if absorb else self.attend_naive)(q_nope, q_pe, kv, pe, mask)
+            absorb = cache is not None and T <= 4
+        if cache is not None:
+            kvpe, mask = cache.update(self.layer_id, kv, pe)
+            kv, pe = kvpe[..., : self.kv_rank], kvpe[..., self.kv_rank:]
+        else:
+            kvpe = torch.cat([kv, pe.to(kv.dtype)], dim=-1) if absorb else None
+            mask = None
+        if absorb:
+            o = self.attend_absorbed(q_nope, q_pe, kvpe, mask)
+        else:
+            o = self.attend_naive(q_nope, q_pe, kv, pe, mask)
         return self.wo(o)
 
     def _wkv_b_heads(self, dtype):
@@ -99,22 +109,23 @@ class MLA(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return o.transpose(1, 2).reshape(B, T, H * self.v_dim)
 
-    def attend_absorbed(self, q_nope, q_pe, kv, pe, mask):
+    def attend_absorbed(self, q_nope, q_pe, kvpe, mask):
         B, T, H, _ = q_nope.shape
-        S = kv.shape[1]
+        S = kvpe.shape[1]
         w = self._wkv_b_heads(q_nope.dtype)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]                                           # H,N,C / H,V,C
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)                                       # B,T,H,C
         # All T*H query vectors attend to one shared key/value head: fold heads into the query axis.
         q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).reshape(B, 1, T * H, -1)
-        k = torch.cat([kv, pe.to(kv.dtype)], dim=-1).to(q.dtype).unsqueeze(1)                    # B,1,S,C+R
-        v = kv.to(q.dtype).unsqueeze(1)                                                            # B,1,S,C
+        k = kvpe.to(q.dtype).unsqueeze(1)                                                          # B,1,S,C+R
+        v = k[..., : self.kv_rank]                                                                 # B,1,S,C
         if mask is None:  # causal over a fresh sequence: query t (all heads) sees keys <= t
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        if mask.dim() == 2:
-            mask = mask[None, None]
-        # (B,1,T,S) -> (B,1,T*H,S): every head of query t shares its row
-        mask = mask.unsqueeze(3).expand(*mask.shape[:3], H, S).reshape(mask.shape[0], 1, T * H, S)
+        if T > 1 or mask.dim() < 4 or mask.shape[-2] != 1:
+            if mask.dim() == 2:
+                mask = mask[None, None]
+            # (B,1,T,S) -> (B,1,T*H,S): every head of query t shares its row
+            mask = mask.unsqueeze(3).expand(*mask.shape[:3], H, S).reshape(mask.shape[0], 1, T * H, S)
         o_lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)       # B,1,T*H,C
         o = torch.einsum("bthc,hvc->bthv", o_lat.view(B, T, H, self.kv_rank), w_uv)
         return o.reshape(B, T, H * self.v_dim)

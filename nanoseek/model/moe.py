@@ -182,3 +182,47 @@ def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 def _mlp_ref(mlp: MLP, x_D: torch.Tensor) -> torch.Tensor:
     gate, up = (mlp.w13.weight.float() @ x_D).chunk(2)
     return mlp.w2.weight.float() @ (F.silu(gate) * up)
+
+
+# ------------------------------------------------------------------------------------------------
+# Load balancing (training only). See the V3 report sec. 2.1.2 / 4.3-4.4 and arXiv 2408.15664.
+
+@torch.no_grad()
+def update_bias(moe: MoE, gamma: float) -> torch.Tensor:
+    """Auxiliary-loss-free balancing, after each optimizer step: b_i += gamma * sign(mean load - load_i).
+
+    Overloaded experts become less likely to be *selected*; their weights are untouched (the bias is
+    never part of the gate weights) and b gets no gradient. Returns the load that was used, then
+    resets the counts for the next step.
+    """
+    load = moe.expert_load.clone()
+    if moe.gate.bias is not None and gamma > 0 and load.sum() > 0:
+        moe.gate.bias += gamma * torch.sign(load.mean() - load).to(moe.gate.bias.device)
+    moe.expert_load.zero_()
+    return load
+
+
+def max_violation(load: torch.Tensor) -> float:
+    """MaxVio = max_i load_i / mean load - 1 (0 = perfectly balanced)."""
+    mean = load.float().mean()
+    return float(load.max() / mean - 1) if mean > 0 else 0.0
+
+
+def balance_loss(scores_TE: torch.Tensor, idx_TK: torch.Tensor, n_seq: int, per_sequence: bool = True):
+    """Sum_i f_i P_i (times alpha by the caller), averaged over sequences.
+
+    f_i = E / (K T) * #tokens routed to i,  P_i = mean_t s'_{i,t} with s' = s / sum_j s_j (scores
+    renormalised over all experts). per_sequence=True is V3's complementary sequence-wise loss (eqs.
+    17-20); False treats the whole batch as one sequence - the classic auxiliary loss used for the
+    ablation. f uses the actual (bias-influenced) selection, as most implementations do.
+    """
+    T_all, E = scores_TE.shape
+    K = idx_TK.shape[1]
+    groups = n_seq if per_sequence else 1
+    s = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+    P = s.view(groups, -1, E).mean(dim=1)                                        # (S, E)
+    counts = torch.zeros(groups, E, device=scores_TE.device)
+    counts.scatter_add_(1, idx_TK.view(groups, -1), torch.ones(groups, idx_TK.numel() // groups,
+                                                                device=scores_TE.device))
+    f = counts * E / (K * (T_all // groups))
+    return (f * P).sum(dim=-1).mean()

@@ -1,0 +1,127 @@
+"""Pretraining documents: built-in synthetic reasoning corpora, or the user's own files.
+
+Synthetic corpus (no download). Each document is one chat-formatted problem and solution,
+
+    <BOS><｜User｜>347+285=?<｜Assistant｜>COMPLETION<EOS>
+
+where COMPLETION is either *worked* (`<think>7+5=12, 4+8+1=13, 3+2+1=6, so 632</think><answer>632</answer>`,
+always right) or *direct* (`<answer>632</answer>`, sometimes a plausible wrong answer). This is the
+R1-Zero setting in miniature: the base model has seen careful reasoning, but mostly it has seen
+people answer at once, and on hard problems those quick answers are often wrong (for arithmetic:
+the carry-less shortcut 347+285 -> 522). Nothing tells it *when* to reason; RL with an accuracy
+reward has to discover that. `p_worked` and the per-difficulty `p_wrong` are the dials.
+
+User data: `.txt` (documents separated by blank lines), `.jsonl` (`text`, or chat `messages`, per
+line) and `.parquet` (a `text` column). Bad lines are reported as file:line and skipped.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+from ..common import UserError
+
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+
+
+def prompt_text(question: str) -> str:
+    """What the model sees before it answers (the chat template with a generation prompt)."""
+    return f"{BOS}{USER}{question}{ASSISTANT}"
+
+
+def chat_document(question: str, completion: str) -> str:
+    return prompt_text(question) + completion + EOS
+
+
+def default_p_wrong(problem) -> float:
+    """Direct answers are reliable on easy problems and usually wrong on hard ones."""
+    if problem.task == "arithmetic":
+        a, b = problem.meta["a"], problem.meta["b"]
+        return 0.8 if max(a, b) >= 100 else 0.0
+    return 0.5
+
+
+def synthetic_documents(n_docs: int, seed: int, task: str = "arithmetic", p_worked: float = 0.2,
+                        p_wrong=default_p_wrong, split: str = "train", **task_knobs) -> list[str]:
+    """`n_docs` chat documents from a task's `split`, deterministic in `seed`."""
+    from .tasks import get_task
+
+    if not 0.0 <= p_worked <= 1.0:
+        raise UserError(f"p_worked={p_worked}: must be in [0, 1]")
+    t = get_task(task, **task_knobs)
+    rng = random.Random(seed + 7919)
+    docs = []
+    for prob in t.problems(n_docs, seed=seed, split=split):
+        if rng.random() < p_worked:
+            completion = t.worked_solution(prob)
+        else:
+            pw = p_wrong(prob) if callable(p_wrong) else float(p_wrong)
+            completion = t.direct_solution(prob, rng, pw)
+        docs.append(chat_document(prob.question, completion))
+    return docs
+
+
+def load_documents(path: str | Path) -> list[str]:
+    """Documents from a .txt / .jsonl / .parquet file, or every such file under a directory."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".parquet"))
+        if not files:
+            raise UserError(f"--data {path}: no .txt, .jsonl or .parquet files inside")
+        return [d for f in files for d in load_documents(f)]
+    if not path.exists():
+        raise UserError(f"--data {path}: no such file")
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return [BOS + d.strip() + EOS for d in text.split("\n\n") if d.strip()]
+    if path.suffix == ".jsonl":
+        return _load_jsonl(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise UserError(f"{path}: parquet file has no 'text' column (columns: {table.column_names})")
+        return [BOS + t + EOS for t in table.column("text").to_pylist() if t]
+    raise UserError(f"--data {path}: unsupported file type {path.suffix!r} (use .txt, .jsonl or .parquet)")
+
+
+def _load_jsonl(path: Path) -> list[str]:
+    docs, bad = [], []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if isinstance(row.get("text"), str):
+                    docs.append(BOS + row["text"] + EOS)
+                elif isinstance(row.get("messages"), list):
+                    docs.append(render_messages(row["messages"]))
+                else:
+                    raise ValueError("needs a string 'text' or a list 'messages'")
+            except (ValueError, AttributeError, TypeError, KeyError) as e:
+                bad.append(f"{path}:{lineno}: {e}")
+    for msg in bad[:20]:
+        print(f"warning: skipped {msg}", file=sys.stderr)
+    if len(bad) > 20:
+        print(f"warning: ... and {len(bad) - 20} more malformed lines in {path}", file=sys.stderr)
+    if not docs:
+        raise UserError(f"{path}: no usable lines ({len(bad)} malformed)")
+    return docs
+
+
+def render_messages(messages: list[dict]) -> str:
+    """DeepSeek-V3 chat format as plain text (the same rendering the tokenizer's template makes)."""
+    sys_text = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    out = [BOS, sys_text]
+    for m in messages:
+        if m["role"] == "user":
+            out += [USER, m["content"]]
+        elif m["role"] == "assistant":
+            out += [ASSISTANT, m["content"], EOS]
+        elif m["role"] != "system":
+            raise ValueError(f"unknown role {m['role']!r}")
+    return "".join(out)

@@ -1,0 +1,127 @@
+"""Multi-digit addition and subtraction, with the column method written out as the reasoning.
+
+The smallest task on which a tiny model visibly gains from RL: direct answers get the easy
+(no-carry) sums right and the carry sums wrong, while the worked column trace
+
+    347+285 -> <think>7+5=12, 4+8+1=13, 3+2+1=6, so 632</think><answer>632</answer>
+    532-285 -> <think>2-5+10=7, 3-8-1+10=4, 5-2-1=2, so 247</think><answer>247</answer>
+
+makes every carry and borrow an explicit token. Columns run from the right; a missing digit is 0;
+a carry-in is shown as "+1" and a borrow-in as "-1" only when there is one; "+10" marks a borrow
+taken by the column.
+
+The plausible wrong direct answer is the "carry-less shortcut" a model falls into: every column
+computed on its own ((x+y) % 10, or |x-y| for subtraction) with no carry or borrow passed on.
+When the problem needs no carry that shortcut is the right answer, so the wrong answer is the
+true one +/- 10 instead.
+"""
+from __future__ import annotations
+
+import random
+import re
+
+from .common import Problem, Task, check_p_wrong, parse_int
+
+_QUESTION_RE = re.compile(r"(\d+)([+-])(\d+)=\?")
+MAX_DIGITS = 30
+
+
+def _operands(problem: Problem) -> tuple[int, str, int]:
+    m = _QUESTION_RE.fullmatch(problem.question)
+    if m is None:
+        raise ValueError(f"not an arithmetic question: {problem.question!r}")
+    return int(m.group(1)), m.group(2), int(m.group(3))
+
+
+def _columns(a: int, b: int) -> list[tuple[int, int]]:
+    """(digit of a, digit of b) per column, rightmost first, padded with zeros."""
+    sa, sb = str(a), str(b)
+    width = max(len(sa), len(sb))
+    sa, sb = sa.zfill(width), sb.zfill(width)
+    return [(int(x), int(y)) for x, y in zip(reversed(sa), reversed(sb))]
+
+
+def needs_carry(problem: Problem) -> bool:
+    """True if the column method needs a carry (addition) or a borrow (subtraction)."""
+    a, op, b = _operands(problem)
+    if op == "+":
+        return any(x + y >= 10 for x, y in _columns(a, b))
+    return any(x < y for x, y in _columns(a, b))
+
+
+def carryless(a: int, op: str, b: int) -> int:
+    """The carry-less shortcut: each column on its own, nothing carried or borrowed."""
+    digits = [(x + y) % 10 if op == "+" else abs(x - y) for x, y in _columns(a, b)]
+    return int("".join(str(d) for d in reversed(digits)))
+
+
+def _addition_trace(a: int, b: int) -> str:
+    steps, carry = [], 0
+    for x, y in _columns(a, b):
+        total = x + y + carry
+        steps.append(f"{x}+{y}{'+1' if carry else ''}={total}")
+        carry = total // 10
+    return ", ".join(steps)
+
+
+def _subtraction_trace(a: int, b: int) -> str:
+    steps, borrow = [], 0
+    for x, y in _columns(a, b):
+        diff = x - y - borrow
+        text = f"{x}-{y}{'-1' if borrow else ''}"
+        borrow = 1 if diff < 0 else 0
+        if borrow:
+            diff += 10
+            text += "+10"
+        steps.append(f"{text}={diff}")
+    assert borrow == 0, "subtraction keeps a >= b"
+    return ", ".join(steps)
+
+
+class Arithmetic(Task):
+    """`a+b=?` / `a-b=?` with operand digit counts in [min_digits, max_digits]."""
+    name = "arithmetic"
+
+    def __init__(self, min_digits: int = 1, max_digits: int = 3, ops: str = "+"):
+        if not isinstance(min_digits, int) or not 1 <= min_digits <= MAX_DIGITS:
+            raise ValueError(f"min_digits must be an integer in [1, {MAX_DIGITS}], got {min_digits!r}")
+        if not isinstance(max_digits, int) or not min_digits <= max_digits <= MAX_DIGITS:
+            raise ValueError(f"max_digits must be an integer in [min_digits={min_digits}, {MAX_DIGITS}], "
+                             f"got {max_digits!r}")
+        if not isinstance(ops, str) or not ops or set(ops) - set("+-") or len(set(ops)) != len(ops):
+            raise ValueError(f"ops must be a non-empty subset of '+-' (e.g. '+', '-', '+-'), got {ops!r}")
+        self.min_digits, self.max_digits, self.ops = min_digits, max_digits, ops
+
+    def _operand(self, rng: random.Random) -> int:
+        digits = rng.randint(self.min_digits, self.max_digits)
+        lo = 0 if digits == 1 else 10 ** (digits - 1)
+        return rng.randint(lo, 10 ** digits - 1)
+
+    def sample(self, rng: random.Random) -> Problem:
+        op = rng.choice(self.ops)
+        a, b = self._operand(rng), self._operand(rng)
+        if op == "-" and a < b:
+            a, b = b, a
+        value = a + b if op == "+" else a - b
+        return Problem(self.name, f"{a}{op}{b}=?", str(value), {"a": a, "b": b, "op": op})
+
+    def check(self, answer: str | None, problem: Problem) -> bool:
+        got, want = parse_int(answer), parse_int(problem.answer)
+        return got is not None and got == want
+
+    def worked_solution(self, problem: Problem) -> str:
+        a, op, b = _operands(problem)
+        trace = _addition_trace(a, b) if op == "+" else _subtraction_trace(a, b)
+        value = a + b if op == "+" else a - b
+        return f"<think>{trace}, so {value}</think><answer>{value}</answer>"
+
+    def direct_solution(self, problem: Problem, rng: random.Random, p_wrong: float = 0.0) -> str:
+        check_p_wrong(p_wrong)
+        a, op, b = _operands(problem)
+        value = a + b if op == "+" else a - b
+        if rng.random() < p_wrong:
+            wrong = carryless(a, op, b)
+            if wrong == value:
+                wrong = value + 10 if value < 10 or rng.random() < 0.5 else value - 10
+            value = wrong
+        return f"<answer>{value}</answer>"

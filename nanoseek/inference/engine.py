@@ -1,0 +1,223 @@
+"""The inference engine: continuous batching over the MLA latent cache.
+
+    add_request(prompt_ids, params)  -> queued (n samples share one prefill: the prompt's cache row is
+                                        forked n-1 times, as GRPO's G completions per prompt need)
+    step()                           -> one prefill step (if requests wait and slots are free) or one
+                                        decode step for every running sequence; returns sequences that
+                                        got tokens this step
+The engine owns the cache and the scheduling and calls the model; it never copies weights, so the
+module a GRPO optimizer updates is the module that samples the next rollouts.
+
+Decode uses absorbed MLA (queries mapped into the latent space, attention over [c_KV ; k_pe] only).
+Running sequences sit in cache slots 0..B-1; a finished one is replaced by the last (one row copy).
+Greedy requests can use MTP speculative decoding (speculative.py) when the model has MTP weights.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..common import UserError
+from ..model import Transformer
+from .cache import LatentCache
+from .sampling import SamplingParams, logprobs_topk, sample
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    index: int                       # which of the request's n samples
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    slot: int = -1
+    length: int = 0                  # tokens in the main cache
+    pending: int | None = None       # sampled, emitted, not yet in the cache
+    out_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    hidden: torch.Tensor | None = None   # speculative: main hidden states of positions [mtp_len, length)
+    mtp_len: int = 0                     # positions already in the MTP cache
+    stop_text: bool = False              # finished by a stop string (text truncated by the caller)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+class Engine:
+    def __init__(self, model: Transformer, max_batch: int = 64, max_len: int | None = None,
+                 cache_dtype: torch.dtype | None = None, autocast_dtype: torch.dtype | None = None,
+                 speculative: bool = False, seed: int = 0, stop_token_ids: list[int] | None = None):
+        cfg = model.cfg
+        self.model = model
+        self.device = model.device
+        self.max_batch = max_batch
+        self.max_len = min(max_len or 2048, cfg.max_position_embeddings)
+        self.speculative = speculative and len(model.mtp) > 0
+        n_layers = cfg.num_hidden_layers + (len(model.mtp) if self.speculative else 0)
+        pdtype = model.embed.weight.dtype
+        self.cache = LatentCache(n_layers, max_batch, self.max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                 cache_dtype or autocast_dtype or pdtype, self.device)
+        self.autocast_dtype = autocast_dtype
+        self.eos_ids = set(stop_token_ids if stop_token_ids is not None else [cfg.eos_token_id])
+        self.waiting: deque[_Request] = deque()
+        self.running: list[Sequence] = []
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self._ids = itertools.count()
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "spec_drafts": 0, "spec_accepted": 0}
+
+    # ---------------------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        rid = request_id if request_id is not None else str(next(self._ids))
+        if not prompt_ids:
+            raise UserError("empty prompt: give at least one token")
+        if len(prompt_ids) >= self.max_len:
+            raise UserError(f"prompt has {len(prompt_ids)} tokens but the context is {self.max_len}; "
+                            "shorten the prompt")
+        if params.n > self.max_batch:
+            raise UserError(f"n={params.n} exceeds the engine's max_batch={self.max_batch}")
+        V = self.model.cfg.vocab_size
+        if any(not 0 <= t < V for t in prompt_ids):
+            raise UserError(f"prompt token ids must be in [0, {V})")
+        self.waiting.append(_Request(rid, list(prompt_ids), params))
+        return rid
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> None:
+        self.waiting = deque(r for r in self.waiting if r.request_id != request_id)
+        for s in self.running:
+            if s.request_id == request_id:
+                s.finish_reason = "abort"
+        self._compact()
+
+    def step(self) -> list[Sequence]:
+        self.stats["steps"] += 1
+        if self.waiting and self.waiting[0].params.n <= self.max_batch - len(self.running):
+            out = self._prefill()
+        elif self.speculative and self.running and all(s.params.greedy for s in self.running):
+            from .speculative import speculative_step
+            out = speculative_step(self)
+        else:
+            out = self._decode()
+        self._compact()
+        return out
+
+    # ---------------------------------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, starts: torch.Tensor, row0: int = 0) -> torch.Tensor:
+        """Run the main model on (B,T) new tokens for slots row0.. ; returns hidden (B,T,D)."""
+        self.cache.begin(starts, ids.shape[1], row0)
+        with torch.no_grad(), self._autocast():
+            return self.model.hidden(ids, self.cache.positions, self.cache)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self._autocast():
+            return self.model.logits(h).float()
+
+    def _prefill(self) -> list[Sequence]:
+        groups, budget, free = [], 8192, self.max_batch - len(self.running)
+        while self.waiting and self.waiting[0].params.n <= free - sum(r.params.n for r in groups) and \
+                (not groups or budget >= len(self.waiting[0].prompt_ids)):
+            r = self.waiting.popleft()
+            groups.append(r)
+            budget -= len(r.prompt_ids)
+        row0 = len(self.running)
+        B, T = len(groups), max(len(r.prompt_ids) for r in groups)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for i, r in enumerate(groups):
+            ids[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        lens = torch.tensor([len(r.prompt_ids) for r in groups], device=self.device)
+        h = self._forward(ids.to(self.device), torch.zeros(B, dtype=torch.long, device=self.device), row0)
+        last = h[torch.arange(B, device=self.device), lens - 1]                                  # (B,D)
+        self.stats["prefill_tokens"] += int(lens.sum())
+        # one sequence per sample: sample 0 in the prefilled row, samples 1..n-1 in forked rows
+        seqs, src_rows, next_slot = [], [], row0 + B
+        for i, r in enumerate(groups):
+            fork_slots = list(range(next_slot, next_slot + r.params.n - 1))
+            next_slot += r.params.n - 1
+            self.cache.fork(row0 + i, fork_slots, len(r.prompt_ids))
+            for j, slot in enumerate([row0 + i] + fork_slots):
+                gen = None
+                if r.params.seed is not None:
+                    gen = torch.Generator(device=self.device).manual_seed(r.params.seed + j)
+                seqs.append(Sequence(r.request_id, j, r.prompt_ids, r.params, gen, slot=slot,
+                                     length=len(r.prompt_ids)))
+                src_rows.append(i)
+        order = sorted(range(len(seqs)), key=lambda k: seqs[k].slot)
+        seqs, src_rows = [seqs[k] for k in order], [src_rows[k] for k in order]
+        self.running.extend(seqs)          # running[k].slot == k stays true
+        src = torch.tensor(src_rows, device=self.device)
+        if self.speculative:      # main hidden states of every prompt position feed the MTP draft
+            for s, i in zip(seqs, src_rows):
+                s.hidden = h[i, : len(s.prompt_ids)]
+        self._emit(seqs, self._logits(last)[src])
+        return seqs
+
+    def _decode(self) -> list[Sequence]:
+        seqs = self.running
+        ids = torch.tensor([[s.pending] for s in seqs], device=self.device)
+        starts = torch.tensor([s.length for s in seqs], device=self.device)
+        h = self._forward(ids, starts)
+        for s in seqs:
+            s.length += 1
+        if self.speculative:
+            for i, s in enumerate(seqs):
+                s.hidden = torch.cat([s.hidden, h[i, :1]]) if s.hidden is not None else h[i, :1]
+        self._emit(seqs, self._logits(h[:, 0]))
+        return list(seqs)
+
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token per sequence from logits (B,V) and apply the stop rules."""
+        P = [s.params for s in seqs]
+        temps = torch.tensor([p.temperature for p in P], device=logits.device)
+        top_ps = torch.tensor([p.top_p for p in P], device=logits.device) if any(p.top_p < 1 for p in P) else None
+        top_ks = torch.tensor([max(p.top_k, 0) for p in P], device=logits.device) if any(p.top_k > 0 for p in P) \
+            else None
+        for i, s in enumerate(seqs):   # suppress EOS before min_tokens
+            if len(s.out_ids) < s.params.min_tokens:
+                for e in self.eos_ids:
+                    logits[i, e] = float("-inf")
+        tokens, logps = sample(logits, temps, top_ps, top_ks, [s.generator for s in seqs], self.gen,
+                               all_greedy=all(p.greedy for p in P))
+        tokens, logps = tokens.tolist(), logps.tolist()
+        for i, s in enumerate(seqs):
+            top = logprobs_topk(logits[i], temps[i], s.params.logprobs) if s.params.logprobs else None
+            self._append(s, tokens[i], logps[i], top)
+
+    def _append(self, s: Sequence, tok: int, logp: float, top: dict | None = None) -> None:
+        s.out_ids.append(tok)
+        s.logprobs.append(logp)
+        if top is not None:
+            s.top_logprobs.append(top)
+        s.pending = tok
+        p = s.params
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            s.finish_reason = "stop"
+        elif len(s.out_ids) >= p.max_tokens or s.length + 1 >= self.max_len:
+            s.finish_reason = "length"
+        self.stats["decode_tokens"] += 1
+
+    def _compact(self) -> None:
+        """Remove finished sequences, keeping the running ones in slots 0..B-1."""
+        done = sorted((s for s in self.running if s.finish_reason), key=lambda s: -s.slot)
+        for s in done:
+            last = self.running[-1]
+            if last is not s:
+                self.cache.move(last.slot, s.slot, max(last.length, last.mtp_len))
+                last.slot = s.slot
+                self.running[s.slot] = last
+            self.running.pop()

@@ -1,0 +1,131 @@
+"""`LLM` and its outputs, shaped like vLLM's offline API so users and benchmarks can switch engines.
+
+    llm = LLM("runs/r1-zero/final")
+    outs = llm.generate(["<｜User｜>2+2=?<｜Assistant｜>"], SamplingParams(temperature=0, max_tokens=32))
+    outs[0].outputs[0].text, .token_ids, .logprobs, .finish_reason
+
+Prompts are strings (tokenised; BOS added if missing) or {"prompt_token_ids": [...]}. Stop strings
+are checked on the decoded text; the returned text is cut before the stop string.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..common import UserError, parse_dtype, progress
+from ..model import Transformer
+from .engine import Engine, Sequence
+from .sampling import SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[float] | None
+    finish_reason: str | None
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = True
+
+
+class LLM:
+    def __init__(self, model: str | Transformer, tokenizer=None, dtype: str | torch.dtype | None = None,
+                 device: str | None = None, max_batch: int = 64, max_len: int | None = None,
+                 kv_cache_dtype: str | None = None, speculative: bool = False, seed: int = 0,
+                 autocast_dtype: str | torch.dtype | None = None):
+        if isinstance(model, Transformer):
+            self.model = model
+        else:
+            from ..checkpoint.hf import from_pretrained
+            self.model = from_pretrained(model, dtype=parse_dtype(dtype), device=device)
+            if tokenizer is None:
+                from ..tokenizer import Tokenizer
+                try:
+                    tokenizer = Tokenizer.load(model)
+                except Exception:
+                    tokenizer = None     # token-id prompts still work
+        self.tokenizer = tokenizer
+        cache_dtype = {"fp8": torch.float8_e4m3fn, "auto": None, None: None}.get(kv_cache_dtype, None)
+        if kv_cache_dtype not in ("fp8", "auto", None):
+            cache_dtype = parse_dtype(kv_cache_dtype)
+        eos = [self.model.cfg.eos_token_id]
+        self.engine = Engine(self.model, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype,
+                             autocast_dtype=parse_dtype(autocast_dtype), speculative=speculative, seed=seed,
+                             stop_token_ids=eos)
+
+    # ---------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise UserError("a dict prompt needs 'prompt_token_ids'")
+            return None, [int(t) for t in prompt["prompt_token_ids"]]
+        if not isinstance(prompt, str):
+            raise UserError(f"prompts must be strings or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise UserError("this model directory has no tokenizer; pass {'prompt_token_ids': [...]} prompts")
+        ids = self.tokenizer.encode(prompt)
+        bos = self.model.cfg.bos_token_id
+        if bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids
+        return prompt, ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise UserError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        eng = self.engine
+        reqs: dict[str, RequestOutput] = {}
+        order = []
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            text, ids = self.encode_prompt(p)
+            rid = f"gen-{id(self)}-{i}"
+            eng.add_request(ids, sp, rid)
+            reqs[rid] = RequestOutput(rid, text, ids, [None] * sp.n)
+            order.append(rid)
+        total = sum(sp.n for sp in plist)
+        bar = progress(total=total, desc="generate", disable=not use_tqdm or None)
+        while eng.has_work():
+            for s in eng.step():
+                self._check_stop_strings(s)
+                if s.finish_reason:
+                    reqs[s.request_id].outputs[s.index] = self.to_output(s)
+                    bar.update(1)
+        bar.close()
+        return [reqs[r] for r in order]
+
+    def _check_stop_strings(self, s: Sequence) -> None:
+        if s.params.stop and not s.finish_reason and self.tokenizer is not None:
+            tail = self.decode(s.out_ids[-32:], s.params.skip_special_tokens)
+            if any(st in tail for st in s.params.stop):
+                s.finish_reason, s.stop_text = "stop", True
+
+    def to_output(self, s: Sequence) -> CompletionOutput:
+        text = self.decode(s.out_ids, s.params.skip_special_tokens)
+        if s.params.stop:
+            cut = [text.find(st) for st in s.params.stop if st in text]
+            if cut:
+                text = text[: min(cut)]
+        want = s.params.logprobs is not None
+        return CompletionOutput(s.index, text, list(s.out_ids), sum(s.logprobs) if want else None,
+                                list(s.logprobs) if want else None, s.finish_reason,
+                                list(s.top_logprobs) if s.params.logprobs else None)

@@ -1,0 +1,94 @@
+"""Sampling parameters and the batched sampler.
+
+`SamplingParams` mirrors vLLM's so code and benchmarks can switch engines. Contracts kept:
+temperature 0 means greedy; `seed` makes one request's samples reproducible whatever else is in the
+batch; the returned log-prob of a token is log softmax(logits / T) at that token (T = 1 for greedy) -
+the probability it was sampled with before top-k/top-p truncation, which is also what the GRPO
+trainer recomputes for the importance ratio.
+
+Sampling uses the Gumbel-max trick (argmax of logits/T + Gumbel noise == a draw from softmax(logits/T)),
+so a whole batch with mixed temperatures is one vectorised op; rows with their own seed draw their
+noise from their own generator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..common import UserError
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1                      # -1 or 0: off
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None          # None: none; 0: the sampled token's; k > 0: also the top k
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        checks = [("n", self.n >= 1, ">= 1"), ("temperature", self.temperature >= 0, ">= 0"),
+                  ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("top_k", self.top_k >= -1, ">= -1"),
+                  ("max_tokens", self.max_tokens >= 1, ">= 1"), ("min_tokens", self.min_tokens >= 0, ">= 0"),
+                  ("logprobs", self.logprobs is None or self.logprobs >= 0, ">= 0")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise UserError(f"SamplingParams.{name}={getattr(self, name)!r}: must be {rule}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor | None, top_ks: torch.Tensor | None,
+           generators: list[torch.Generator | None], default_gen: torch.Generator | None = None,
+           all_greedy: bool = False):
+    """logits (B,V) -> (tokens (B,), logprobs (B,)). temps 0 = greedy rows."""
+    logits = logits.float()
+    if all_greedy:   # fast path: no noise, no sorting
+        tokens = logits.argmax(dim=-1)
+        return tokens, logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    greedy = temps == 0
+    t = torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(1)
+    scaled = logits / t
+    masked = scaled
+    if top_ks is not None:
+        k = top_ks.clamp(max=logits.shape[1]).unsqueeze(1)
+        kth = scaled.sort(dim=-1, descending=True).values.gather(1, (k - 1).clamp(min=0))
+        masked = masked.masked_fill((masked < kth) & (k > 0), float("-inf"))
+    if top_ps is not None:
+        sorted_logits, order = masked.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        cum = probs.cumsum(dim=-1) - probs              # mass strictly before each token
+        drop_sorted = cum >= top_ps.unsqueeze(1)
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        masked = masked.masked_fill(drop, float("-inf"))
+    u = torch.empty_like(masked)
+    if any(g is not None for g in generators):
+        for i, g in enumerate(generators):
+            u[i].uniform_(generator=g if g is not None else default_gen)
+    else:
+        u.uniform_(generator=default_gen)
+    gumbel = -torch.log((-torch.log(u.clamp_(1e-20, 1.0))).clamp_(min=1e-20))
+    tokens = torch.where(greedy, logits.argmax(dim=-1), (masked + gumbel).argmax(dim=-1))
+    logp = scaled.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(scaled, dim=-1)
+    return tokens, logp
+
+
+def logprobs_topk(logits: torch.Tensor, temps: torch.Tensor, k: int):
+    """Top-k log-probs of softmax(logits / T) for one row (OpenAI `top_logprobs`)."""
+    t = temps.clamp(min=1e-6) if float(temps) > 0 else torch.ones_like(temps)
+    lp = torch.log_softmax(logits.float() / t, dim=-1)
+    top = lp.topk(k)
+    return dict(zip(top.indices.tolist(), top.values.tolist()))

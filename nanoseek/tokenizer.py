@@ -1,0 +1,323 @@
+"""Byte-level BPE with DeepSeek's special tokens, chat templates and SFT loss masks.
+
+DeepSeek-V3 uses a byte-level BPE (like GPT-2): text is turned into UTF-8 bytes, each byte is
+mapped to a printable stand-in character, and merges are learned over those characters. Because
+all 256 bytes are in the base alphabet, *any* string can be encoded and `decode(encode(s)) == s`.
+We train the same kind of tokenizer from scratch with HF `tokenizers` (so it is fast and saved in
+the format `transformers.AutoTokenizer` loads), at toy sizes for the tiny presets.
+
+Pre-tokenization (the step that cuts text into pieces before BPE sees it):
+
+    Digits(individual_digits=True)   every digit is its own piece, so "1234" -> 1 2 3 4. The
+                                     arithmetic and countdown tasks are done digit by digit, and
+                                     a merged "12" would hide the digits from the model.
+    ByteLevel(use_regex=True)        GPT-2's regex split (words, spaces, punctuation) + byte map.
+
+Special tokens (ids 0..7, in this order):
+
+    0 <｜begin▁of▁sentence｜>  BOS        special: control tokens, dropped by
+    1 <｜end▁of▁sentence｜>    EOS = pad  special: decode(skip_special_tokens=True)
+    2 <｜User｜>                           special
+    3 <｜Assistant｜>                      special
+    4 <think>   5 </think>                 added but NOT special: the model writes them as part of
+    6 <answer>  7 </answer>                its answer and the reward checks them, so decode keeps
+                                           them (DeepSeek-R1 also marks <think> non-special).
+
+The bars are U+FF5C (fullwidth vertical line) and the "underscore" is U+2581 (lower one eighth
+block); the real DeepSeek tokens use exactly these characters. All eight are "added tokens": the
+text is split on them before pre-tokenization, so each is one id even inside `<think>7+5=12`.
+
+Chat template (DeepSeek-V3, spec section 9.2), no separators anywhere:
+
+    BOS + system prompts joined by "\\n\\n" (no role marker)
+        + "<｜User｜>" + user content
+        + "<｜Assistant｜>" + assistant content + EOS          (for each turn)
+        + "<｜Assistant｜>"                                    (generation prompt)
+
+R1 variant (`thinking=True`, spec 9.3): the generation prompt is "<｜Assistant｜><think>\\n", and
+the reasoning of PAST assistant turns (everything up to and including the last `</think>`) is cut
+so it is not fed back. "Past" means before the last user message. DeepSeek's R1 template cuts
+every assistant turn, even a final one with nothing after it; we keep a final answer's reasoning
+because that is the SFT target (`encode_chat`). For a prompt that ends in a user turn, which is
+the only case the official template was made for, the two agree. The content of an assistant
+message is everything after "<｜Assistant｜>", so an R1 SFT target starts with "<think>\\n".
+
+`encode_chat` builds ids piece by piece (BOS, role tokens, contents) so the loss mask is exact:
+1 on assistant contents and the EOS that closes them (the model must learn to stop), 0 on the
+prompt. Encoding pieces separately gives the same ids as encoding the rendered string, because
+every content sits between added tokens and the text is split on those first.
+
+BOS decision: tokenizer.json carries a post-processor that prepends BOS (DeepSeek's
+`add_bos_token=true` behaviour), so `AutoTokenizer(dir)(text)` starts with BOS. Our `encode(text)`
+adds nothing unless `add_bos=True`: training data is packed from many documents and the data code
+places BOS itself. A rendered chat already starts with BOS, and transformers tokenizes chat
+templates with `add_special_tokens=False`, so BOS is never doubled. The post-processor is what
+counts: transformers 5 drops `add_bos_token` from tokenizer_config.json whenever a tokenizer.json
+exists (and then reports `hf_tok.add_bos_token == False` while still adding BOS).
+
+`save` writes tokenizer.json, tokenizer_config.json (with the chat template as Jinja, reading an
+optional `thinking` variable: `hf_tok.apply_chat_template(msgs, thinking=True)`) and
+special_tokens_map.json. Tool calls are out of scope.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK, THINK_END, ANSWER, ANSWER_END = "<think>", "</think>", "<answer>", "</answer>"
+SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT)      # control tokens, skipped by decode
+TAG_TOKENS = (THINK, THINK_END, ANSWER, ANSWER_END)  # text the model writes, kept by decode
+ALL_TOKENS = SPECIAL_TOKENS + TAG_TOKENS           # ids 0..7 after `train`
+MIN_VOCAB_SIZE = 256 + len(ALL_TOKENS)             # 256 byte symbols + our 8 tokens
+ROLES = ("system", "user", "assistant")
+MODEL_MAX_LENGTH = 131072                          # DeepSeek-V3's tokenizer_config value
+FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+# The same rendering as `Tokenizer.apply_chat_template`, for transformers. Every tag strips the
+# whitespace before it ({%-), so the layout below never leaks into the output whatever the
+# trim_blocks/lstrip_blocks settings. `thinking` and `add_generation_prompt` are template
+# variables; transformers passes extra apply_chat_template kwargs into the template.
+CHAT_TEMPLATE = r"""
+{%- if thinking is not defined %}{%- set thinking = false %}{%- endif %}
+{%- if add_generation_prompt is not defined %}{%- set add_generation_prompt = false %}{%- endif %}
+{%- set ns = namespace(system='', has_system=false, last_user=-1) %}
+{%- for message in messages %}
+    {%- if message['role'] == 'system' %}
+        {%- if ns.has_system %}{%- set ns.system = ns.system + '\n\n' %}{%- endif %}
+        {%- set ns.system = ns.system + message['content'] %}
+        {%- set ns.has_system = true %}
+    {%- elif message['role'] == 'user' %}
+        {%- set ns.last_user = loop.index0 %}
+    {%- elif message['role'] != 'assistant' %}
+        {{- raise_exception('nanoseek chat template: role must be one of system, user, assistant') }}
+    {%- endif %}
+{%- endfor %}
+{{- '<｜begin▁of▁sentence｜>' + ns.system }}
+{%- for message in messages %}
+    {%- if message['role'] == 'user' %}
+        {{- '<｜User｜>' + message['content'] }}
+    {%- elif message['role'] == 'assistant' %}
+        {%- set content = message['content'] %}
+        {%- if thinking and loop.index0 < ns.last_user and '</think>' in content %}
+            {%- set content = content.split('</think>')[-1] %}
+        {%- endif %}
+        {{- '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<｜Assistant｜>' }}
+    {%- if thinking %}{{- '<think>\n' }}{%- endif %}
+{%- endif %}""".strip()
+
+
+class Tokenizer:
+    """A trained `tokenizers.Tokenizer` plus DeepSeek's tokens and chat templates."""
+
+    def __init__(self, tok: HFTokenizer):
+        missing = [t for t in ALL_TOKENS if tok.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks the nanoseek tokens {missing}; build it with Tokenizer.train")
+        self._tok = tok
+        self._ids = {t: tok.token_to_id(t) for t in ALL_TOKENS}
+
+    # ---------------------------------------------------------------- training
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+              show_progress: bool = False) -> Tokenizer:
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"vocab_size={vocab_size}: must be >= {MIN_VOCAB_SIZE} "
+                             f"(256 byte symbols + {len(ALL_TOKENS)} special tokens)")
+        if min_frequency < 1:
+            raise ValueError(f"min_frequency={min_frequency}: must be >= 1")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
+            special_tokens=list(ALL_TOKENS),  # reserves ids 0..7, in order
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is unknown
+        )
+        # The trainer does not split on added tokens, so "<think>" in the corpus would waste merges
+        # on "<th", "ink>". Split them out ourselves, which is what encode does before BPE.
+        split = re.compile("|".join(re.escape(t) for t in ALL_TOKENS))
+        tok.train_from_iterator((split.split(text) for text in texts), trainer)
+        # The trainer registers all its special tokens as special; the tags must survive decode.
+        # add_tokens flips their flag in the saved JSON but not in the live object's set of special
+        # tokens (which decode reads), so reload from the JSON to get one consistent state.
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+        return cls(HFTokenizer.from_str(tok.to_str()))
+
+    # ---------------------------------------------------------------- ids and text
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        # the post-processor's only special token is BOS, so add_special_tokens == add BOS
+        return self._tok.encode(text, add_special_tokens=add_bos).ids
+
+    def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
+        """Many texts at once (the Rust side runs them in parallel)."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_bos)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, batch: list[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        return self._tok.decode_batch([list(b) for b in batch], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int:
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise KeyError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    def id_to_token(self, i: int) -> str:
+        token = self._tok.id_to_token(i)
+        if token is None:
+            raise KeyError(f"id {i} is out of range: vocab_size is {self.vocab_size}")
+        return token
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return self._ids[BOS]
+
+    @property
+    def eos_id(self) -> int:
+        return self._ids[EOS]
+
+    @property
+    def pad_id(self) -> int:
+        return self._ids[EOS]  # DeepSeek pads with EOS; padded positions are masked out anyway
+
+    @property
+    def user_id(self) -> int:
+        return self._ids[USER]
+
+    @property
+    def assistant_id(self) -> int:
+        return self._ids[ASSISTANT]
+
+    @property
+    def think_id(self) -> int:
+        return self._ids[THINK]
+
+    @property
+    def think_end_id(self) -> int:
+        return self._ids[THINK_END]
+
+    @property
+    def answer_id(self) -> int:
+        return self._ids[ANSWER]
+
+    @property
+    def answer_end_id(self) -> int:
+        return self._ids[ANSWER_END]
+
+    # ---------------------------------------------------------------- chat
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            thinking: bool = False) -> str:
+        text = "".join(piece for piece, _ in _chat_pieces(messages, thinking))
+        if add_generation_prompt:
+            text += ASSISTANT + (THINK + "\n" if thinking else "")
+        return text
+
+    def encode_chat(self, messages: list[dict], thinking: bool = False) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        mask: list[int] = []
+        for piece, trained in _chat_pieces(messages, thinking):
+            piece_ids = self._tok.encode(piece, add_special_tokens=False).ids
+            ids += piece_ids
+            mask += [int(trained)] * len(piece_ids)
+        return ids, mask
+
+    # ---------------------------------------------------------------- files
+    def save(self, path: str | Path, model_max_length: int = MODEL_MAX_LENGTH) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(path / "tokenizer.json"))
+        special_map = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special_map,
+            "add_bos_token": True,   # informative only (transformers 5 ignores it): see module docstring
+            "add_eos_token": False,
+            "model_max_length": model_max_length,
+            "clean_up_tokenization_spaces": False,  # would eat spaces before punctuation on decode
+            "chat_template": CHAT_TEMPLATE,
+        }
+        for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
+            (path / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"tokenizer directory {path} not found (it should hold {', '.join(FILES)})")
+        for name in FILES:
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} not found: a saved tokenizer holds {', '.join(FILES)}")
+        try:
+            tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"{path / 'tokenizer.json'} is not a valid tokenizers file: {e}") from e
+        for name in FILES[1:]:
+            try:
+                data = json.loads((path / name).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path / name} is not valid JSON: {e}") from e
+            # HF and nanoseek must agree on BOS/EOS/pad, or their encodings would differ
+            for key, want in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", EOS)):
+                if data.get(key) != want:
+                    raise ValueError(f"{path / name}: {key}={data.get(key)!r}, expected {want!r}")
+        return cls(tok)
+
+
+def _check_messages(messages: list[dict]) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
+        if "tool_calls" in m:
+            raise ValueError(f"messages[{i}].tool_calls: tool calls are not supported by the nanoseek chat template")
+        if "role" not in m:
+            raise ValueError(f"messages[{i}] has no 'role': must be one of {', '.join(ROLES)}")
+        if m["role"] not in ROLES:
+            extra = " (tool messages are not supported)" if m["role"] == "tool" else ""
+            raise ValueError(f"messages[{i}].role={m['role']!r}: must be one of {', '.join(ROLES)}{extra}")
+        if "content" not in m:
+            raise ValueError(f"messages[{i}] ({m['role']}) has no 'content': it must be a string")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"messages[{i}].content: must be a string, got {type(m['content']).__name__}")
+
+
+def _chat_pieces(messages: list[dict], thinking: bool) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, is_assistant_output) pieces, without a generation prompt."""
+    _check_messages(messages)
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    pieces = [(BOS, False), (system, False)]
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            pieces += [(USER, False), (m["content"], False)]
+        elif m["role"] == "assistant":
+            content = m["content"]
+            if thinking and i < last_user:  # past turn: do not feed old reasoning back
+                content = content.rsplit(THINK_END, 1)[-1]
+            pieces += [(ASSISTANT, False), (content, True), (EOS, True)]
+    return pieces

@@ -1,0 +1,1 @@
+"""Training stages, each an explicit loop: pretrain, sft, grpo, distill (+ sample, evaluate, r1_zero)."""

@@ -1,0 +1,425 @@
+"""`nanoseek grpo`: pure RL with verifiable rewards (R1-Zero), one visible loop.
+
+    for step:
+        prompts  <- task problems (train split)
+        rollouts <- G samples per prompt from the inference engine, on the very module we train
+                    (no weight sync: the engine holds a reference to the model, not a copy)
+        rewards  <- rule-based reward functions (accuracy, format, ...) on the decoded completions
+        [dynamic sampling: drop groups whose rewards are all equal, refill with fresh prompts]
+        A        <- group-normalised advantages
+        mu times: recompute log-probs, clipped token loss (+ beta * k3 KL to a frozen reference),
+                  aggregate (grpo | dr_grpo | dapo), AdamW step
+        metrics  <- reward, accuracy, length, think / reflection rates ("aha"), clip, KL, entropy ...
+        every k  <- greedy accuracy on held-out problems
+
+Policies: nanoseek models sample with our engine (fast, latent cache); HF causal LMs
+(`AutoModelForCausalLM`, for users with their own models) sample with `model.generate`.
+Old-policy log-probs are recomputed by the trainer when mu > 1 (with mu == 1 the ratio is exactly 1).
+The model stays in eval mode: there is no dropout, and MoE routing statistics are not needed here.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import args as argparse_dc
+from ..common import (UserError, autocast, autodetect_device, compute_dtype, print0, progress, seed_everything,
+                      set_threads)
+from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, token_logprobs
+from .optim import build_optimizer, clip_grad_norm
+
+REFLECTION = re.compile(r"\b(wait|check|verify|recheck)\b", re.IGNORECASE)
+
+
+@dataclass
+class GRPOConfig:
+    model: str = field(default="", metadata={"help": "HF-format model directory (nanoseek or any causal LM)"})
+    out: str = field(default="runs/grpo", metadata={"help": "run directory"})
+    task: str = field(default="arithmetic", metadata={"help": "task: arithmetic, countdown, equations"})
+    task_args: str = field(default="", metadata={"help": "task knobs, e.g. 'min_digits=3,max_digits=3'"})
+    tasks_file: str | None = field(default=None, metadata={"help": "JSONL of {prompt, answer[, task]} instead of --task"})
+    reward: str = field(default="accuracy", metadata={"help": "weighted rewards, e.g. 'accuracy:1,format:0.2'"})
+    steps: int = field(default=100, metadata={"help": "RL steps (one rollout batch each)"})
+    prompts_per_step: int = field(default=16, metadata={"help": "prompts (groups) per step"})
+    group_size: int = field(default=8, metadata={"help": "G: samples per prompt"})
+    max_new_tokens: int = field(default=64, metadata={"help": "completion length cap"})
+    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "rollout nucleus sampling"})
+    lr: float = field(default=2e-4, metadata={"help": "learning rate (constant after warmup)"})
+    warmup: int = field(default=5, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "global grad-norm clip"})
+    beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to a frozen reference (0: no reference)"})
+    eps_low: float = field(default=0.2, metadata={"help": "clip 1 - eps_low"})
+    eps_high: float = field(default=0.28, metadata={"help": "clip 1 + eps_high (DAPO clip-higher)"})
+    loss_type: str = field(default="dapo", metadata={"help": "loss aggregation", "choices": list(LOSS_TYPES)})
+    scale_rewards: str = field(default="group", metadata={"help": "advantage std scaling", "choices": list(SCALES)})
+    mu: int = field(default=1, metadata={"help": "optimisation passes per rollout batch"})
+    minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass"})
+    dynamic_sampling: bool = field(default=True, metadata={"help": "drop zero-variance groups and refill (DAPO)"})
+    max_refill: int = field(default=2, metadata={"help": "extra rollout rounds to refill dropped groups"})
+    mask_truncated: bool = field(default=False, metadata={"help": "no loss on completions cut at max_new_tokens"})
+    eval_every: int = field(default=20, metadata={"help": "held-out greedy eval every N steps (0: start and end)"})
+    eval_n: int = field(default=200, metadata={"help": "held-out problems per eval"})
+    eval_seed: int = field(default=12345, metadata={"help": "seed of the held-out problems"})
+    seed: int = field(default=0, metadata={"help": "seed"})
+    dtype: str | None = field(default=None, metadata={"help": "training matmul dtype (default: fastest here)"})
+    rollout_dtype: str | None = field(default="float32", metadata={"help": "engine autocast dtype ('none' = params)"})
+    device: str | None = field(default=None, metadata={"help": "cpu | cuda"})
+    max_batch: int = field(default=256, metadata={"help": "engine batch slots"})
+    threads: int = field(default=0, metadata={"help": "CPU threads (0 = all)"})
+    save_final: bool = field(default=True, metadata={"help": "write OUT/final (HF format)"})
+    plots: bool = field(default=True, metadata={"help": "write PNG plots"})
+
+
+# -------------------------------------------------------------------------------------------------
+# policies: who samples and who scores
+
+class NanoseekPolicy:
+    def __init__(self, model, tokenizer, cfg: GRPOConfig, device):
+        from ..inference.engine import Engine
+        from ..common import parse_dtype
+
+        self.model, self.tok = model, tokenizer
+        max_len = cfg.max_new_tokens + 256
+        rd = None if cfg.rollout_dtype in (None, "none") else parse_dtype(cfg.rollout_dtype)
+        self.engine = Engine(model, max_batch=max(cfg.max_batch, cfg.group_size), max_len=max_len,
+                             autocast_dtype=None if rd == torch.float32 else rd, seed=cfg.seed,
+                             stop_token_ids=[tokenizer.eos_id])
+
+    def rollout(self, prompts: list[list[int]], params) -> list[list[dict]]:
+        eng = self.engine
+        ids = [eng.add_request(p, params, f"r{i}") for i, p in enumerate(prompts)]
+        done: dict[str, list] = {r: [None] * params.n for r in ids}
+        while eng.has_work():
+            for s in eng.step():
+                if s.finish_reason:
+                    done[s.request_id][s.index] = {"ids": list(s.out_ids), "logprobs": list(s.logprobs),
+                                                   "truncated": s.finish_reason == "length"}
+        return [done[r] for r in ids]
+
+class HFPolicy:
+    """Any transformers causal LM: sampling with model.generate (left padding)."""
+
+    def __init__(self, model, tokenizer, cfg: GRPOConfig, device):
+        self.model, self.tok, self.device = model, tokenizer, device
+        self.eos = tokenizer.eos_id
+
+    def rollout(self, prompts, params):
+        out = []
+        for p in prompts:
+            x = torch.tensor([p], device=self.device).repeat(params.n, 1)
+            with torch.no_grad():
+                g = self.model.generate(x, attention_mask=torch.ones_like(x), do_sample=params.temperature > 0,
+                                        temperature=params.temperature or None, top_p=params.top_p,
+                                        max_new_tokens=params.max_tokens, pad_token_id=self.eos,
+                                        eos_token_id=self.eos, output_scores=True, return_dict_in_generate=True)
+            group = []
+            for i in range(params.n):
+                ids = g.sequences[i, len(p):].tolist()
+                if self.eos in ids:
+                    ids = ids[: ids.index(self.eos) + 1]
+                group.append({"ids": ids, "logprobs": None, "truncated": self.eos not in ids})
+            out.append(group)
+        return out
+
+def load_policy(cfg: GRPOConfig, device):
+    from ..tokenizer import Tokenizer
+
+    path = Path(cfg.model)
+    if not (path / "config.json").exists():
+        raise UserError(f"--model {cfg.model!r}: not a model directory (no config.json)")
+    tok = Tokenizer.load(path)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
+    if model_type in ("deepseek_v3", "deepseek_v2"):
+        from ..checkpoint.hf import from_pretrained
+        model = from_pretrained(path, device=device)
+        return NanoseekPolicy(model, tok, cfg, device), model, tok
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    return HFPolicy(model, tok, cfg, device), model, tok
+
+
+# -------------------------------------------------------------------------------------------------
+# the batch: prompt + completion ids, masks, advantages
+
+def build_batch(prompts: list[list[int]], completions: list[dict], adv: torch.Tensor, pad_id: int,
+                mask_truncated: bool, device):
+    """Rows = prompt + completion; `mask` marks target positions that are completion tokens."""
+    seqs = [p + c["ids"] for p, c in zip(prompts, completions)]
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L - 1)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, : len(seqs[i])] = torch.tensor(seqs[i])
+        if not (mask_truncated and c["truncated"]):
+            mask[i, len(p) - 1: len(p) - 1 + len(c["ids"])] = 1.0
+    return ids.to(device), mask.to(device), adv.to(device)
+
+
+def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, with_entropy=False):
+    """(N,L) ids -> (N,L-1) log-probs of the next token at masked positions (0 elsewhere).
+    nanoseek models: hidden states once, then the head in chunks; HF models: their logits."""
+    from ..model import Transformer
+
+    if isinstance(model, Transformer):
+        hidden, logits_fn = model.hidden(ids[:, :-1]), model.logits
+    else:
+        hidden, logits_fn = model(ids[:, :-1]).logits, (lambda x: x)
+    sel = mask.bool()
+    res = token_logprobs(logits_fn, hidden[sel], ids[:, 1:][sel], temperature, with_entropy=with_entropy)
+    logp, ent = res if with_entropy else (res, None)
+    full = torch.zeros(mask.shape, dtype=logp.dtype, device=mask.device)
+    full[sel] = logp
+    return (full, ent) if with_entropy else full
+
+
+# -------------------------------------------------------------------------------------------------
+# evaluation on held-out problems
+
+@torch.no_grad()
+def evaluate_policy(policy, tok, problems, max_new_tokens: int, temperature: float = 0.0, samples: int = 1,
+                    top_p: float = 1.0, seed: int = 0) -> dict:
+    from ..data.tasks import extract_answer, get_checker
+    from ..inference.sampling import SamplingParams
+
+    prompts = [prompt_ids(tok, p.question) for p in problems]
+    sp = SamplingParams(n=samples, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=None)
+    if isinstance(policy, NanoseekPolicy):
+        policy.engine.gen.manual_seed(seed)
+    groups = policy.rollout(prompts, sp)
+    correct, cons, lengths, think, reflect = [], [], [], [], []
+    for prob, group in zip(problems, groups):
+        check = get_checker(prob.task)
+        texts = [tok.decode(c["ids"]) for c in group]
+        answers = [extract_answer(t) for t in texts]
+        ok = [bool(check(a, prob)) for a in answers]
+        correct.append(float(np.mean(ok)))
+        votes = [a for a in answers if a is not None]
+        majority = max(set(votes), key=votes.count) if votes else None
+        cons.append(float(check(majority, prob)) if majority is not None else 0.0)
+        lengths += [len(c["ids"]) for c in group]
+        think += ["<think>" in t for t in texts]
+        reflect += [bool(REFLECTION.search(t)) for t in texts]
+    return {"accuracy": float(np.mean(correct)), f"cons@{samples}": float(np.mean(cons)),
+            "mean_length": float(np.mean(lengths)), "think_rate": float(np.mean(think)),
+            "reflection_rate": float(np.mean(reflect)), "n": len(problems), "samples": samples}
+
+
+def prompt_ids(tok, question: str) -> list[int]:
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True))
+
+
+def parse_knobs(text: str) -> dict:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise UserError(f"--task-args {text!r}: expected key=value pairs, got {part!r}")
+        k, v = part.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def make_task(cfg: GRPOConfig):
+    from ..data.tasks import JsonlTask, get_task, load_jsonl_problems
+
+    if cfg.tasks_file:
+        return JsonlTask(load_jsonl_problems(cfg.tasks_file))
+    try:
+        return get_task(cfg.task, **parse_knobs(cfg.task_args))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"--task {cfg.task} --task-args {cfg.task_args!r}: {e}") from None
+
+
+# -------------------------------------------------------------------------------------------------
+# the loop
+
+def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
+    from ..inference.sampling import SamplingParams
+    from ..rewards import build_reward
+
+    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mu", "minibatches"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
+    if cfg.group_size < 2:
+        raise UserError("--group-size must be >= 2: advantages are relative to the group")
+    set_threads(cfg.threads or None)
+    device = autodetect_device(cfg.device)
+    dtype = compute_dtype(device, cfg.dtype)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if policy is None:
+        policy, model, tok = load_policy(cfg, device)
+    model = policy.model
+    model.eval()
+    try:
+        reward_fn = build_reward(cfg.reward)
+    except ValueError as e:
+        raise UserError(f"--reward {cfg.reward!r}: {e}") from None
+    task = make_task(cfg)
+    rng = random.Random(cfg.seed)
+    pool = task.problems(max(4096, cfg.steps * cfg.prompts_per_step * 2), seed=cfg.seed, split="train")
+    rng.shuffle(pool)
+    pool_iter = iter(pool * 1000)
+    held_out = task.problems(cfg.eval_n, seed=cfg.eval_seed, split="test")
+    ref = None
+    if cfg.beta > 0:
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.99))
+    sp = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("")
+    evals = []
+
+    def run_eval(at: int):
+        r = evaluate_policy(policy, tok, held_out, cfg.max_new_tokens, seed=cfg.eval_seed)
+        r["step"] = at
+        evals.append(r)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps({"step": at, **{f"eval_{k}": v for k, v in r.items() if k != "step"}}) + "\n")
+        print0(f"eval @ step {at}: held-out greedy accuracy {r['accuracy']:.3f}, think rate {r['think_rate']:.2f}, "
+               f"mean length {r['mean_length']:.1f}")
+        return r
+
+    run_eval(0)
+    bar = progress(total=cfg.steps, desc="grpo")
+    t_start = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup))
+        # ---- rollouts (+ dynamic sampling) -----------------------------------------------------
+        kept_prompts, kept_comps, kept_rewards = [], [], []
+        n_groups = n_zero_std = 0
+        all_comps, all_rewards, comps_text, components = [], [], [], {}
+        for round_ in range(1 + (cfg.max_refill if cfg.dynamic_sampling else 0)):
+            need = cfg.prompts_per_step - len(kept_prompts) // cfg.group_size
+            if need <= 0:
+                break
+            probs = [next(pool_iter) for _ in range(need if round_ == 0 else max(need, cfg.prompts_per_step // 2))]
+            prompts = [prompt_ids(tok, p.question) for p in probs]
+            groups = policy.rollout(prompts, sp)
+            flat = [c for g in groups for c in g]
+            texts = [tok.decode(c["ids"]) for c in flat]
+            G = cfg.group_size
+            rewards_flat = reward_fn([tok.decode(p) for p in prompts for _ in range(G)], texts,
+                                     [p for p in probs for _ in range(G)],
+                                     completion_lengths=[len(c["ids"]) for c in flat],
+                                     truncated=[c["truncated"] for c in flat])
+            for k, v in getattr(reward_fn, "last_components", {}).items():
+                components.setdefault(k, []).extend(v)
+            all_comps += flat
+            all_rewards += rewards_flat
+            comps_text += texts
+            for i, (prob, p_ids, group) in enumerate(zip(probs, prompts, groups)):
+                rewards = rewards_flat[i * G: (i + 1) * G]
+                n_groups += 1
+                if max(rewards) - min(rewards) < 1e-9:
+                    n_zero_std += 1
+                    if cfg.dynamic_sampling:
+                        continue
+                if len(kept_prompts) // G >= cfg.prompts_per_step:
+                    continue
+                kept_prompts += [p_ids] * G
+                kept_comps += group
+                kept_rewards += rewards
+        t_gen = time.perf_counter() - t0
+        comp_tokens = sum(len(c["ids"]) for c in all_comps)
+        rec = {"step": step, "reward": float(np.mean(all_rewards)), "reward_std": float(np.std(all_rewards)),
+               "frac_zero_std": n_zero_std / max(1, n_groups), "groups_trained": len(kept_prompts) // cfg.group_size,
+               "completion_len": comp_tokens / max(1, len(all_comps)),
+               "think_rate": float(np.mean(["<think>" in t for t in comps_text])),
+               "reflection_rate": float(np.mean([bool(REFLECTION.search(t)) for t in comps_text])),
+               "truncated_frac": float(np.mean([c["truncated"] for c in all_comps]))}
+        for k, v in components.items():
+            rec[f"reward_{k}"] = float(np.mean(v)) if v else 0.0
+        # ---- update ----------------------------------------------------------------------------
+        t1 = time.perf_counter()
+        if kept_prompts:
+            adv = group_advantages(torch.tensor(kept_rewards), cfg.group_size, cfg.scale_rewards)
+            ids, mask, adv = build_batch(kept_prompts, kept_comps, adv, tok.eos_id, cfg.mask_truncated, device)
+            stats = train_on_batch(policy, ref, opt, ids, mask, adv, cfg, device, dtype)
+            rec.update(stats)
+        t_train = time.perf_counter() - t1
+        rec.update({"gen_s": round(t_gen, 3), "train_s": round(t_train, 3),
+                    "completion_tokens": comp_tokens,
+                    "tokens_per_s": round(comp_tokens / (time.perf_counter() - t0), 1)})
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.update(1)
+        bar.set_postfix(reward=f"{rec['reward']:.2f}", think=f"{rec['think_rate']:.2f}",
+                        len=f"{rec['completion_len']:.0f}")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            run_eval(step)
+    bar.close()
+    final_eval = run_eval(cfg.steps)
+    summary = {"accuracy_before": evals[0]["accuracy"], "accuracy_after": final_eval["accuracy"],
+               "think_rate_before": evals[0]["think_rate"], "think_rate_after": final_eval["think_rate"],
+               "length_before": evals[0]["mean_length"], "length_after": final_eval["mean_length"],
+               "seconds": round(time.perf_counter() - t_start, 1), "steps": cfg.steps}
+    if cfg.save_final and hasattr(model, "save_pretrained"):
+        final = out / "final"
+        if isinstance(policy, NanoseekPolicy):
+            model.save_pretrained(final, tokenizer=tok)
+        else:
+            model.save_pretrained(final)
+            tok.save(final)
+        summary["final_model"] = str(final)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.plots:
+        from .plots import plot_grpo
+        plot_grpo(metrics_path, out / "plots" / "grpo.png")
+    print0(f"done: held-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}")
+    return summary
+
+
+def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dtype) -> dict:
+    N = ids.shape[0]
+    n_tokens, max_len = mask.sum().clamp(min=1), cfg.max_new_tokens
+    old_logp = None
+    ref_logp = None
+    with torch.no_grad(), autocast(device, dtype):
+        if cfg.mu > 1:
+            old_logp = policy_logprobs(policy.model, ids, mask, cfg.temperature).detach()
+        if ref is not None:
+            ref_logp = policy_logprobs(ref, ids, mask, cfg.temperature).detach()
+    stats_acc: dict[str, list] = {}
+    order = torch.arange(N)
+    for _ in range(cfg.mu):
+        for mb in order.chunk(cfg.minibatches):
+            with autocast(device, dtype):
+                logp, ent = policy_logprobs(policy.model, ids[mb], mask[mb], cfg.temperature, with_entropy=True)
+                old = old_logp[mb] if old_logp is not None else logp.detach()
+                loss, st = grpo_loss(logp, old, adv[mb], mask[mb], cfg.eps_low, cfg.eps_high, cfg.beta,
+                                     ref_logp[mb] if ref_logp is not None else None, cfg.loss_type, max_len,
+                                     n_tokens=n_tokens / cfg.minibatches, n_seqs=max(1, N // cfg.minibatches))
+            loss.backward()
+            gn = clip_grad_norm(policy.model, cfg.grad_clip)
+            if math.isfinite(gn):
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            st.update({"loss": float(loss), "grad_norm": gn, "entropy": float(ent.mean()) if ent.numel() else 0.0})
+            for k, v in st.items():
+                stats_acc.setdefault(k, []).append(v)
+    return {k: float(np.mean(v)) for k, v in stats_acc.items()}
+
+
+def main(argv=None) -> None:
+    cfg = argparse_dc.parse(GRPOConfig, argv, prog="nanoseek grpo", description=__doc__.splitlines()[0])
+    if not cfg.model:
+        raise UserError("--model is required (an HF-format model directory, e.g. runs/pretrain/final)")
+    grpo(cfg)

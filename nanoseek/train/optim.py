@@ -1,0 +1,61 @@
+"""AdamW with fp32 master weights, learning-rate schedules, and gradient clipping.
+
+Master weights and optimizer state are fp32 (matmuls may run in bf16 under autocast; the
+parameters themselves never leave fp32). Norm weights get no weight decay. The router bias is a
+buffer, so the optimizer never sees it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..common import UserError
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
+                    betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # foreach=True: one fused update for all tensors instead of a Python loop (faster on CPU and GPU)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+def lr_at(step: int, max_steps: int, lr: float, schedule: str = "cosine", warmup: int = 0,
+          min_lr_ratio: float = 0.1, decay_frac: float = 0.2) -> float:
+    """Linear warmup, then cosine to min_lr_ratio*lr, or WSD (warmup-stable-decay: constant, then a
+    linear decay over the last decay_frac of training), or constant."""
+    if schedule not in SCHEDULES:
+        raise UserError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant" or max_steps <= warmup:
+        return lr
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    decay_start = max_steps - int(decay_frac * max_steps)
+    if step < decay_start:
+        return lr
+    progress = (step - decay_start) / max(1, max_steps - decay_start)
+    return lr * (1 - (1 - min_lr_ratio) * progress)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Global grad norm (returned even when max_norm <= 0, i.e. no clipping)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))

@@ -1,0 +1,293 @@
+"""`nanoseek pretrain`: pretrain a DeepSeek-V3-architecture model, top to bottom in one loop.
+
+    tokenizer (trained on the corpus, or given) -> documents -> packed batches ->
+    for step: forward (main + MTP heads) -> loss = CE + lambda * MTP + balance terms -> backward ->
+              clip -> AdamW -> auxiliary-loss-free bias update -> metrics / val / checkpoint
+    -> OUT/final (HF format + tokenizer), OUT/metrics.jsonl, OUT/plots/pretrain.png
+
+Balancing (`--balance`): `bias` is V3's auxiliary-loss-free rule (b_i += gamma * sign(mean - load_i)
+after every step, selection only), optionally with the tiny sequence-wise loss (`--seq-aux-alpha`,
+1e-4 in V3); `aux` is the classic batch-level auxiliary loss (`--aux-alpha`); `none` turns both off.
+Metrics per MoE layer include `max_violation` = max load / mean load - 1.
+
+Resume: `--resume` continues from the newest complete checkpoint in OUT/checkpoints with the same
+data order, RNG state and optimizer state, so the per-step losses equal an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import args as argparse_dc
+from ..checkpoint.state import load_latest, save_checkpoint
+from ..common import (UserError, autocast, autodetect_device, compute_dtype, print0, progress, rng_state,
+                      seed_everything, set_rng_state, set_threads)
+from ..config import load_preset
+from ..data.corpus import load_documents, synthetic_documents
+from ..data.loader import PackedLoader, fixed_batches
+from ..model import Transformer
+from ..model.moe import balance_loss, max_violation, update_bias
+from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = field(default="tiny", metadata={"help": "model preset (tiny, mini, small, ...) or config.json"})
+    out: str = field(default="runs/pretrain", metadata={"help": "run directory"})
+    max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of --lr"})
+    schedule: str = field(default="cosine", metadata={"help": "lr schedule", "choices": ["cosine", "wsd", "constant"]})
+    warmup: int = field(default=20, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "global grad-norm clip (0 = off)"})
+    dtype: str | None = field(default=None, metadata={"help": "matmul dtype: float32 | bfloat16 (default: fastest here)"})
+    device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: autodetect)"})
+    seed: int = field(default=0, metadata={"help": "seed for init, data order and the synthetic corpus"})
+    data: str | None = field(default=None, metadata={"help": ".txt/.jsonl/.parquet file or directory (default: synthetic)"})
+    task: str = field(default="arithmetic", metadata={"help": "synthetic corpus task (arithmetic, countdown, equations)"})
+    n_docs: int = field(default=40000, metadata={"help": "synthetic documents to generate"})
+    p_worked: float = field(default=0.2, metadata={"help": "share of synthetic documents with a worked <think> trace"})
+    max_digits: int = field(default=3, metadata={"help": "arithmetic corpus: largest operand size in digits"})
+    tokenizer: str | None = field(default=None, metadata={"help": "existing tokenizer directory (default: train one)"})
+    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary size when training a tokenizer"})
+    mtp_lambda: float = field(default=0.3, metadata={"help": "weight of the MTP loss (0 = off)"})
+    balance: str = field(default="bias", metadata={"help": "expert balancing", "choices": ["bias", "aux", "none"]})
+    bias_gamma: float = field(default=1e-3, metadata={"help": "bias update speed gamma (--balance bias)"})
+    seq_aux_alpha: float = field(default=1e-4, metadata={"help": "sequence-wise balance loss alpha (--balance bias)"})
+    aux_alpha: float = field(default=1e-2, metadata={"help": "classic auxiliary loss alpha (--balance aux)"})
+    eval_every: int = field(default=50, metadata={"help": "validation every N steps (0 = only at the end)"})
+    val_batches: int = field(default=4, metadata={"help": "validation batches"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    keep: int = field(default=2, metadata={"help": "checkpoints to keep"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many non-finite steps in a row"})
+    fp8: bool = field(default=False, metadata={"help": "FP8 training (not implemented yet)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads (0 = all cores)"})
+    plots: bool = field(default=True, metadata={"help": "write PNG plots at the end"})
+
+
+# -------------------------------------------------------------------------------------------------
+# pieces
+
+def prepare_tokenizer(cfg: PretrainConfig, docs: list[str], out: Path):
+    from ..tokenizer import Tokenizer
+
+    tok_dir = out / "tokenizer"
+    if cfg.tokenizer:
+        return Tokenizer.load(cfg.tokenizer)
+    if (tok_dir / "tokenizer.json").exists() and cfg.resume:
+        return Tokenizer.load(tok_dir)
+    print0(f"training a {cfg.vocab_size}-token BPE tokenizer on {min(len(docs), 20000):,} documents")
+    tok = Tokenizer.train(docs[:20000], vocab_size=cfg.vocab_size)
+    tok.save(tok_dir)
+    return tok
+
+
+def encode_docs(tok, docs: list[str]) -> list[np.ndarray]:
+    return [np.asarray(ids, dtype=np.int32) for ids in tok.encode_batch(docs)]
+
+
+def build_documents(cfg: PretrainConfig) -> tuple[list[str], list[str]]:
+    if cfg.data:
+        docs = load_documents(cfg.data)
+        n_val = max(1, len(docs) // 50)
+        return docs[:-n_val] if len(docs) > 1 else docs, docs[-n_val:]
+    knobs = {"max_digits": cfg.max_digits} if cfg.task == "arithmetic" else {}
+    train = synthetic_documents(cfg.n_docs, cfg.seed, cfg.task, cfg.p_worked, split="train", **knobs)
+    val = synthetic_documents(max(256, cfg.n_docs // 50), cfg.seed + 1, cfg.task, cfg.p_worked, split="test", **knobs)
+    return train, val
+
+
+def mtp_targets(batch: torch.Tensor, k: int) -> torch.Tensor:
+    """Depth-k target at position i is token i+k+1 of the window; the last k positions are ignored."""
+    y = batch[:, k + 1:]
+    return torch.cat([y, y.new_full((y.shape[0], k), -100)], dim=1)
+
+
+def forward_losses(model: Transformer, batch: torch.Tensor, cfg: PretrainConfig) -> dict[str, torch.Tensor]:
+    x, y = batch[:, :-1], batch[:, 1:]
+    h = model.hidden(x)
+    V = model.cfg.vocab_size
+    losses = {"loss": F.cross_entropy(model.logits(h).float().view(-1, V), y.reshape(-1))}
+    if cfg.mtp_lambda > 0 and len(model.mtp):
+        mtp = [F.cross_entropy(model.mtp_logits(hk, k).float().view(-1, V), mtp_targets(batch, k).reshape(-1),
+                               ignore_index=-100)
+               for k, hk in enumerate(model.mtp_hidden(h, x), start=1)]
+        losses["mtp_loss"] = torch.stack(mtp).mean()
+    alpha, per_seq = ((cfg.seq_aux_alpha, True) if cfg.balance == "bias" else
+                      (cfg.aux_alpha, False) if cfg.balance == "aux" else (0.0, True))
+    if alpha > 0:
+        terms = [balance_loss(m.last_scores, m.last_idx, x.shape[0], per_seq) for m in model.moe_layers()]
+        losses["balance_loss"] = alpha * torch.stack(terms).sum()
+    for m in model.moe_layers():
+        m.last_scores = m.last_idx = None
+    total = losses["loss"] + cfg.mtp_lambda * losses.get("mtp_loss", 0.0) + losses.get("balance_loss", 0.0)
+    losses["total"] = total
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches: list[torch.Tensor], device, dtype) -> float:
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for b in batches:
+        b = b.to(device)
+        with autocast(device, dtype):
+            logits = model(b[:, :-1])
+        total += F.cross_entropy(logits.float().flatten(0, 1), b[:, 1:].reshape(-1), reduction="sum").item()
+        n += b[:, 1:].numel()
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+# -------------------------------------------------------------------------------------------------
+# the loop
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    if cfg.fp8:
+        raise UserError("--fp8: FP8 training is not implemented yet (it belongs to the FP8 issue); drop the flag")
+    for name in ("max_steps", "batch_size", "seq_len", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
+    if cfg.lr <= 0 or not math.isfinite(cfg.lr):
+        raise UserError(f"--lr must be a positive number (got {cfg.lr})")
+    set_threads(cfg.threads or None)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = autodetect_device(cfg.device)
+    dtype = compute_dtype(device, cfg.dtype)
+    seed_everything(cfg.seed)
+
+    resumed = load_latest(out / "checkpoints") if cfg.resume else None
+    if cfg.resume and resumed is None:
+        print0(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
+
+    t0 = time.perf_counter()
+    train_docs, val_docs = build_documents(cfg)
+    tok = prepare_tokenizer(cfg, train_docs, out)
+    train_ids, val_ids = encode_docs(tok, train_docs), encode_docs(tok, val_docs)
+    n_tok = sum(len(d) for d in train_ids)
+    print0(f"data: {len(train_docs):,} documents, {n_tok:,} tokens ({time.perf_counter() - t0:.1f}s)")
+
+    mcfg = load_preset(cfg.preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    if mcfg.max_position_embeddings < cfg.seq_len:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the preset's max_position_embeddings "
+                        f"{mcfg.max_position_embeddings}")
+    model = Transformer(mcfg).init_weights(cfg.seed).to(device).train()
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    loader = PackedLoader(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    val_batches = fixed_batches(val_ids, cfg.batch_size, cfg.seq_len, cfg.val_batches)
+    step = 0
+    if resumed:
+        state, path = resumed
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        print0(f"resumed from {path} at step {step}")
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, step)
+
+    n_params = model.num_params()
+    print0(f"model: {mcfg.name}, {n_params:,} params (+{model.num_params(True) - n_params:,} MTP), "
+           f"device {device}, matmuls in {str(dtype).removeprefix('torch.')}, "
+           f"{cfg.batch_size * cfg.seq_len * cfg.grad_accum:,} tokens/step")
+
+    def checkpoint(at: int):
+        save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "data": loader.state_dict(),
+                         "rng": rng_state(), "step": at, "config": asdict(cfg), "model_config": mcfg.to_dict()},
+                        out / "checkpoints", at, keep=cfg.keep)
+
+    bad_in_a_row, skipped = 0, 0
+    bar = progress(total=cfg.max_steps, initial=step, desc="pretrain")
+    with metrics_path.open("a") as mf:
+        while step < cfg.max_steps:
+            t_step = time.perf_counter()
+            lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.schedule, cfg.warmup, cfg.min_lr_ratio)
+            set_lr(opt, lr)
+            logs: dict[str, float] = {}
+            finite = True
+            for _ in range(cfg.grad_accum):
+                batch = loader.next_batch().to(device)
+                with autocast(device, dtype):
+                    losses = forward_losses(model, batch, cfg)
+                if not torch.isfinite(losses["total"]):
+                    finite = False
+                    break
+                (losses["total"] / cfg.grad_accum).backward()
+                for k, v in losses.items():
+                    logs[k] = logs.get(k, 0.0) + v.item() / cfg.grad_accum
+            grad_norm = clip_grad_norm(model, cfg.grad_clip) if finite else float("nan")
+            if finite and math.isfinite(grad_norm):
+                opt.step()
+                bad_in_a_row = 0
+            else:
+                bad_in_a_row += 1
+                skipped += 1
+                print0(f"warning: step {step}: non-finite loss or gradient; update skipped ({skipped} so far)")
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise UserError(f"stopping: {bad_in_a_row} non-finite steps in a row at step {step}. "
+                                    "Lower --lr, raise --warmup or use --dtype float32.")
+            opt.zero_grad(set_to_none=True)
+            gamma = cfg.bias_gamma if cfg.balance == "bias" and finite else 0.0
+            loads = [update_bias(m, gamma) for m in model.moe_layers()]
+            step += 1
+            dt = time.perf_counter() - t_step
+            rec = {"step": step, **{k: round(v, 5) for k, v in logs.items() if k != "total"}, "lr": lr,
+                   "grad_norm": round(grad_norm, 4), "tokens_per_s": round(cfg.batch_size * cfg.seq_len * cfg.grad_accum / dt, 1),
+                   "max_violation": [round(max_violation(l), 4) for l in loads], "skipped_steps": skipped}
+            if loads:
+                rec["max_violation_mean"] = round(float(np.mean(rec["max_violation"])), 4)
+            if val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+                rec["val_loss"] = round(evaluate(model, val_batches, device, dtype), 5)
+            mf.write(json.dumps(rec) + "\n")
+            mf.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                checkpoint(step)
+    bar.close()
+    checkpoint(step)
+    final = out / "final"
+    model.eval().save_pretrained(final, tokenizer=tok)
+    records = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+    summary = {"steps": step, "final_loss": records[-1].get("loss") if records else None,
+               "first_loss": records[0].get("loss") if records else None,
+               "val_loss": next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None),
+               "max_violation_mean": records[-1].get("max_violation_mean") if records else None,
+               "tokens_per_s": float(np.median([r["tokens_per_s"] for r in records[-20:]])) if records else None,
+               "skipped_steps": skipped, "params": n_params, "final_model": str(final),
+               "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.plots:
+        from .plots import plot_pretrain
+        plot_pretrain(metrics_path, out / "plots" / "pretrain.png")
+    print0(f"done: loss {summary['first_loss']} -> {summary['final_loss']}, val {summary['val_loss']}; "
+           f"model in {final}")
+    return summary
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines past the checkpoint's step (they will be recomputed)."""
+    if not path.exists():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    path.write_text("".join(l + "\n" for l in keep))
+
+
+def main(argv=None) -> None:
+    cfg = argparse_dc.parse(PretrainConfig, argv, prog="nanoseek pretrain", description=__doc__.splitlines()[0])
+    pretrain(cfg)
