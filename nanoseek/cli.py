@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nnanoseek {verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:      # `nanoseek info v3 | head`
+        return 0
     return 0
 
 

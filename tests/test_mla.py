@@ -29,10 +29,10 @@ def test_absorbed_equals_naive_full_sequence():
     model = _model()
     attn = model.layers[0].attn
     x = torch.randn(2, 11, model.cfg.hidden_size)
-    cos, sin = model.rope(torch.arange(11)[None])
+    rot = model.rope(torch.arange(11)[None])
     with torch.no_grad():
-        a = attn(x, cos, sin, absorb=False)
-        b = attn(x, cos, sin, absorb=True)
+        a = attn(x, rot, absorb=False)
+        b = attn(x, rot, absorb=True)
     assert (a - b).abs().max() < 1e-5
 
 
@@ -40,9 +40,9 @@ def test_absorbed_equals_naive_without_q_lora():
     model = _model(q_lora_rank=0)
     attn = model.layers[1].attn
     x = torch.randn(1, 7, model.cfg.hidden_size)
-    cos, sin = model.rope(torch.arange(7)[None])
+    rot = model.rope(torch.arange(7)[None])
     with torch.no_grad():
-        assert (attn(x, cos, sin, absorb=False) - attn(x, cos, sin, absorb=True)).abs().max() < 1e-5
+        assert (attn(x, rot, absorb=False) - attn(x, rot, absorb=True)).abs().max() < 1e-5
 
 
 def test_cached_decode_equals_full_recompute():
@@ -59,3 +59,18 @@ def test_cached_decode_equals_full_recompute():
     # the cache holds only C + R numbers per token per layer
     cfg = model.cfg
     assert cache.kv[0].shape[-1] + cache.pe[0].shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+
+
+def test_document_mask_equals_separate_sequences():
+    """Two documents packed in one row with document masking == each run on its own from position 0."""
+    from nanoseek.data.loader import document_mask
+    model = _model()
+    bos = model.cfg.bos_token_id
+    d1 = torch.tensor([[bos, 5, 6, 7, 8]])
+    d2 = torch.tensor([[bos, 9, 10, 11]])
+    packed = torch.cat([d1, d2], dim=1)
+    positions, mask = document_mask(packed, bos)
+    with torch.no_grad():
+        both = model.logits(model.hidden(packed, positions, mask=mask))
+        a, b = model(d1), model(d2)
+    assert (both[:, :5] - a).abs().max() < 1e-5 and (both[:, 5:] - b).abs().max() < 1e-5

@@ -3,7 +3,7 @@ import math
 import torch
 
 from nanoseek.config import load_preset
-from nanoseek.model.rope import apply_rope, inv_freq, rope_cos_sin
+from nanoseek.model.rope import apply_rope, inv_freq, rope_freqs
 
 
 def test_yarn_v3_closed_form():
@@ -35,13 +35,16 @@ def test_no_yarn_is_plain_rope():
     assert torch.allclose(inv_freq(cfg), 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2).float() / d)))
 
 
-def test_rotation_is_complex_multiplication_of_adjacent_pairs():
+def test_rotation_rotates_adjacent_pairs():
+    """Pair (x_2j, x_2j+1) turned by angle pos * w_j, written out with cos and sin."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 8)
     pos = torch.arange(5).unsqueeze(0)
     freqs = inv_freq(load_preset("tiny"))
-    cos, sin = rope_cos_sin(pos, freqs)
-    out = apply_rope(x, cos, sin)
-    z = torch.view_as_complex(x.view(2, 5, 4, 2).contiguous())
-    ref = torch.view_as_real(z * torch.polar(torch.ones(5, 4), pos[0, :, None].float() * freqs)).flatten(-2)
+    out = apply_rope(x, rope_freqs(pos, freqs))
+    ang = pos[0, :, None].float() * freqs                       # (5, 4)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    ref = torch.stack([x0 * ang.cos() - x1 * ang.sin(), x1 * ang.cos() + x0 * ang.sin()], dim=-1).flatten(-2)
     assert torch.allclose(out, ref, atol=1e-6)
+    heads = apply_rope(x.unsqueeze(2).expand(2, 5, 3, 8), rope_freqs(pos, freqs))   # broadcast over heads
+    assert torch.allclose(heads[:, :, 1], ref, atol=1e-6)

@@ -40,17 +40,21 @@ def default_p_wrong(problem) -> float:
     """Direct answers are reliable on easy problems and usually wrong on hard ones."""
     if problem.task == "arithmetic":
         a, b = problem.meta["a"], problem.meta["b"]
-        return 0.8 if max(a, b) >= 100 else 0.0
+        return 0.7 if max(a, b) >= 100 else 0.0
     return 0.5
 
 
 def synthetic_documents(n_docs: int, seed: int, task: str = "arithmetic", p_worked: float = 0.2,
                         p_wrong=default_p_wrong, split: str = "train", **task_knobs) -> list[str]:
-    """`n_docs` chat documents from a task's `split`, deterministic in `seed`."""
-    from .tasks import get_task
+    """`n_docs` chat documents from a task's `split` (or "mix": all tasks), deterministic in `seed`."""
+    from .tasks import TASKS, get_task
 
     if not 0.0 <= p_worked <= 1.0:
         raise UserError(f"p_worked={p_worked}: must be in [0, 1]")
+    if task == "mix":   # equal parts of every built-in task, interleaved
+        parts = [synthetic_documents(n_docs // len(TASKS) + 1, seed + i, name, p_worked, p_wrong, split)
+                 for i, name in enumerate(sorted(TASKS))]
+        return [d for group in zip(*parts) for d in group][:n_docs]
     t = get_task(task, **task_knobs)
     rng = random.Random(seed + 7919)
     docs = []

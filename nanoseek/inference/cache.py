@@ -7,7 +7,7 @@ row when one finishes) so a decode step attends over the view [:B, :S] without g
 
 Each forward writes T new tokens per row at per-row start positions (rows may be padded on the right:
 a padded token is written past the row's valid length, where it is masked out and later
-overwritten). The attention mask lets query j of row b see key s iff s <= start_b + j.
+overwritten). The (additive) attention mask lets query j of row b see key s iff s <= start_b + j.
 
 FP8 option (`dtype=torch.float8_e4m3fn`): entries are stored as e4m3 with one fp32 scale per token
 per layer (amax / 448), quantised on write and dequantised on read. Half the bytes of bf16.
@@ -21,13 +21,13 @@ FP8_MAX = 448.0
 
 class LatentCache:
     def __init__(self, n_layers: int, slots: int, max_len: int, width: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", pad: int = 4):
+                 device: torch.device | str = "cpu", pad: int = 4, compute_dtype: torch.dtype | None = None):
         self.fp8 = dtype == torch.float8_e4m3fn
         self.max_len, self.slots, self.width = max_len, slots, width
         shape = (n_layers, slots, max_len + pad, width)   # + pad: room for right-padded writes
         self.data = torch.zeros(shape, dtype=torch.uint8 if self.fp8 else dtype, device=device)
         self.scale = torch.ones(shape[:3] + (1,), dtype=torch.float32, device=device) if self.fp8 else None
-        self.compute_dtype = torch.bfloat16 if self.fp8 else dtype
+        self.compute_dtype = compute_dtype or (torch.bfloat16 if self.fp8 else dtype)   # what attention reads
         # per-forward context, set by `begin`
         self.rows = 0
         self.starts: torch.Tensor | None = None
@@ -43,7 +43,9 @@ class LatentCache:
         self.S = int(starts.max()) + T
         s = torch.arange(self.S, device=starts.device)
         q = starts[:, None] + torch.arange(T, device=starts.device)[None]        # (B,T) absolute positions
-        self.mask = (s[None, None, :] <= q[:, :, None]).unsqueeze(1)             # (B,1,T,S)
+        # additive mask, built once per forward and shared by every layer: 0 = attend, -inf = not
+        self.mask = torch.zeros(self.rows, 1, T, self.S, device=starts.device).masked_fill(
+            (s[None, None, :] > q[:, :, None]).unsqueeze(1), float("-inf"))
         self.positions = q
         self._idx = (torch.arange(row0, row0 + self.rows, device=starts.device)[:, None].expand(-1, T), q)
 

@@ -65,7 +65,8 @@ class Engine:
         n_layers = cfg.num_hidden_layers + (len(model.mtp) if self.speculative else 0)
         pdtype = model.embed.weight.dtype
         self.cache = LatentCache(n_layers, max_batch, self.max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-                                 cache_dtype or autocast_dtype or pdtype, self.device)
+                                 cache_dtype or autocast_dtype or pdtype, self.device,
+                                 compute_dtype=autocast_dtype or pdtype)
         self.autocast_dtype = autocast_dtype
         self.eos_ids = set(stop_token_ids if stop_token_ids is not None else [cfg.eos_token_id])
         self.waiting: deque[_Request] = deque()
@@ -100,7 +101,12 @@ class Engine:
                 s.finish_reason = "abort"
         self._compact()
 
+    def finish(self, seq: Sequence, reason: str = "stop") -> None:
+        """Mark a sequence finished from outside (e.g. a stop string); it leaves at the next step."""
+        seq.finish_reason = reason
+
     def step(self) -> list[Sequence]:
+        self._compact()              # sequences finished from outside since the last step
         self.stats["steps"] += 1
         if self.waiting and self.waiting[0].params.n <= self.max_batch - len(self.running):
             out = self._prefill()

@@ -48,13 +48,16 @@ class LLM:
             self.model = model
         else:
             from ..checkpoint.hf import from_pretrained
-            self.model = from_pretrained(model, dtype=parse_dtype(dtype), device=device)
+            from ..common import autodetect_device
+            self.model = from_pretrained(model, dtype=parse_dtype(dtype), device=autodetect_device(device))
             if tokenizer is None:
                 from ..tokenizer import Tokenizer
                 try:
                     tokenizer = Tokenizer.load(model)
-                except Exception:
-                    tokenizer = None     # token-id prompts still work
+                except FileNotFoundError:
+                    tokenizer = None     # no tokenizer files: token-id prompts still work
+                except ValueError as e:
+                    raise UserError(f"{model}: tokenizer files are invalid: {e}") from None
         self.tokenizer = tokenizer
         cache_dtype = {"fp8": torch.float8_e4m3fn, "auto": None, None: None}.get(kv_cache_dtype, None)
         if kv_cache_dtype not in ("fp8", "auto", None):
@@ -106,18 +109,23 @@ class LLM:
         bar = progress(total=total, desc="generate", disable=not use_tqdm or None)
         while eng.has_work():
             for s in eng.step():
-                self._check_stop_strings(s)
+                self.check_stop_strings(s)
                 if s.finish_reason:
                     reqs[s.request_id].outputs[s.index] = self.to_output(s)
                     bar.update(1)
         bar.close()
         return [reqs[r] for r in order]
 
-    def _check_stop_strings(self, s: Sequence) -> None:
+    def check_stop_strings(self, s: Sequence) -> bool:
+        """Finish `s` if its text now contains a stop string (the text is cut there by to_output)."""
         if s.params.stop and not s.finish_reason and self.tokenizer is not None:
-            tail = self.decode(s.out_ids[-32:], s.params.skip_special_tokens)
+            window = 8 + 4 * max(len(st) for st in s.params.stop)     # a token is >= 1 character
+            tail = self.decode(s.out_ids[-window:], s.params.skip_special_tokens)
             if any(st in tail for st in s.params.stop):
-                s.finish_reason, s.stop_text = "stop", True
+                s.stop_text = True
+                self.engine.finish(s, "stop")
+                return True
+        return False
 
     def to_output(self, s: Sequence) -> CompletionOutput:
         text = self.decode(s.out_ids, s.params.skip_special_tokens)

@@ -39,9 +39,9 @@ def speculative_step(eng: Engine) -> list[Sequence]:
         every = s.prompt_ids + s.out_ids                        # t_0 .. t_L (pending last)
         tok_in[b, : n_new[b]] = torch.tensor(every[s.mtp_len + 1: s.mtp_len + 1 + n_new[b]])
     eng.cache.begin(torch.tensor([s.mtp_len for s in seqs], device=dev), T)
-    cos, sin = model.rope(eng.cache.positions)
+    rot = model.rope(eng.cache.positions)
     with eng._autocast():
-        h_mtp = model.mtp[0](h_in, model.embed(tok_in), cos, sin, eng.cache)
+        h_mtp = model.mtp[0](h_in, model.embed(tok_in), rot, eng.cache)
         last = h_mtp[torch.arange(B, device=dev), torch.tensor(n_new, device=dev) - 1]
         drafts = model.mtp_logits(last, 1).float().argmax(dim=-1)
     for s in seqs:

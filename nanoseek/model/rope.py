@@ -62,20 +62,16 @@ def cos_sin_scale(cfg: ModelConfig) -> float:
     return yarn_get_mscale(cfg.rope_factor)
 
 
-def rope_cos_sin(positions: torch.Tensor, freqs: torch.Tensor, scale: float = 1.0):
-    """positions (..., T) int -> cos, sin of shape (..., T, R/2), fp32."""
+def rope_freqs(positions: torch.Tensor, freqs: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """positions (..., T) int -> unit complex rotations scale * exp(i pos w_j), shape (..., T, R/2)."""
     ang = positions.to(torch.float32).unsqueeze(-1) * freqs
-    cos, sin = ang.cos(), ang.sin()
-    if scale != 1.0:
-        cos, sin = cos * scale, sin * scale
-    return cos, sin
+    return torch.polar(torch.full_like(ang, scale), ang)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of the last dim. x (B, T, [H,] R); cos/sin (B or 1, T, R/2)."""
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of the last dim: view them as complex numbers and multiply (one op, as the
+    official code does). x (B, T, [H,] R); rot (B or 1, T, R/2) complex."""
     if x.dim() == 4:  # per-head tensor: broadcast over heads
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    xp = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xp[..., 0], xp[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
-    return out.to(x.dtype)
+        rot = rot.unsqueeze(-2)
+    xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)

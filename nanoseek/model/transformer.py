@@ -20,7 +20,7 @@ from .layers import MLP, RMSNorm
 from .mla import MLA
 from .moe import MoE
 from .mtp import MTPLayer, shift_left
-from .rope import cos_sin_scale, inv_freq, rope_cos_sin
+from .rope import cos_sin_scale, inv_freq, rope_freqs
 
 
 class Block(nn.Module):
@@ -31,8 +31,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x, rot, cache=None, mask=None):
+        x = x + self.attn(self.attn_norm(x), rot, cache, mask=mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -68,17 +68,20 @@ class Transformer(nn.Module):
         self.inv_freq.copy_(inv_freq(self.cfg))
         return self
 
-    def rope(self, positions: torch.Tensor):
-        return rope_cos_sin(positions, self.inv_freq, self.rope_scale)
+    def rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """Complex rotations for these positions, shared by every layer of one forward."""
+        return rope_freqs(positions, self.inv_freq, self.rope_scale)
 
-    def hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """ids (B,T) -> last hidden state before the final norm (B,T,D)."""
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B,T) -> last hidden state before the final norm (B,T,D). `mask` (B,1,T,T) replaces the
+        causal mask (document masking of packed training windows); `positions` (B,T) or (1,T)."""
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-        cos, sin = self.rope(positions)
+        rot = self.rope(positions)
         x = self.embed(ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache)
+            x = layer(x, rot, cache, mask)
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -88,14 +91,14 @@ class Transformer(nn.Module):
         return self.logits(self.hidden(ids, positions, cache))
 
     def mtp_hidden(self, h: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor | None = None,
-                   cache=None) -> list[torch.Tensor]:
+                   cache=None, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Depth k=1..D hidden states; position i of depth k predicts token i+k+1."""
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-        cos, sin = self.rope(positions)
+        rot = self.rope(positions)
         outs = []
         for k, mtp in enumerate(self.mtp, start=1):
-            h = mtp(h, self.embed(shift_left(ids, k)), cos, sin, cache)
+            h = mtp(h, self.embed(shift_left(ids, k)), rot, cache, mask)
             outs.append(h)
         return outs
 

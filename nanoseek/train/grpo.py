@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import random
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,10 +34,8 @@ from .. import args as argparse_dc
 from ..common import (UserError, autocast, autodetect_device, compute_dtype, print0, progress, seed_everything,
                       set_threads)
 from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, token_logprobs
+from .rollout import REFLECTION, EngineSampler, HFSampler, evaluate, prompt_ids
 from .optim import build_optimizer, clip_grad_norm
-
-REFLECTION = re.compile(r"\b(wait|check|verify|recheck)\b", re.IGNORECASE)
-
 
 @dataclass
 class GRPOConfig:
@@ -81,57 +78,6 @@ class GRPOConfig:
     plots: bool = field(default=True, metadata={"help": "write PNG plots"})
 
 
-# -------------------------------------------------------------------------------------------------
-# policies: who samples and who scores
-
-class NanoseekPolicy:
-    def __init__(self, model, tokenizer, cfg: GRPOConfig, device):
-        from ..inference.engine import Engine
-        from ..common import parse_dtype
-
-        self.model, self.tok = model, tokenizer
-        max_len = cfg.max_new_tokens + 256
-        rd = None if cfg.rollout_dtype in (None, "none") else parse_dtype(cfg.rollout_dtype)
-        self.engine = Engine(model, max_batch=max(cfg.max_batch, cfg.group_size), max_len=max_len,
-                             autocast_dtype=None if rd == torch.float32 else rd, seed=cfg.seed,
-                             stop_token_ids=[tokenizer.eos_id])
-
-    def rollout(self, prompts: list[list[int]], params) -> list[list[dict]]:
-        eng = self.engine
-        ids = [eng.add_request(p, params, f"r{i}") for i, p in enumerate(prompts)]
-        done: dict[str, list] = {r: [None] * params.n for r in ids}
-        while eng.has_work():
-            for s in eng.step():
-                if s.finish_reason:
-                    done[s.request_id][s.index] = {"ids": list(s.out_ids), "logprobs": list(s.logprobs),
-                                                   "truncated": s.finish_reason == "length"}
-        return [done[r] for r in ids]
-
-class HFPolicy:
-    """Any transformers causal LM: sampling with model.generate (left padding)."""
-
-    def __init__(self, model, tokenizer, cfg: GRPOConfig, device):
-        self.model, self.tok, self.device = model, tokenizer, device
-        self.eos = tokenizer.eos_id
-
-    def rollout(self, prompts, params):
-        out = []
-        for p in prompts:
-            x = torch.tensor([p], device=self.device).repeat(params.n, 1)
-            with torch.no_grad():
-                g = self.model.generate(x, attention_mask=torch.ones_like(x), do_sample=params.temperature > 0,
-                                        temperature=params.temperature or None, top_p=params.top_p,
-                                        max_new_tokens=params.max_tokens, pad_token_id=self.eos,
-                                        eos_token_id=self.eos, output_scores=True, return_dict_in_generate=True)
-            group = []
-            for i in range(params.n):
-                ids = g.sequences[i, len(p):].tolist()
-                if self.eos in ids:
-                    ids = ids[: ids.index(self.eos) + 1]
-                group.append({"ids": ids, "logprobs": None, "truncated": self.eos not in ids})
-            out.append(group)
-        return out
-
 def load_policy(cfg: GRPOConfig, device):
     from ..tokenizer import Tokenizer
 
@@ -143,10 +89,12 @@ def load_policy(cfg: GRPOConfig, device):
     if model_type in ("deepseek_v3", "deepseek_v2"):
         from ..checkpoint.hf import from_pretrained
         model = from_pretrained(path, device=device)
-        return NanoseekPolicy(model, tok, cfg, device), model, tok
+        return EngineSampler(model, tok, max_batch=max(cfg.max_batch, cfg.group_size),
+                             max_len=cfg.max_new_tokens + 256, seed=cfg.seed,
+                             rollout_dtype=cfg.rollout_dtype), model, tok
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-    return HFPolicy(model, tok, cfg, device), model, tok
+    return HFSampler(model, tok, device), model, tok
 
 
 # -------------------------------------------------------------------------------------------------
@@ -181,42 +129,6 @@ def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: f
     full = torch.zeros(mask.shape, dtype=logp.dtype, device=mask.device)
     full[sel] = logp
     return (full, ent) if with_entropy else full
-
-
-# -------------------------------------------------------------------------------------------------
-# evaluation on held-out problems
-
-@torch.no_grad()
-def evaluate_policy(policy, tok, problems, max_new_tokens: int, temperature: float = 0.0, samples: int = 1,
-                    top_p: float = 1.0, seed: int = 0) -> dict:
-    from ..data.tasks import extract_answer, get_checker
-    from ..inference.sampling import SamplingParams
-
-    prompts = [prompt_ids(tok, p.question) for p in problems]
-    sp = SamplingParams(n=samples, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=None)
-    if isinstance(policy, NanoseekPolicy):
-        policy.engine.gen.manual_seed(seed)
-    groups = policy.rollout(prompts, sp)
-    correct, cons, lengths, think, reflect = [], [], [], [], []
-    for prob, group in zip(problems, groups):
-        check = get_checker(prob.task)
-        texts = [tok.decode(c["ids"]) for c in group]
-        answers = [extract_answer(t) for t in texts]
-        ok = [bool(check(a, prob)) for a in answers]
-        correct.append(float(np.mean(ok)))
-        votes = [a for a in answers if a is not None]
-        majority = max(set(votes), key=votes.count) if votes else None
-        cons.append(float(check(majority, prob)) if majority is not None else 0.0)
-        lengths += [len(c["ids"]) for c in group]
-        think += ["<think>" in t for t in texts]
-        reflect += [bool(REFLECTION.search(t)) for t in texts]
-    return {"accuracy": float(np.mean(correct)), f"cons@{samples}": float(np.mean(cons)),
-            "mean_length": float(np.mean(lengths)), "think_rate": float(np.mean(think)),
-            "reflection_rate": float(np.mean(reflect)), "n": len(problems), "samples": samples}
-
-
-def prompt_ids(tok, question: str) -> list[int]:
-    return tok.encode(tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True))
 
 
 def parse_knobs(text: str) -> dict:
@@ -286,7 +198,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
     evals = []
 
     def run_eval(at: int):
-        r = evaluate_policy(policy, tok, held_out, cfg.max_new_tokens, seed=cfg.eval_seed)
+        r = evaluate(policy, tok, held_out, cfg.max_new_tokens, seed=cfg.eval_seed)
         r["step"] = at
         evals.append(r)
         with metrics_path.open("a") as f:
@@ -373,7 +285,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
                "seconds": round(time.perf_counter() - t_start, 1), "steps": cfg.steps}
     if cfg.save_final and hasattr(model, "save_pretrained"):
         final = out / "final"
-        if isinstance(policy, NanoseekPolicy):
+        if isinstance(policy, EngineSampler):
             model.save_pretrained(final, tokenizer=tok)
         else:
             model.save_pretrained(final)
@@ -412,7 +324,7 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
             if math.isfinite(gn):
                 opt.step()
             opt.zero_grad(set_to_none=True)
-            st.update({"loss": float(loss), "grad_norm": gn, "entropy": float(ent.mean()) if ent.numel() else 0.0})
+            st.update({"loss": loss.item(), "grad_norm": gn, "entropy": float(ent.mean()) if ent.numel() else 0.0})
             for k, v in st.items():
                 stats_acc.setdefault(k, []).append(v)
     return {k: float(np.mean(v)) for k, v in stats_acc.items()}

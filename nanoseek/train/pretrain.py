@@ -31,7 +31,7 @@ from ..common import (UserError, autocast, autodetect_device, compute_dtype, pri
                       seed_everything, set_rng_state, set_threads)
 from ..config import load_preset
 from ..data.corpus import load_documents, synthetic_documents
-from ..data.loader import PackedLoader, fixed_batches
+from ..data.loader import PackedLoader, document_mask, fixed_batches
 from ..model import Transformer
 from ..model.moe import balance_loss, max_violation, update_bias
 from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
@@ -55,12 +55,17 @@ class PretrainConfig:
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: autodetect)"})
     seed: int = field(default=0, metadata={"help": "seed for init, data order and the synthetic corpus"})
     data: str | None = field(default=None, metadata={"help": ".txt/.jsonl/.parquet file or directory (default: synthetic)"})
-    task: str = field(default="arithmetic", metadata={"help": "synthetic corpus task (arithmetic, countdown, equations)"})
+    task: str = field(default="arithmetic", metadata={"help": "synthetic corpus: arithmetic, countdown, equations or mix"})
     n_docs: int = field(default=40000, metadata={"help": "synthetic documents to generate"})
     p_worked: float = field(default=0.2, metadata={"help": "share of synthetic documents with a worked <think> trace"})
+    min_digits: int = field(default=1, metadata={"help": "arithmetic corpus: smallest operand size in digits"})
     max_digits: int = field(default=3, metadata={"help": "arithmetic corpus: largest operand size in digits"})
     tokenizer: str | None = field(default=None, metadata={"help": "existing tokenizer directory (default: train one)"})
     vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary size when training a tokenizer"})
+    loss_on: str = field(default="all", metadata={"help": "tokens that carry loss: all, or assistant (the responses "
+                                                           "of chat-formatted documents)", "choices": ["all", "assistant"]})
+    doc_mask: bool = field(default=True, metadata={"help": "attend within each packed document only, positions "
+                                                             "restarting at its BOS (as at inference)"})
     mtp_lambda: float = field(default=0.3, metadata={"help": "weight of the MTP loss (0 = off)"})
     balance: str = field(default="bias", metadata={"help": "expert balancing", "choices": ["bias", "aux", "none"]})
     bias_gamma: float = field(default=1e-3, metadata={"help": "bias update speed gamma (--balance bias)"})
@@ -98,36 +103,71 @@ def encode_docs(tok, docs: list[str]) -> list[np.ndarray]:
     return [np.asarray(ids, dtype=np.int32) for ids in tok.encode_batch(docs)]
 
 
+def assistant_masks(tok, docs: list[np.ndarray]) -> list[np.ndarray]:
+    """1 on the tokens after each <｜Assistant｜> up to and including the EOS that closes the reply,
+    0 elsewhere: the user turn (here a problem's random operands) carries no loss. Documents without
+    an assistant turn are trained on everywhere."""
+    out = []
+    for ids in docs:
+        if not (ids == tok.assistant_id).any():
+            out.append(np.ones(len(ids), dtype=np.uint8))
+            continue
+        m = np.zeros(len(ids), dtype=np.uint8)
+        inside = False
+        for i, t in enumerate(ids.tolist()):
+            if inside:
+                m[i] = 1
+                inside = t != tok.eos_id
+            elif t == tok.assistant_id:
+                inside = True
+        out.append(m)
+    return out
+
+
 def build_documents(cfg: PretrainConfig) -> tuple[list[str], list[str]]:
     if cfg.data:
         docs = load_documents(cfg.data)
         n_val = max(1, len(docs) // 50)
         return docs[:-n_val] if len(docs) > 1 else docs, docs[-n_val:]
-    knobs = {"max_digits": cfg.max_digits} if cfg.task == "arithmetic" else {}
+    knobs = {"min_digits": cfg.min_digits, "max_digits": cfg.max_digits} if cfg.task == "arithmetic" else {}
     train = synthetic_documents(cfg.n_docs, cfg.seed, cfg.task, cfg.p_worked, split="train", **knobs)
     val = synthetic_documents(max(256, cfg.n_docs // 50), cfg.seed + 1, cfg.task, cfg.p_worked, split="test", **knobs)
     return train, val
 
 
-def mtp_targets(batch: torch.Tensor, k: int) -> torch.Tensor:
-    """Depth-k target at position i is token i+k+1 of the window; the last k positions are ignored."""
+def mtp_targets(batch: torch.Tensor, k: int, mask: torch.Tensor | None = None,
+                doc: torch.Tensor | None = None) -> torch.Tensor:
+    """Depth-k target at position i is token i+k+1 of the window. Ignored (-100): the last k positions,
+    masked tokens, and targets in another document than position i."""
     y = batch[:, k + 1:]
+    if mask is not None:
+        y = y.masked_fill(mask[:, k + 1:] == 0, -100)
+    if doc is not None:
+        y = y.masked_fill(doc[:, k + 1:] != doc[:, : -(k + 1)], -100)
     return torch.cat([y, y.new_full((y.shape[0], k), -100)], dim=1)
 
 
-def forward_losses(model: Transformer, batch: torch.Tensor, cfg: PretrainConfig) -> dict[str, torch.Tensor]:
-    x, y = batch[:, :-1], batch[:, 1:]
-    h = model.hidden(x)
+def forward_losses(model: Transformer, batch: torch.Tensor, cfg: PretrainConfig,
+                   mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """batch (B,T+1) ids; mask (B,T+1) optional per-token loss mask (of the same tokens)."""
+    x = batch[:, :-1]
+    y = batch[:, 1:] if mask is None else batch[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    positions = attn = doc = None
+    if cfg.doc_mask:
+        bos = model.cfg.bos_token_id
+        positions, attn = document_mask(x, bos)
+        doc = (batch == bos).cumsum(dim=1)
+    h = model.hidden(x, positions, mask=attn)
     V = model.cfg.vocab_size
-    losses = {"loss": F.cross_entropy(model.logits(h).float().view(-1, V), y.reshape(-1))}
+    losses = {"loss": F.cross_entropy(model.logits(h).float().view(-1, V), y.reshape(-1), ignore_index=-100)}
     if cfg.mtp_lambda > 0 and len(model.mtp):
-        mtp = [F.cross_entropy(model.mtp_logits(hk, k).float().view(-1, V), mtp_targets(batch, k).reshape(-1),
-                               ignore_index=-100)
-               for k, hk in enumerate(model.mtp_hidden(h, x), start=1)]
+        mtp = [F.cross_entropy(model.mtp_logits(hk, k).float().view(-1, V),
+                               mtp_targets(batch, k, mask, doc).reshape(-1), ignore_index=-100)
+               for k, hk in enumerate(model.mtp_hidden(h, x, positions, mask=attn), start=1)]
         losses["mtp_loss"] = torch.stack(mtp).mean()
     alpha, per_seq = ((cfg.seq_aux_alpha, True) if cfg.balance == "bias" else
                       (cfg.aux_alpha, False) if cfg.balance == "aux" else (0.0, True))
-    if alpha > 0:
+    if alpha > 0 and model.moe_layers():
         terms = [balance_loss(m.last_scores, m.last_idx, x.shape[0], per_seq) for m in model.moe_layers()]
         losses["balance_loss"] = alpha * torch.stack(terms).sum()
     for m in model.moe_layers():
@@ -138,16 +178,20 @@ def forward_losses(model: Transformer, batch: torch.Tensor, cfg: PretrainConfig)
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, batches: list[torch.Tensor], device, dtype) -> float:
+def evaluate(model: Transformer, batches: list[torch.Tensor], device, dtype, doc_mask: bool = False) -> float:
+    """Mean next-token loss over fixed batches; a batch may be (ids, loss mask)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for b in batches:
-        b = b.to(device)
+        b, m = (b[0].to(device), b[1].to(device)) if isinstance(b, tuple) else (b.to(device), None)
+        y = b[:, 1:] if m is None else b[:, 1:].masked_fill(m[:, 1:] == 0, -100)
+        positions, attn = document_mask(b[:, :-1], model.cfg.bos_token_id) if doc_mask else (None, None)
         with autocast(device, dtype):
-            logits = model(b[:, :-1])
-        total += F.cross_entropy(logits.float().flatten(0, 1), b[:, 1:].reshape(-1), reduction="sum").item()
-        n += b[:, 1:].numel()
+            logits = model.logits(model.hidden(b[:, :-1], positions, mask=attn))
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.reshape(-1), reduction="sum",
+                                 ignore_index=-100).item()
+        n += int((y != -100).sum())
     model.train(was_training)
     return total / max(n, 1)
 
@@ -178,6 +222,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     train_docs, val_docs = build_documents(cfg)
     tok = prepare_tokenizer(cfg, train_docs, out)
     train_ids, val_ids = encode_docs(tok, train_docs), encode_docs(tok, val_docs)
+    train_masks = assistant_masks(tok, train_ids) if cfg.loss_on == "assistant" else None
     n_tok = sum(len(d) for d in train_ids)
     print0(f"data: {len(train_docs):,} documents, {n_tok:,} tokens ({time.perf_counter() - t0:.1f}s)")
 
@@ -187,8 +232,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
                         f"{mcfg.max_position_embeddings}")
     model = Transformer(mcfg).init_weights(cfg.seed).to(device).train()
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    loader = PackedLoader(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-    val_batches = fixed_batches(val_ids, cfg.batch_size, cfg.seq_len, cfg.val_batches)
+    loader = PackedLoader(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed, masks=train_masks)
+    val_batches = fixed_batches(val_ids, cfg.batch_size, cfg.seq_len, cfg.val_batches,
+                                assistant_masks(tok, val_ids) if train_masks is not None else None)
     step = 0
     if resumed:
         state, path = resumed
@@ -221,9 +267,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
             logs: dict[str, float] = {}
             finite = True
             for _ in range(cfg.grad_accum):
-                batch = loader.next_batch().to(device)
+                batch, mask = loader.next_batch(), None
+                if train_masks is not None:
+                    batch, mask = batch[0].to(device), batch[1].to(device)
+                batch = batch.to(device)
                 with autocast(device, dtype):
-                    losses = forward_losses(model, batch, cfg)
+                    losses = forward_losses(model, batch, cfg, mask)
                 if not torch.isfinite(losses["total"]):
                     finite = False
                     break
@@ -252,7 +301,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             if loads:
                 rec["max_violation_mean"] = round(float(np.mean(rec["max_violation"])), 4)
             if val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-                rec["val_loss"] = round(evaluate(model, val_batches, device, dtype), 5)
+                rec["val_loss"] = round(evaluate(model, val_batches, device, dtype, cfg.doc_mask), 5)
             mf.write(json.dumps(rec) + "\n")
             mf.flush()
             bar.update(1)

@@ -1,0 +1,138 @@
+"""GRPO throughput: nanoseek vs TRL's GRPOTrainer on the same HF-format model, prompts and reward, one run.
+
+The shape of ../shared/peers/trl_baseline.py: a random DeepseekV3 (hidden 256, 4 layers, 16 experts
+top-4), prompts "a+b=", reward 1 if the completion starts with the sum, 8 prompts x G=8 completions
+of up to 64 new tokens per step, temperature 1, lr 1e-5, beta 0, one update per rollout (TRL's
+defaults: loss "dapo", scale_rewards "group"). Both sides load the same saved model directory (our
+BPE tokenizer, which transformers loads as well). Metric: completion tokens per second of whole
+steps (generation + reward + update), after one warm-up step.
+
+    .venv/bin/python benchmarks/bench_grpo.py --steps 4
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+
+def build_model_dir(vocab_texts):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(vocab_texts, vocab_size=300)
+    cfg = DeepseekV3Config(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+                           num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, num_key_value_heads=8,
+                           n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+                           q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                           max_position_embeddings=512, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                           pad_token_id=tok.eos_id)
+    torch.manual_seed(0)
+    d = tempfile.mkdtemp()
+    DeepseekV3ForCausalLM(cfg).save_pretrained(d)
+    tok.save(d)
+    return d
+
+
+def reward(completions, answers):
+    return [1.0 if c.strip().startswith(a) else 0.0 for c, a in zip(completions, answers)]
+
+
+def run_trl(model_dir, prompts, answers, steps, G, max_new):
+    from datasets import Dataset
+    from transformers import AutoTokenizer, DeepseekV3ForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model = DeepseekV3ForCausalLM.from_pretrained(model_dir)
+    ds = Dataset.from_dict({"prompt": prompts, "answer": answers})
+    n_tokens = []
+
+    def trl_reward(completions, answer, completion_ids=None, **kw):
+        n_tokens.append(sum(len(c) for c in completion_ids) if completion_ids is not None else 0)
+        return reward(completions, answer)
+
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(prompts) // (steps + 1) * G,
+                      num_generations=G, max_completion_length=max_new, max_steps=steps + 1, logging_steps=1,
+                      report_to=[], use_cpu=True, bf16=False, learning_rate=1e-5, save_strategy="no",
+                      temperature=1.0)
+    tr = GRPOTrainer(model=model, reward_funcs=trl_reward, args=args, train_dataset=ds, processing_class=tok)
+    times = []
+
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    tr.add_callback(Timer())
+    tr.train()
+    return sum(n_tokens[1:]) / sum(times[1:]), times
+
+
+def run_nanoseek(model_dir, prompts, answers, steps, G, max_new):
+    import nanoseek
+    from nanoseek.inference.sampling import SamplingParams
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.grpo import GRPOConfig, build_batch, train_on_batch
+    from nanoseek.train.grpo_loss import group_advantages
+    from nanoseek.train.optim import build_optimizer
+    from nanoseek.train.rollout import EngineSampler
+
+    tok = Tokenizer.load(model_dir)
+    model = nanoseek.from_pretrained(model_dir)
+    cfg = GRPOConfig(group_size=G, max_new_tokens=max_new, lr=1e-5, beta=0.0, loss_type="dapo", dtype="float32")
+    sampler = EngineSampler(model, tok, max_batch=256, max_len=max_new + 64)
+    opt = build_optimizer(model, cfg.lr, 0.0)
+    sp = SamplingParams(n=G, temperature=1.0, max_tokens=max_new)
+    per_step = len(prompts) // (steps + 1)
+    tokens, times = [], []
+    for s in range(steps + 1):
+        t = time.perf_counter()
+        batch_p = prompts[s * per_step:(s + 1) * per_step]
+        batch_a = answers[s * per_step:(s + 1) * per_step]
+        ids = [[tok.bos_id] + tok.encode(p) for p in batch_p]
+        groups = sampler.rollout(ids, sp)
+        comps = [c for g in groups for c in g]
+        texts = tok.decode_batch([c["ids"] for c in comps])
+        r = reward(texts, [a for a in batch_a for _ in range(G)])
+        adv = group_advantages(torch.tensor(r), G, "group")
+        bids, mask, adv = build_batch([i for i in ids for _ in range(G)], comps, adv, tok.eos_id, False, "cpu")
+        train_on_batch(sampler, None, opt, bids, mask, adv, cfg, torch.device("cpu"), torch.float32)
+        times.append(time.perf_counter() - t)
+        tokens.append(sum(len(c["ids"]) for c in comps))
+    return sum(tokens[1:]) / sum(times[1:]), times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=4, help="timed steps (plus one warm-up)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--G", type=int, default=8)
+    ap.add_argument("--max-new", type=int, default=64)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    n = args.prompts * (args.steps + 1)
+    pairs = [(10 + i, 20 + 3 * i) for i in range(n)]
+    prompts = [f"{a}+{b}=" for a, b in pairs]
+    answers = [str(a + b) for a, b in pairs]
+    model_dir = build_model_dir(prompts + [f"{p}{a}" for p, a in zip(prompts, answers)] * 5)
+    ours, our_times = run_nanoseek(model_dir, prompts, answers, args.steps, args.G, args.max_new)
+    trl, trl_times = run_trl(model_dir, prompts, answers, args.steps, args.G, args.max_new)
+    import trl as trl_mod
+    print(json.dumps({"completion_tokens_per_s": {"nanoseek": round(ours, 1), "trl": round(trl, 1)},
+                      "speedup": round(ours / trl, 2), "trl_version": trl_mod.__version__,
+                      "s_per_step": {"nanoseek": [round(t, 2) for t in our_times], "trl": [round(t, 2) for t in trl_times]},
+                      "shape": {"prompts_per_step": args.prompts, "G": args.G, "max_new": args.max_new}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Training throughput: nanoseek vs HF transformers' DeepseekV3ForCausalLM, same config, same batch, one run.
+
+Both do forward + backward + AdamW on the same random tokens. HF runs fp32 eager (its default);
+nanoseek runs fp32 and bf16 autocast (fp32 master weights either way), without and with the MTP loss.
+Blocks of steps alternate between the contenders so drift in machine speed hits all of them.
+
+    .venv/bin/python benchmarks/bench_train.py --preset small --batch 8 --seq 256
+"""
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per block")
+    ap.add_argument("--blocks", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(torch.get_num_threads())
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from nanoseek.config import load_preset
+    from nanoseek.model import Transformer
+    from nanoseek.model.moe import update_bias
+    from nanoseek.train.optim import build_optimizer
+    from nanoseek.train.pretrain import PretrainConfig, forward_losses
+
+    cfg = load_preset(args.preset)
+    hf_cfg = DeepseekV3Config(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
+    hf = DeepseekV3ForCausalLM(hf_cfg).train()
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    ours = Transformer(cfg).init_weights(0).train()
+    our_opt = build_optimizer(ours, 1e-4)
+    B, T = args.batch, args.seq
+    batch = torch.randint(0, cfg.vocab_size, (B, T + 1))
+
+    def hf_step():
+        out = hf(batch[:, :-1], labels=batch[:, :-1])
+        out.loss.backward()
+        hf_opt.step()
+        hf_opt.zero_grad()
+
+    def our_step(dtype, mtp):
+        pc = PretrainConfig(mtp_lambda=0.3 if mtp else 0.0)
+        ctx = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
+        with ctx:
+            loss = forward_losses(ours, batch, pc)["total"]
+        loss.backward()
+        our_opt.step()
+        our_opt.zero_grad()
+        for m in ours.moe_layers():
+            update_bias(m, 1e-3)
+
+    contenders = {
+        "hf_fp32": hf_step,
+        "nanoseek_fp32": lambda: our_step(torch.float32, False),
+        "nanoseek_bf16": lambda: our_step(torch.bfloat16, False),
+        "nanoseek_bf16_mtp": lambda: our_step(torch.bfloat16, True),
+        "nanoseek_fp32_mtp": lambda: our_step(torch.float32, True),
+    }
+    times = {k: [] for k in contenders}
+    for f in contenders.values():
+        f()                                    # warm-up
+    for _ in range(args.blocks):
+        for k, f in contenders.items():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                f()
+            times[k].append((time.perf_counter() - t) / args.steps)
+    tok_s = {k: round(B * T / min(v), 1) for k, v in times.items()}
+    res = {"preset": args.preset, "params": ours.num_params(), "batch": B, "seq": T, "tokens_per_s": tok_s,
+           "speedup_vs_hf": {k: round(v / tok_s["hf_fp32"], 2) for k, v in tok_s.items()},
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

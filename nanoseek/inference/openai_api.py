@@ -1,0 +1,247 @@
+"""OpenAI request parsing and response shapes for the HTTP server.
+
+Every user mistake becomes an `ApiError` (HTTP 400, `{"error": {"message", "type", "param", "code"}}`)
+naming the field; sampling fields map onto `SamplingParams`; `Choice` accumulates one choice's
+tokens, text and logprobs in OpenAI's chat and legacy-completion logprob formats.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+from ..common import UserError
+from ..tokenizer import THINK
+from .sampling import SamplingParams
+from .worker import ApiError, Delta
+
+
+# requests: every user mistake becomes ApiError(400, ..., param=<the field>)
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None,), "function_call": (None,),
+               "response_format": (None, {"type": "text"}), "logit_bias": (None, {}), "echo": (None, False),
+               "suffix": (None,), "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+              dict: "an object", type(None): "null"}
+
+
+@dataclasses.dataclass
+class Parsed:
+    prompts: list[list[int]]             # token ids, one engine request each
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    in_reasoning: bool = False           # chat: the prompt already opened <think>
+    param: str = "prompt"                # the field that holds the prompt ("messages" for chat)
+
+
+def field(body: dict, name: str, typ: type, default=None, param: str | None = None):
+    """body[name] checked against a JSON type (bool is not a number), or `default` when absent/null."""
+    v = body.get(name)
+    if v is None:
+        return default
+    ok = isinstance(v, (int, float)) if typ is float else isinstance(v, typ)
+    if not ok or (typ in (int, float) and isinstance(v, bool)):
+        param = param or name
+        raise ApiError(400, f"Invalid type for '{param}': expected {JSON_TYPES[typ]}, but got "
+                            f"{JSON_TYPES.get(type(v), type(v).__name__)}.", param, "invalid_type")
+    return float(v) if typ is float else v
+
+
+def require(ok: bool, name: str, value, rule: str) -> None:
+    if not ok:
+        raise ApiError(400, f"Invalid value for '{name}': {value!r}; it must be {rule}.", name, "invalid_value")
+
+
+def parse_common(body: dict, engine, chat: bool) -> tuple[SamplingParams, bool, bool]:
+    """The fields chat and completions share -> (SamplingParams, stream, include_usage)."""
+    for name, allowed in UNSUPPORTED.items():
+        if body.get(name) not in allowed:
+            raise ApiError(400, f"'{name}' is not supported by the nanoseek server.", name, "unsupported_parameter")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = field(body, key, int, engine.max_len if chat else 16)   # OpenAI's legacy default is 16
+    require(max_tokens >= 1, key, max_tokens, "at least 1")
+    temperature = field(body, "temperature", float, 1.0)
+    require(0 <= temperature <= 2, "temperature", temperature, "between 0 and 2 (0 = greedy)")
+    top_p = field(body, "top_p", float, 1.0)
+    require(0 < top_p <= 1, "top_p", top_p, "in (0, 1]")
+    top_k = field(body, "top_k", int, -1)
+    require(top_k >= -1, "top_k", top_k, "-1 or 0 (off) or a positive integer")
+    n = field(body, "n", int, 1)
+    require(1 <= n <= engine.max_batch, "n", n, f"between 1 and {engine.max_batch} (the server's --max-batch)")
+    seed = field(body, "seed", int)
+    require(seed is None or -2**63 <= seed < 2**63 - n, "seed", seed, "a 64-bit integer")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    require(stop is None or isinstance(stop, list) and all(isinstance(s, str) and s for s in stop), "stop",
+            body.get("stop"), "a non-empty string or a list of non-empty strings")
+    if chat:                              # chat: logprobs is a boolean, top_logprobs the count
+        top = field(body, "top_logprobs", int)
+        require(top is None or 0 <= top <= 20, "top_logprobs", top, "between 0 and 20")
+        want = field(body, "logprobs", bool, False)
+        require(not top or want, "top_logprobs", top, "used together with 'logprobs': true")
+        logprobs = (top or 0) if want else None
+    else:                                 # completions: logprobs is the count
+        logprobs = field(body, "logprobs", int)
+        require(logprobs is None or 0 <= logprobs <= 20, "logprobs", logprobs, "between 0 and 20")
+    stream = field(body, "stream", bool, False)
+    options = field(body, "stream_options", dict, {})
+    include_usage = field(options, "include_usage", bool, False, "stream_options.include_usage")
+    try:
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                                stop=stop, seed=seed, logprobs=logprobs)
+    except UserError as e:               # a rule checked only by SamplingParams: name its field
+        m = re.search(r"SamplingParams\.(\w+)", str(e))
+        raise ApiError(400, str(e), m.group(1) if m else None, "invalid_value") from None
+    return params, stream, include_usage
+
+
+def check_context(ids: list[int], engine, param: str) -> None:
+    if not ids:
+        raise ApiError(400, f"'{param}' is empty: give at least one token.", param, "invalid_value")
+    if len(ids) >= engine.max_len:
+        raise ApiError(400, f"This model's maximum context length is {engine.max_len} tokens, but the prompt has "
+                            f"{len(ids)} tokens. Shorten the prompt.", param, "context_length_exceeded")
+
+
+def parse_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if messages is None:
+        raise ApiError(400, "Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
+    field(body, "messages", list)
+    if not messages:
+        raise ApiError(400, "'messages' must hold at least one message.", "messages", "empty_array")
+    out = []
+    for i, m in enumerate(messages):
+        p = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"Invalid type for '{p}': expected an object with 'role' and 'content'.", p,
+                           "invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"Invalid value for '{p}.role': {role!r}. Supported values are: "
+                                f"{', '.join(repr(r) for r in ROLES)}.", f"{p}.role", "invalid_value")
+        if m.get("tool_calls"):
+            raise ApiError(400, "tool calls are not supported by the nanoseek chat template.", f"{p}.tool_calls",
+                           "unsupported_parameter")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, list):     # OpenAI content parts: only text parts
+            texts = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ApiError(400, f"'{p}.content[{j}]' must be {{'type': 'text', 'text': <string>}}: "
+                                        "this model reads text only.", f"{p}.content[{j}]", "invalid_value")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        if not isinstance(content, str):
+            raise ApiError(400, f"Invalid type for '{p}.content': expected a string or a list of text parts.",
+                           f"{p}.content", "invalid_type")
+        out.append({"role": ROLES[role], "content": content})
+    return out
+
+
+def parse_chat(body: dict, llm) -> Parsed:
+    messages = parse_messages(body)
+    kwargs = field(body, "chat_template_kwargs", dict, {})
+    thinking = field(body, "thinking", bool, field(kwargs, "thinking", bool, False, "chat_template_kwargs.thinking"))
+    if llm.tokenizer is None:
+        raise ApiError(400, "this model directory has no tokenizer, so chat is unavailable; use /v1/completions "
+                            "with token-id prompts", "messages", "no_tokenizer")
+    try:
+        text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
+    except ValueError as e:
+        raise ApiError(400, str(e), "messages", "invalid_value") from None
+    ids = llm.tokenizer.encode(text)
+    check_context(ids, llm.engine, "messages")
+    params, stream, include_usage = parse_common(body, llm.engine, chat=True)
+    return Parsed([ids], params, stream, include_usage, text.rstrip().endswith(THINK), "messages")
+
+
+def is_token_ids(x) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def parse_completion(body: dict, llm) -> Parsed:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise ApiError(400, "Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    if isinstance(prompt, str) or (is_token_ids(prompt) and prompt):
+        prompt = [prompt]
+    if not (isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_token_ids(p) for p in prompt)):
+        raise ApiError(400, "Invalid type for 'prompt': expected a string, a list of strings, a list of token ids "
+                            "or a list of token-id lists.", "prompt", "invalid_type")
+    prompts, V = [], llm.model.cfg.vocab_size
+    for p in prompt:
+        if isinstance(p, str):
+            if llm.tokenizer is None:
+                raise ApiError(400, "this model directory has no tokenizer: send token-id prompts", "prompt",
+                               "no_tokenizer")
+            p = llm.encode_prompt(p)[1]
+        require(all(0 <= t < V for t in p), "prompt", "token ids", f"in [0, {V}) (the vocabulary)")
+        check_context(p, llm.engine, "prompt")
+        prompts.append(p)
+    params, stream, include_usage = parse_common(body, llm.engine, chat=False)
+    return Parsed(prompts, params, stream, include_usage)
+
+
+# ------------------------------------------------------------------------------------------------
+# responses
+
+def _byte_symbols() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable stand-in character -> the byte it stands for."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(extra)}}
+
+
+class Choice:
+    """What one choice has produced so far, and how it prints token log-probs."""
+
+    def __init__(self, tokenizer, byte_of: dict[str, int]):
+        self.tok, self.byte_of = tokenizer, byte_of
+        self.text, self.finish_reason, self.offset = "", None, 0
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top: list[dict[int, float]] = []
+
+    def add(self, ev: Delta) -> None:
+        self.text += ev.text
+        self.finish_reason = ev.finish_reason
+        self.token_ids += ev.token_ids
+        self.logprobs += ev.logprobs
+        self.top += ev.top_logprobs
+
+    def whole(self) -> Delta:
+        return Delta(-1, self.text, self.token_ids, self.logprobs, self.top, self.finish_reason)
+
+    def token(self, i: int) -> tuple[str, list[int]]:
+        if self.tok is None:
+            return str(i), []
+        text, piece = self.tok.decode([i], skip_special_tokens=False), self.tok.id_to_token(i)
+        raw = bytes(self.byte_of[c] for c in piece) if all(c in self.byte_of for c in piece) else text.encode()
+        return text, list(raw)
+
+    def chat_logprobs(self, ev: Delta) -> dict:
+        def entry(i, lp):
+            text, raw = self.token(i)
+            return {"token": text, "logprob": max(lp, -9999.0), "bytes": raw}
+        content = [{**entry(i, lp), "top_logprobs": [entry(t, tlp) for t, tlp in top.items()]}
+                   for i, lp, top in zip(ev.token_ids, ev.logprobs, ev.top_logprobs or [{}] * len(ev.token_ids))]
+        return {"content": content, "refusal": None}
+
+    def completion_logprobs(self, ev: Delta) -> dict:
+        tokens, offsets = [], []
+        for i in ev.token_ids:
+            tokens.append(self.token(i)[0])
+            offsets.append(self.offset)
+            self.offset += len(tokens[-1])
+        tops = [{self.token(t)[0]: max(lp, -9999.0) for t, lp in top.items()} for top in ev.top_logprobs]
+        return {"tokens": tokens, "token_logprobs": [max(lp, -9999.0) for lp in ev.logprobs],
+                "top_logprobs": tops or None, "text_offset": offsets}
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

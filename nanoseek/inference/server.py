@@ -1,0 +1,290 @@
+"""OpenAI-compatible HTTP server: `nanoseek serve MODEL_DIR`, then any OpenAI client.
+
+    client ──HTTP──▶ FastAPI handler (asyncio loop) ── submit(job) ──▶ queue.Queue (thread safe)
+                                                                         │
+                     EngineWorker thread: the ONLY caller of engine.add_request / step / abort
+                                                                         │
+    client ◀─JSON or SSE── handler ◀── asyncio.Queue ◀── loop.call_soon_threadsafe(put_nowait, event)
+
+Why one engine thread: the engine is not thread safe, and continuous batching wants every live
+request inside the same `step()`. The worker drains its inbox before each step, so requests that
+arrive while a step runs join the batch at the next one (their prefill), and a finished sequence
+leaves its slot at once. When the engine is idle the worker blocks on the inbox (no polling).
+A request that fails in the worker (add_request rejects it, its text cannot be decoded) fails only
+itself; an exception in `step()` fails the requests of that batch (it cannot tell whose fault it
+was) and the worker goes on; if the worker dies anyway, every waiting handler and every later
+request gets a 500 naming the cause, and /health turns 503.
+
+Text is produced in the worker (worker.py) by the streaming pieces in stream.py; request parsing and
+response shapes live in openai_api.py. This file is the HTTP layer.
+
+
+OpenAI contracts kept: response and chunk shapes (`chatcmpl-`/`cmpl-` ids, `usage`, SSE `data:`
+lines ending with `data: [DONE]`), temperature 0 = greedy, the legacy completions default of
+max_tokens=16, and errors as `{"error": {"message", "type", "param", "code"}}` - 400 for every
+user mistake (FastAPI's 422 included), 401 for a bad API key, 404 for an unknown model. Extensions:
+`top_k`, `thinking` (or `chat_template_kwargs.thinking`) for the R1 template. Left out: tools,
+response_format, logit_bias, penalties, echo/suffix/best_of (rejected with a 400 naming the field).
+"""
+import argparse
+import asyncio
+import hmac
+import json
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from ..common import UserError
+
+from .openai_api import Parsed, field, parse_chat, parse_completion, _byte_symbols, Choice, sse
+from .stream import ReasoningSplitter, TextStream  # noqa: F401  (re-exported for tests)
+from .worker import ApiError, EngineWorker, Job, next_event
+
+
+# ------------------------------------------------------------------------------------------------
+def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None):
+    """The FastAPI app serving `llm`; its engine thread runs while the app is up (lifespan)."""
+    try:
+        from contextlib import asynccontextmanager
+
+        from fastapi import Depends, FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import JSONResponse, StreamingResponse
+        from starlette.exceptions import HTTPException
+    except ImportError as e:
+        raise UserError(f"the server needs fastapi and uvicorn ({e}): pip install fastapi uvicorn") from None
+
+    worker = EngineWorker(llm)
+    byte_of = _byte_symbols()
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="nanoseek", description="OpenAI-compatible server for nanoseek models", lifespan=lifespan)
+    app.state.worker = worker
+
+    def error_response(e: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request, e: ApiError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request, e: RequestValidationError):     # FastAPI's 422 -> OpenAI's 400
+        err = (e.errors() or [{}])[0]
+        param = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
+        return error_response(ApiError(400, err.get("msg", "invalid request"), param, "invalid_value"))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request, e: HTTPException):                    # 404 route, 405 method, ...
+        return error_response(ApiError(e.status_code, str(e.detail), None, None))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request, e: Exception):
+        return error_response(ApiError(500, f"internal server error: {type(e).__name__}: {e}"))
+
+    async def auth(request: Request) -> None:
+        if api_key is not None and not hmac.compare_digest(
+                request.headers.get("authorization", "").encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
+                           None, "invalid_api_key")
+
+    async def json_body(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:           # JSONDecodeError and bad UTF-8 both
+            raise ApiError(400, f"We could not parse the JSON body of your request ({e}). Send a JSON object "
+                                "with Content-Type: application/json.", None, "invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.", None, "invalid_json")
+        model = field(body, "model", str)
+        if model is not None and model != model_name:
+            raise ApiError(404, f"The model '{model}' does not exist: this server serves '{model_name}'.",
+                           "model", "model_not_found")
+        return body
+
+    card = {"id": model_name, "object": "model", "created": started, "owned_by": "nanoseek",
+            "max_model_len": llm.engine.max_len}
+
+    @app.get("/health")
+    async def health():
+        if not worker.alive:
+            raise ApiError(503, worker.error or "the engine thread is not running")
+        return {"status": "ok", "model": model_name, "running": len(worker.jobs), **worker.stats}
+
+    @app.get("/v1/models", dependencies=[Depends(auth)])
+    async def models():
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(auth)])
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise ApiError(404, f"The model '{model_id}' does not exist.", "model", "model_not_found")
+        return card
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    async def chat_completions(request: Request):
+        return await respond(request, parse_chat(await json_body(request), llm), chat=True)
+
+    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    async def completions(request: Request):
+        return await respond(request, parse_completion(await json_body(request), llm), chat=False)
+
+    async def respond(request, p: Parsed, chat: bool):
+        worker.check_alive()
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        loop, events, n = asyncio.get_running_loop(), asyncio.Queue(), p.params.n
+        jobs = [Job(rid if len(p.prompts) == 1 else f"{rid}-{k}", ids, p.params, k * n, llm, loop, events, p.param)
+                for k, ids in enumerate(p.prompts)]
+        choices = [Choice(llm.tokenizer, byte_of) for _ in range(n * len(jobs))]
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": model_name}
+        want_logprobs = p.params.logprobs is not None
+
+        def usage() -> dict:
+            prompt, completion = sum(map(len, p.prompts)), sum(len(c.token_ids) for c in choices)
+            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+        def abort_unfinished() -> None:
+            if any(c.finish_reason is None for c in choices):
+                for job in jobs:
+                    worker.abort(job.rid)
+
+        async def run(request=None):
+            """Submit the jobs, yield Deltas until every choice has finished. With `request` (not
+            streaming: nothing notices a hang-up for us), also check about every second that the
+            client is still there."""
+            for job in jobs:
+                worker.submit(job)
+            checked = time.monotonic()
+            while any(c.finish_reason is None for c in choices):
+                ev = await next_event(events, worker, request)
+                choices[ev.index].add(ev)
+                yield ev
+                if request is not None and time.monotonic() - checked > 1.0:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        raise ApiError(499, "the client closed the connection")
+
+        if not p.stream:
+            try:
+                async for _ in run(request):
+                    pass
+            finally:
+                abort_unfinished()
+            out = []
+            for i, c in enumerate(choices):
+                if chat:
+                    splitter = ReasoningSplitter(p.in_reasoning)
+                    reasoning, content = splitter.split(c.text)
+                    message = {"role": "assistant", "content": content}
+                    if splitter.saw_reasoning:
+                        message["reasoning_content"] = reasoning
+                    out.append({"index": i, "message": message, "finish_reason": c.finish_reason,
+                                "logprobs": c.chat_logprobs(c.whole()) if want_logprobs else None})
+                else:
+                    out.append({"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                                "logprobs": c.completion_logprobs(c.whole()) if want_logprobs else None})
+            return JSONResponse({**head, "choices": out, "usage": usage()})
+
+        head["object"] = "chat.completion.chunk" if chat else "text_completion"
+        extra = {"usage": None} if p.include_usage else {}
+        splitters = [ReasoningSplitter(p.in_reasoning) for _ in choices]
+
+        def chunk(i: int, body: dict, logprobs=None, finish_reason=None) -> str:
+            return sse({**head, "choices": [{"index": i, **body, "logprobs": logprobs,
+                                             "finish_reason": finish_reason}], **extra})
+
+        async def stream():
+            try:
+                if chat:
+                    for i in range(len(choices)):
+                        yield chunk(i, {"delta": {"role": "assistant", "content": ""}})
+                async for ev in run():
+                    c, final = choices[ev.index], ev.finish_reason is not None
+                    if chat:
+                        reasoning, content = splitters[ev.index].feed(ev.text, final)
+                        delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+                        lp = c.chat_logprobs(ev) if want_logprobs and ev.token_ids else None
+                        if delta or lp:
+                            yield chunk(ev.index, {"delta": delta}, lp)
+                        if final:
+                            yield chunk(ev.index, {"delta": {}}, None, ev.finish_reason)
+                    elif ev.text or final or want_logprobs:
+                        lp = c.completion_logprobs(ev) if want_logprobs else None
+                        yield chunk(ev.index, {"text": ev.text}, lp, ev.finish_reason)
+                if p.include_usage:
+                    yield sse({**head, "choices": [], "usage": usage()})
+            except ApiError as e:             # headers are sent: report in-band, as OpenAI does
+                yield sse(e.body())
+            finally:
+                abort_unfinished()            # also runs when the client disconnects mid-stream
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+# ------------------------------------------------------------------------------------------------
+def listen(host: str, port: int) -> socket.socket:
+    """Bind before starting uvicorn, so `--port 0` works and the printed URL is the real one."""
+    try:
+        family, kind, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="nanoseek serve", description="OpenAI-compatible HTTP server: "
+                                 "/v1/chat/completions, /v1/completions, /v1/models, /health.")
+    ap.add_argument("model_dir", help="model directory (config.json, *.safetensors and the tokenizer files)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the /v1 routes")
+    ap.add_argument("--model-name", default=None, help="the name clients pass as 'model' (default: the directory's)")
+    ap.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together (cache slots)")
+    ap.add_argument("--max-len", type=int, default=None,
+                    help="context length, prompt + completion (default: min(2048, the model's))")
+    ap.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8", "bfloat16", "float16", "float32"],
+                    help="latent cache dtype; fp8 halves the cache of bf16 (default: the compute dtype)")
+    ap.add_argument("--speculative", action="store_true", help="MTP speculative decoding for all-greedy batches")
+    ap.add_argument("--dtype", default=None, help="weight dtype: float32, bfloat16, float16 (default: as saved)")
+    ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    args = ap.parse_args(argv)
+    if args.max_batch < 1:
+        raise UserError(f"--max-batch {args.max_batch}: must be >= 1")
+    from .cli import load_llm                 # cli imports this module's streaming pieces
+    llm = load_llm(args.model_dir, need_tokenizer=False, max_batch=args.max_batch, max_len=args.max_len,
+                   kv_cache_dtype=args.kv_cache_dtype, speculative=args.speculative, dtype=args.dtype,
+                   device=args.device)
+    name = args.model_name or Path(args.model_dir).resolve().name
+    app = build_app(llm, name, args.api_key)
+    import uvicorn
+    sock = listen(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    print(f"nanoseek serve: model '{name}' ({llm.model.device}, batch {args.max_batch}, context "
+          f"{llm.engine.max_len}) at http://{f'[{host}]' if ':' in host else host}:{port}/v1", flush=True)
+    if llm.tokenizer is None:
+        print("nanoseek serve: warning: no tokenizer in the model directory; only token-id completions work",
+              file=sys.stderr, flush=True)
+    if host not in ("127.0.0.1", "::1") and args.api_key is None:
+        print(f"nanoseek serve: warning: listening on {host} without --api-key: anyone who can reach this "
+              "machine can use the model", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])

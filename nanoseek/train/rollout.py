@@ -1,0 +1,115 @@
+"""Sampling completions for RL, evaluation, rejection sampling and distillation.
+
+A *sampler* turns prompt ids into groups of completions: `rollout(prompts, SamplingParams) ->
+[[{"ids", "logprobs", "truncated"}, ...n...], ...]`.
+  EngineSampler - nanoseek models on our engine (latent cache, continuous batching, shared prefill
+                  for the n samples of a prompt). It holds the model itself, not a copy.
+  HFSampler     - any transformers causal LM via model.generate (for users with their own models).
+
+`evaluate` scores a sampler on held-out problems: pass@1 (greedy, or the mean over k samples as R1
+reports with t=0.6 / top-p 0.95), cons@k (majority vote over extracted answers), mean length, and
+the share of completions that reason (`<think>`) or reflect ("wait", "check", "verify").
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from ..common import parse_dtype
+from ..inference.sampling import SamplingParams
+
+REFLECTION = re.compile(r"\b(wait|check|verify|recheck)\b", re.IGNORECASE)
+
+
+def prompt_ids(tok, question: str) -> list[int]:
+    """The chat prompt for one question: BOS <｜User｜> question <｜Assistant｜>."""
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True))
+
+
+class EngineSampler:
+    def __init__(self, model, tok, max_batch: int = 256, max_len: int = 512, seed: int = 0,
+                 rollout_dtype: str | None = None):
+        from ..inference.engine import Engine
+
+        self.model, self.tok = model, tok
+        rd = None if rollout_dtype in (None, "none") else parse_dtype(rollout_dtype)
+        self.engine = Engine(model, max_batch=max_batch, max_len=max_len, seed=seed,
+                             autocast_dtype=None if rd in (None, torch.float32) else rd,
+                             stop_token_ids=[tok.eos_id])
+
+    def rollout(self, prompts: list[list[int]], params: SamplingParams) -> list[list[dict]]:
+        eng = self.engine
+        rids = [eng.add_request(p, params, f"r{i}") for i, p in enumerate(prompts)]
+        done: dict[str, list] = {r: [None] * params.n for r in rids}
+        while eng.has_work():
+            for s in eng.step():
+                if s.finish_reason:
+                    done[s.request_id][s.index] = {"ids": list(s.out_ids), "logprobs": list(s.logprobs),
+                                                   "truncated": s.finish_reason == "length"}
+        return [done[r] for r in rids]
+
+    def reseed(self, seed: int) -> None:
+        self.engine.gen.manual_seed(seed)
+
+
+class HFSampler:
+    """transformers causal LMs: one `generate` call per prompt with n return sequences."""
+
+    def __init__(self, model, tok, device):
+        self.model, self.tok, self.device = model, tok, device
+
+    def rollout(self, prompts, params: SamplingParams):
+        eos = self.tok.eos_id
+        out = []
+        for p in prompts:
+            x = torch.tensor([p], device=self.device).repeat(params.n, 1)
+            with torch.no_grad():
+                g = self.model.generate(x, attention_mask=torch.ones_like(x), do_sample=params.temperature > 0,
+                                        temperature=params.temperature or None, top_p=params.top_p,
+                                        max_new_tokens=params.max_tokens, pad_token_id=eos, eos_token_id=eos)
+            group = []
+            for i in range(params.n):
+                ids = g[i, len(p):].tolist()
+                if eos in ids:
+                    ids = ids[: ids.index(eos) + 1]
+                group.append({"ids": ids, "logprobs": None, "truncated": eos not in ids})
+            out.append(group)
+        return out
+
+    def reseed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate(sampler, tok, problems, max_new_tokens: int, temperature: float = 0.0, samples: int = 1,
+             top_p: float = 1.0, seed: int = 0, return_texts: bool = False) -> dict:
+    from ..data.tasks import extract_answer, get_checker
+
+    prompts = [prompt_ids(tok, p.question) for p in problems]
+    sp = SamplingParams(n=samples, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
+    sampler.reseed(seed)
+    groups = sampler.rollout(prompts, sp)
+    correct, cons, lengths, think, reflect, texts_all = [], [], [], [], [], []
+    for prob, group in zip(problems, groups):
+        check = get_checker(prob.task)
+        texts = [tok.decode(c["ids"]) for c in group]
+        answers = [extract_answer(t) for t in texts]
+        ok = [bool(check(a, prob)) for a in answers]
+        correct.append(float(np.mean(ok)))
+        votes = [a for a in answers if a is not None]
+        majority = max(set(votes), key=votes.count) if votes else None
+        cons.append(float(bool(check(majority, prob))) if majority is not None else 0.0)
+        lengths += [len(c["ids"]) for c in group]
+        think += ["<think>" in t for t in texts]
+        reflect += [bool(REFLECTION.search(t)) for t in texts]
+        texts_all.append(texts)
+    res = {"accuracy": float(np.mean(correct)), f"cons@{samples}": float(np.mean(cons)),
+           "pass@k": float(np.mean([c > 0 for c in correct])),
+           "mean_length": float(np.mean(lengths)), "think_rate": float(np.mean(think)),
+           "reflection_rate": float(np.mean(reflect)), "n": len(problems), "samples": samples,
+           "temperature": temperature}
+    if return_texts:
+        res["texts"] = texts_all
+    return res

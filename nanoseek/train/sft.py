@@ -1,0 +1,173 @@
+"""`nanoseek sft`: supervised fine-tuning on chat JSONL, loss on the assistant part only (R1's cold start).
+
+Each line is {"messages": [{"role": "user", ...}, {"role": "assistant", ...}, ...]}. The tokenizer's
+`encode_chat` renders the DeepSeek chat template and returns a loss mask that is 1 exactly on the
+assistant contents and the EOS closing each assistant turn. Batches are padded per batch; padded and
+prompt positions carry no loss. Optional logit distillation (`kd_alpha` > 0, see distill.py) adds
+KL(teacher || student) on the same positions.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import args as argparse_dc
+from ..common import (UserError, autocast, autodetect_device, compute_dtype, print0, progress, seed_everything,
+                      set_threads)
+from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+
+
+@dataclass
+class SFTConfig:
+    data: str = field(default="", metadata={"help": "chat JSONL: one {'messages': [...]} per line"})
+    model: str = field(default="", metadata={"help": "model directory to fine-tune"})
+    out: str = field(default="runs/sft", metadata={"help": "run directory (final model in OUT/final)"})
+    epochs: float = field(default=2.0, metadata={"help": "passes over the data"})
+    batch_size: int = field(default=32, metadata={"help": "conversations per step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (cosine, 5% warmup)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_len: int = field(default=256, metadata={"help": "truncate conversations to this many tokens"})
+    strict: bool = field(default=False, metadata={"help": "fail on a malformed line instead of skipping it"})
+    seed: int = field(default=0, metadata={"help": "seed"})
+    dtype: str | None = field(default=None, metadata={"help": "matmul dtype (default: fastest here)"})
+    device: str | None = field(default=None, metadata={"help": "cpu | cuda"})
+    threads: int = field(default=0, metadata={"help": "CPU threads (0 = all)"})
+
+
+def load_chat_jsonl(path: str | Path, strict: bool = False) -> list[list[dict]]:
+    """Conversations from a JSONL file; malformed lines are reported as file:line (and skipped)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    convs, bad = [], []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                msgs = row.get("messages") if isinstance(row, dict) else None
+                if not isinstance(msgs, list) or not msgs:
+                    raise ValueError("needs a non-empty list 'messages'")
+                for i, m in enumerate(msgs):
+                    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
+                            not isinstance(m.get("content"), str):
+                        raise ValueError(f"messages[{i}] needs role in system/user/assistant and string content")
+                if not any(m["role"] == "assistant" for m in msgs):
+                    raise ValueError("no assistant message to learn from")
+                convs.append(msgs)
+            except (ValueError, AttributeError) as e:
+                msg = f"{path}:{lineno}: {e}"
+                if strict:
+                    raise UserError(msg) from None
+                bad.append(msg)
+    for msg in bad[:20]:
+        print(f"warning: skipped {msg}", file=sys.stderr)
+    if len(bad) > 20:
+        print(f"warning: ... and {len(bad) - 20} more malformed lines", file=sys.stderr)
+    if not convs:
+        raise UserError(f"{path}: no usable conversations ({len(bad)} malformed lines)")
+    return convs
+
+
+def encode_conversations(tok, convs: list[list[dict]], max_len: int) -> list[tuple[list[int], list[int]]]:
+    out = []
+    for msgs in convs:
+        ids, mask = tok.encode_chat(msgs)
+        out.append((ids[:max_len], mask[:max_len]))
+    return out
+
+
+def pad_batch(examples, pad_id: int, device):
+    L = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(examples), L)
+    for i, (x, m) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(m)] = torch.tensor(m, dtype=torch.float)
+    return ids.to(device), mask[:, 1:].to(device)   # mask aligned with targets ids[:, 1:]
+
+
+def sft_loss(model, ids, mask, teacher=None, kd_alpha: float = 0.0, kd_temperature: float = 1.0):
+    """Masked next-token CE (+ kd_alpha * KL(teacher || student) at the same positions)."""
+    h = model.hidden(ids[:, :-1])
+    sel = mask.bool()
+    logits = model.logits(h[sel]).float()
+    loss = F.cross_entropy(logits, ids[:, 1:][sel])
+    if teacher is not None and kd_alpha > 0:
+        with torch.no_grad():
+            t_logits = teacher.logits(teacher.hidden(ids[:, :-1])[sel]).float()
+        T = kd_temperature
+        kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
+                      reduction="batchmean") * T * T
+        loss = (1 - kd_alpha) * loss + kd_alpha * kd
+    return loss
+
+
+def sft_train(model, tok, examples, cfg: SFTConfig, teacher=None, kd_alpha: float = 0.0, desc="sft") -> dict:
+    """The loop, shared by `nanoseek sft` and distillation. Returns summary metrics."""
+    device = model.device
+    dtype = compute_dtype(device, cfg.dtype)
+    model.train()
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    steps = max(1, math.ceil(cfg.epochs * len(examples) / cfg.batch_size))
+    order: list[int] = []
+    losses = []
+    t0 = time.perf_counter()
+    bar = progress(total=steps, desc=desc)
+    for step in range(steps):
+        if len(order) < cfg.batch_size:
+            more = list(range(len(examples)))
+            rng.shuffle(more)
+            order += more
+        batch = [examples[i] for i in order[: cfg.batch_size]]
+        del order[: cfg.batch_size]
+        set_lr(opt, lr_at(step, steps, cfg.lr, "cosine", max(1, steps // 20), 0.1))
+        ids, mask = pad_batch(batch, tok.pad_id, device)
+        with autocast(device, dtype):
+            loss = sft_loss(model, ids, mask, teacher, kd_alpha)
+        loss.backward()
+        clip_grad_norm(model, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for m in model.moe_layers():
+            m.expert_load.zero_()
+            m.last_scores = m.last_idx = None
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    model.eval()
+    return {"steps": steps, "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])),
+            "examples": len(examples), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv=None) -> None:
+    cfg = argparse_dc.parse(SFTConfig, argv, prog="nanoseek sft", description=__doc__.splitlines()[0])
+    if not cfg.data or not cfg.model:
+        raise UserError("--data (chat JSONL) and --model (model directory) are required")
+    from ..checkpoint.hf import from_pretrained
+    from ..tokenizer import Tokenizer
+
+    set_threads(cfg.threads or None)
+    seed_everything(cfg.seed)
+    device = autodetect_device(cfg.device)
+    tok = Tokenizer.load(cfg.model)
+    model = from_pretrained(cfg.model, device=device)
+    examples = encode_conversations(tok, load_chat_jsonl(cfg.data, cfg.strict), cfg.max_len)
+    print0(f"sft: {len(examples):,} conversations, {sum(sum(m) for _, m in examples):,} supervised tokens")
+    summary = sft_train(model, tok, examples, cfg)
+    out = Path(cfg.out)
+    model.save_pretrained(out / "final", tokenizer=tok)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print0(f"done: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; model in {out / 'final'}")

@@ -1,0 +1,132 @@
+"""The inference engine against full recompute, HF transformers' generate, and its own contracts."""
+import pytest
+import torch
+
+from conftest import randomize, random_cfg
+from nanoseek.common import UserError
+from nanoseek.inference import LLM, SamplingParams
+from nanoseek.model import Transformer
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomize(Transformer(random_cfg(rope_factor=1.0, max_position_embeddings=256))).eval()
+
+
+def prompts(n, lens=(5, 9, 3, 7, 12, 4)):
+    g = torch.Generator().manual_seed(n)
+    return [{"prompt_token_ids": torch.randint(2, 97, (lens[i % len(lens)],), generator=g).tolist()} for i in range(n)]
+
+
+def greedy_reference(model, ids, n):
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(torch.tensor([ids]))[0, -1].argmax().item()
+            ids.append(nxt)
+            out.append(nxt)
+    return out
+
+
+def test_greedy_equals_full_recompute(model):
+    ps = prompts(4)
+    outs = LLM(model, max_batch=8, max_len=64).generate(ps, GREEDY)
+    for p, o in zip(ps, outs):
+        assert o.outputs[0].token_ids == greedy_reference(model, p["prompt_token_ids"], 16)
+        assert o.outputs[0].finish_reason == "length"
+
+
+def test_greedy_equals_hf_generate(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = random_cfg(num_nextn_predict_layers=0)
+    torch.manual_seed(1)
+    randomize(Transformer(cfg)).save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    llm = LLM(str(tmp_path), max_batch=8, max_len=64)
+    for p in prompts(3):
+        ids = torch.tensor([p["prompt_token_ids"]])
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
+                          do_sample=False, eos_token_id=None)[0, ids.shape[1]:].tolist()
+        ours = llm.generate(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0].token_ids
+        assert ours == ref
+
+
+def test_continuous_batching_matches_isolated(model):
+    """Requests that join a running batch at different times decode exactly as alone."""
+    llm = LLM(model, max_batch=3, max_len=64)             # fewer slots than requests: queueing + compaction
+    ps = prompts(6)
+    params = [SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True) for i in range(6)]
+    together = llm.generate(ps, params)
+    for p, sp, o in zip(ps, params, together):
+        alone = LLM(model, max_batch=1, max_len=64).generate(p, sp)[0]
+        assert o.outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_seeded_sampling_is_reproducible_across_batches(model):
+    sp = SamplingParams(temperature=1.0, max_tokens=10, seed=123, n=2, ignore_eos=True)
+    p = prompts(1)[0]
+    a = LLM(model, max_batch=8, max_len=64).generate(p, sp)[0]
+    b = LLM(model, max_batch=8, max_len=64).generate([prompts(3)[1], p, prompts(3)[2]], sp)[1]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    assert a.outputs[0].token_ids != a.outputs[1].token_ids      # the n samples differ
+
+
+def test_stop_rules(model):
+    llm = LLM(model, max_batch=4, max_len=64)
+    p = prompts(1)[0]
+    free = llm.generate(p, GREEDY)[0].outputs[0].token_ids
+    stop_tok = free[5]
+    o = llm.generate(p, SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_tok]))[0].outputs[0]
+    assert o.token_ids == free[: free.index(stop_tok) + 1] and o.finish_reason == "stop"
+    eng = llm.engine
+    eng.eos_ids = {stop_tok}
+    o = llm.generate(p, SamplingParams(temperature=0, max_tokens=16, min_tokens=10))[0].outputs[0]
+    assert stop_tok not in o.token_ids[:10]
+    eng.eos_ids = {model.cfg.eos_token_id}
+
+
+def test_context_limit_and_bad_requests(model):
+    llm = LLM(model, max_batch=4, max_len=32)
+    with pytest.raises(UserError, match="context"):
+        llm.generate({"prompt_token_ids": [3] * 40}, GREEDY)
+    o = llm.generate({"prompt_token_ids": [3] * 25}, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    assert o[0].outputs[0].finish_reason == "length" and len(o[0].outputs[0].token_ids) <= 7
+    with pytest.raises(UserError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(UserError, match="vocab|\\[0"):
+        llm.generate({"prompt_token_ids": [100000]}, GREEDY)
+
+
+def test_cache_holds_only_the_latent(model):
+    cfg = model.cfg
+    llm = LLM(model, max_batch=4, max_len=64)
+    cache = llm.engine.cache
+    per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4     # fp32 here
+    assert cache.bytes_per_token() == per_token
+    fp8 = LLM(model, max_batch=4, max_len=64, kv_cache_dtype="fp8").engine.cache
+    assert fp8.bytes_per_token() == (cfg.kv_lora_rank + cfg.qk_rope_head_dim + 4) * cfg.num_hidden_layers
+
+
+def test_fp8_cache_close_to_full_precision(model):
+    ps = prompts(3)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    a = LLM(model, max_batch=4, max_len=64).generate(ps, sp)
+    b = LLM(model, max_batch=4, max_len=64, kv_cache_dtype="fp8").generate(ps, sp)
+    # first token comes from the prefill (no cache read): identical; later ones read the e4m3 cache
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids[0] == y.outputs[0].token_ids[0]
+        assert abs(x.outputs[0].logprobs[1] - y.outputs[0].logprobs[1]) < 0.05
+
+
+def test_speculative_greedy_identical(model):
+    ps = prompts(4)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    a = LLM(model, max_batch=8, max_len=64).generate(ps, sp)
+    spec = LLM(model, max_batch=8, max_len=64, speculative=True)
+    b = spec.generate(ps, sp)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    assert spec.engine.stats["spec_drafts"] > 0

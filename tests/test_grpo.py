@@ -1,0 +1,96 @@
+"""GRPO pieces pinned on hand-computed numbers, and rollout log-probs == trainer log-probs."""
+import math
+
+import pytest
+import torch
+
+from conftest import randomize, random_cfg
+from nanoseek.model import Transformer
+from nanoseek.train.grpo import build_batch, policy_logprobs
+from nanoseek.train.grpo_loss import group_advantages, grpo_loss, k3_kl
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    # groups of 2: mean 0.5, unbiased std sqrt(0.5) = 0.70711; the last group has zero variance
+    a = group_advantages(r, 2, "group")
+    assert torch.allclose(a, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0]) / (0.5 ** 0.5 + 1e-4), atol=1e-6)
+    assert torch.allclose(group_advantages(r, 2, "none"), torch.tensor([0.5, -0.5, -0.5, 0.5, 0.0, 0.0]))
+    g3 = group_advantages(torch.tensor([3.0, 0.0, 0.0]), 3, "group")
+    # mean 1, std = sqrt(((2)^2 + 1 + 1) / 2) = sqrt(3)
+    assert torch.allclose(g3, torch.tensor([2.0, -1.0, -1.0]) / (3 ** 0.5 + 1e-4), atol=1e-6)
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(torch.ones(5), 2)
+
+
+def _batch():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.5, 0.5, 0.5]]))
+    return logp, mask
+
+
+@pytest.mark.parametrize("loss_type, expected", [
+    ("grpo", (-1.0 + 0.5) / 2),          # per-sequence token means (-1, +0.5), averaged over sequences
+    ("dapo", (-2.0 + 1.5) / 5),          # token-level: sum over 5 tokens / 5
+    ("dr_grpo", (-2.0 + 1.5) / (2 * 4)),  # sum / (N * max_len) with max_len 4
+])
+def test_loss_aggregation_by_hand(loss_type, expected):
+    logp, mask = _batch()
+    adv = torch.tensor([1.0, -0.5])
+    loss, stats = grpo_loss(logp, logp.detach(), adv, mask, loss_type=loss_type, max_len=4)
+    assert loss.item() == pytest.approx(expected, abs=1e-7)
+    assert stats["clip_frac"] == 0.0
+
+
+def test_clipping_by_hand():
+    mask = torch.ones(2, 1)
+    old = torch.log(torch.tensor([[0.4], [0.4]]))
+    new = torch.log(torch.tensor([[0.6], [0.6]]))            # ratio 1.5
+    loss, stats = grpo_loss(new, old, torch.tensor([1.0, -1.0]), mask, eps_low=0.2, eps_high=0.28, loss_type="dapo")
+    # A>0: min(1.5, 1.28) * 1 = 1.28 (clipped);  A<0: min(-1.5, -1.28) = -1.5 (not clipped)
+    assert loss.item() == pytest.approx(-(1.28 - 1.5) / 2, abs=1e-6)
+    assert stats["clip_high"] == pytest.approx(0.5) and stats["clip_low"] == 0.0
+
+
+def test_k3_kl_by_hand():
+    kl = k3_kl(torch.log(torch.tensor(0.5)), torch.log(torch.tensor(0.25)))
+    assert kl.item() == pytest.approx(0.5 - math.log(0.5) - 1, abs=1e-6)
+    logp, mask = _batch()
+    loss, stats = grpo_loss(logp, logp.detach(), torch.zeros(2), mask, beta=0.1, ref_logp=logp + 0.1, loss_type="dapo")
+    per_tok = math.exp(0.1) - 0.1 - 1
+    assert stats["kl"] == pytest.approx(per_tok, rel=1e-5)
+    assert loss.item() == pytest.approx(0.1 * per_tok, rel=1e-5)
+
+
+def test_gradient_is_reinforce_with_baseline():
+    """mu=1: ratio == 1, so d loss / d logp_t = -A / n_tokens (dapo)."""
+    logp, mask = _batch()
+    logp = logp.clone().requires_grad_()
+    adv = torch.tensor([2.0, -1.0])
+    loss, _ = grpo_loss(logp, logp.detach(), adv, mask, loss_type="dapo")
+    loss.backward()
+    expect = -(adv[:, None] * mask) / mask.sum()
+    assert torch.allclose(logp.grad, expect)
+
+
+def test_engine_logprobs_equal_trainer_logprobs():
+    from nanoseek.inference.engine import Engine
+    from nanoseek.inference.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    model = randomize(Transformer(random_cfg(rope_factor=1.0, max_position_embeddings=128))).eval()
+    eng = Engine(model, max_batch=16, max_len=96, seed=3)
+    prompts = [[1, 5, 7, 9], [1, 3, 3, 8, 2, 4]]
+    temperature = 0.7
+    for i, p in enumerate(prompts):
+        eng.add_request(p, SamplingParams(n=3, temperature=temperature, max_tokens=12, ignore_eos=True), str(i))
+    seqs = []
+    while eng.has_work():
+        seqs += [s for s in eng.step() if s.finish_reason]
+    comps = [{"ids": s.out_ids, "truncated": False} for s in seqs]
+    ids, mask, _ = build_batch([s.prompt_ids for s in seqs], comps, torch.zeros(len(seqs)), 0, False, "cpu")
+    with torch.no_grad():
+        trainer = policy_logprobs(model, ids, mask, temperature)
+    engine = torch.zeros_like(trainer)
+    engine[mask.bool()] = torch.tensor([lp for s in seqs for lp in s.logprobs])
+    assert (trainer - engine).abs().max() < 1e-5

@@ -1,0 +1,158 @@
+"""The R1 pipeline end to end on the tiny preset: GRPO (nanoseek and HF policies), SFT, rejection
+sampling, distillation, eval, r1-zero - and the mistakes users make with their files and flags."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanoseek.common import UserError
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from nanoseek.train.pretrain import PretrainConfig, pretrain
+    out = tmp_path_factory.mktemp("base")
+    pretrain(PretrainConfig(preset="tiny", out=str(out), max_steps=40, n_docs=3000, batch_size=16, seq_len=64,
+                            lr=5e-3, warmup=5, eval_every=0, plots=False, dtype="float32"))
+    return out / "final"
+
+
+@pytest.fixture(scope="module")
+def teacher(base, tmp_path_factory):
+    """The base, fine-tuned on worked 1-digit sums so it produces verifiable traces."""
+    from nanoseek.checkpoint.hf import from_pretrained
+    from nanoseek.data.tasks import get_task
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.sft import SFTConfig, encode_conversations, sft_train
+    tok, model = Tokenizer.load(base), from_pretrained(base)
+    task = get_task("arithmetic", min_digits=1, max_digits=1)
+    convs = [[{"role": "user", "content": p.question}, {"role": "assistant", "content": task.worked_solution(p)}]
+             for p in task.problems(80, seed=0, split="train")]
+    sft_train(model, tok, encode_conversations(tok, convs, 64), SFTConfig(epochs=12, batch_size=16, lr=3e-3))
+    out = tmp_path_factory.mktemp("teacher")
+    model.save_pretrained(out, tokenizer=tok)
+    return out
+
+
+def small_grpo(model, out, **kw):
+    from nanoseek.train.grpo import GRPOConfig
+    base = dict(model=str(model), out=str(out), steps=2, prompts_per_step=3, group_size=4, max_new_tokens=16,
+                eval_n=8, eval_every=0, dtype="float32", max_refill=1)
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def test_grpo_runs_and_logs_everything(base, tmp_path):
+    from nanoseek.train.grpo import grpo
+    s = grpo(small_grpo(base, tmp_path, reward="accuracy:1,format:0.5", mu=2, beta=0.05, loss_type="grpo",
+                        dynamic_sampling=False))
+    assert {"accuracy_before", "accuracy_after", "final_model"} <= set(s)
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if "reward" in r]
+    for key in ("reward", "reward_accuracy", "reward_format", "completion_len", "think_rate", "reflection_rate",
+                "frac_zero_std", "clip_frac", "kl", "entropy", "tokens_per_s"):
+        assert key in train[-1], key
+    assert (tmp_path / "plots" / "grpo.png").exists() and (tmp_path / "final" / "config.json").exists()
+
+
+def test_grpo_trains_an_hf_causal_lm(base, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.grpo import grpo
+    tok = Tokenizer.load(base)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                   bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, max_position_embeddings=128)
+    hf_dir = tmp_path / "llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
+    tok.save(hf_dir)
+    s = grpo(small_grpo(hf_dir, tmp_path / "run", dynamic_sampling=False))
+    assert "accuracy_after" in s
+
+
+def test_grpo_bad_flags(base, tmp_path):
+    from nanoseek.train.grpo import grpo
+    with pytest.raises(UserError, match="group-size"):
+        grpo(small_grpo(base, tmp_path, group_size=1))
+    with pytest.raises(UserError, match="reward"):
+        grpo(small_grpo(base, tmp_path, reward="accuracy:1,bogus:2"))
+    with pytest.raises(UserError, match="not a model directory"):
+        grpo(small_grpo(tmp_path / "nope", tmp_path))
+    with pytest.raises(UserError, match="task-args"):
+        grpo(small_grpo(base, tmp_path, task_args="min_digits"))
+
+
+def test_sft_reports_bad_lines_and_trains(base, tmp_path, capsys):
+    from nanoseek.train.sft import load_chat_jsonl, main
+    data = tmp_path / "sft.jsonl"
+    good = {"messages": [{"role": "user", "content": "2+2=?"},
+                         {"role": "assistant", "content": "<think>2+2=4, so 4</think><answer>4</answer>"}]}
+    lines = [json.dumps(good)] * 20
+    lines[3] = "{not json"
+    lines[7] = json.dumps({"messages": [{"role": "bot", "content": "x"}]})
+    data.write_text("\n".join(lines) + "\n")
+    assert len(load_chat_jsonl(data)) == 18
+    err = capsys.readouterr().err
+    assert f"{data}:4:" in err and f"{data}:8:" in err
+    with pytest.raises(UserError, match=f"{data}:4:"):
+        load_chat_jsonl(data, strict=True)
+    main(["--data", str(data), "--model", str(base), "--out", str(tmp_path / "sft"), "--epochs", "1",
+          "--batch-size", "8"])
+    assert (tmp_path / "sft" / "final" / "tokenizer.json").exists()
+
+
+def test_sample_and_eval_cli(base, teacher, tmp_path):
+    out = tmp_path / "s.jsonl"
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "sample", "--model", str(teacher), "--out", str(out),
+                        "--n-prompts", "20", "--k", "2", "--max-new-tokens", "24",
+                        "--task-args", "min_digits=1,max_digits=1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and "kept" in r.stdout
+    from nanoseek.data.tasks import extract_answer, get_task, is_well_formatted
+    from nanoseek.data.tasks.common import Problem
+    task = get_task("arithmetic")
+    for row in rows:      # every kept sample is verified and well formatted
+        q, a = row["messages"][0]["content"], row["messages"][1]["content"]
+        x, y = q.removesuffix("=?").split("+")
+        assert is_well_formatted(a) and task.check(extract_answer(a), Problem("arithmetic", q, str(int(x) + int(y))))
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "eval", "--model", str(base), "--n", "10", "--json",
+                        "--max-new-tokens", "24"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["n"] == 10
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "eval", "--model", str(base), "--samples", "4"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "temperature" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_distill_small_student(teacher, tmp_path):
+    from nanoseek.train.distill import DistillConfig, distill
+    s = distill(DistillConfig(teacher=str(teacher), out=str(tmp_path), student_preset="mini-dense", n_prompts=40,
+                              k=2, max_new_tokens=24, epochs=1, eval_n=10, kd_alpha=0.5,
+                              task_args="min_digits=1,max_digits=1"))
+    assert s["traces"] > 0 and {"teacher_accuracy", "student_accuracy", "ratio"} <= set(s)
+    rows = [json.loads(l) for l in (tmp_path / "traces.jsonl").read_text().splitlines()]
+    assert len(rows) == s["traces"] and all("<think>" in r["messages"][1]["content"] for r in rows)
+    assert (tmp_path / "final" / "config.json").exists()
+
+
+def test_distill_without_traces_says_why(base, tmp_path):
+    from nanoseek.train.distill import DistillConfig, distill
+    with pytest.raises(UserError, match="no verified traces"):
+        distill(DistillConfig(teacher=str(base), out=str(tmp_path), n_prompts=4, k=1, max_new_tokens=2, eval_n=4))
+
+
+def test_r1_zero_smoke(tmp_path):
+    from nanoseek.train.r1_zero import R1ZeroConfig, r1_zero
+    rep = r1_zero(R1ZeroConfig(out=str(tmp_path), preset="tiny", pretrain_steps=15, n_docs=2000, batch_size=8,
+                               seq_len=64, rl_steps=2, prompts_per_step=3, group_size=4, max_new_tokens=24,
+                               eval_n=10, student_pretrain_steps=5, distill_prompts=20, student_rl_steps=1))
+    saved = json.loads((tmp_path / "report.json").read_text())
+    for key in ("task", "base_model", "final_model", "accuracy_before", "accuracy_after", "seconds", "distill"):
+        assert key in saved, key
+    assert saved == json.loads(json.dumps(rep))
+    md = (tmp_path / "report.md").read_text()
+    assert "pass@1" in md and (tmp_path / "plots" / "grpo.png").exists()

@@ -1,0 +1,457 @@
+"""The OpenAI-compatible server, driven by the official `openai` client and raw httpx on loopback.
+
+A tiny random model served from a background uvicorn thread (port chosen by the OS); reference
+outputs come from a second `LLM` on the same weights, run one prompt at a time.
+"""
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from nanoseek.config import load_preset
+from nanoseek.inference import LLM, SamplingParams
+from nanoseek.inference.server import ReasoningSplitter, TextStream, build_app, listen
+from nanoseek.model import Transformer
+from nanoseek.tokenizer import Tokenizer
+
+KEY = "sk-test"
+MAX_LEN = 96
+TEXTS = ["Hello world, how are you today? I am fine, thank you. 12+34=46.",
+         "The quick brown fox jumps over the lazy dog. <think>hmm</think> <answer>ok</answer>",
+         "Héllo wörld: 世界 ünïcode text, naïve café."] * 40
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tok = Tokenizer.train(TEXTS, vocab_size=300)
+    model = Transformer(load_preset("tiny", vocab_size=tok.vocab_size)).init_weights(0)
+    path = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(path, tokenizer=tok)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ref(model_dir):
+    """The same weights in a second LLM, for reference outputs (the server's engine is its own)."""
+    return LLM(str(model_dir), max_len=MAX_LEN, max_batch=8)
+
+
+@contextmanager
+def running(app):
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    llm = LLM(str(model_dir), max_len=MAX_LEN, max_batch=16)
+    app = build_app(llm, "tiny", api_key=KEY)
+    with running(app) as url:
+        yield url, app
+
+
+@pytest.fixture
+def url(served):
+    return served[0]
+
+
+@pytest.fixture
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}]
+
+
+def chat_ids(ref, messages, thinking=False):
+    return ref.tokenizer.encode(ref.tokenizer.apply_chat_template(messages, thinking=thinking))
+
+
+def greedy(ref, prompt_ids, max_tokens):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0)
+    out = ref.generate([{"prompt_token_ids": prompt_ids}], params)
+    return out[0].outputs[0]
+
+
+# ------------------------------------------------------------------------------------------------
+def test_models_and_health(client, url):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"] and models.data[0].object == "model"
+    assert client.models.retrieve("tiny").id == "tiny"
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_chat_matches_reference(client, ref):
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=12, temperature=0)
+    want = greedy(ref, chat_ids(ref, MSGS), 12)
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == "tiny"
+    assert isinstance(r.created, int)
+    (c,) = r.choices
+    assert c.index == 0 and c.message.role == "assistant" and c.finish_reason == want.finish_reason
+    splitter = ReasoningSplitter()
+    reasoning, content = splitter.split(want.text)
+    assert c.message.content == content
+    assert getattr(c.message, "reasoning_content", None) == (reasoning if splitter.saw_reasoning else None)
+    assert r.usage.prompt_tokens == len(chat_ids(ref, MSGS))
+    assert r.usage.completion_tokens == len(want.token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_content_parts_and_thinking(client, ref):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]}]
+    r = client.chat.completions.create(model="tiny", messages=parts, max_tokens=4, temperature=0)
+    assert r.usage.prompt_tokens == len(chat_ids(ref, [{"role": "user", "content": "Hello\nworld"}]))
+    # thinking: the R1 template opens <think>, so everything generated (no </think> here) is reasoning
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=6, temperature=0,
+                                       extra_body={"thinking": True})
+    ids = chat_ids(ref, MSGS, thinking=True)
+    want = greedy(ref, ids, 6)
+    reasoning, content = ReasoningSplitter(in_reasoning=True).split(want.text)
+    assert r.usage.prompt_tokens == len(ids)
+    assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (reasoning, content)
+    r2 = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=6, temperature=0,
+                                        extra_body={"chat_template_kwargs": {"thinking": True}})
+    assert r2.choices[0].message.reasoning_content == r.choices[0].message.reasoning_content
+
+
+def test_chat_stream_reassembles(client):
+    kw = dict(model="tiny", messages=MSGS, max_tokens=16, temperature=0)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert all(ch.object == "chat.completion.chunk" and ch.id == chunks[0].id for ch in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    reasoning = "".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    assert reasoning == (getattr(whole.choices[0].message, "reasoning_content", None) or "")
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == {**whole.usage.model_dump()}
+    assert all(ch.usage is None for ch in chunks[:-1])
+
+
+def test_raw_sse_shape(url):
+    body = {"model": "tiny", "messages": MSGS, "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    for ch in chunks:
+        assert set(ch) == {"id", "object", "created", "model", "choices"} and ch["object"] == "chat.completion.chunk"
+        assert set(ch["choices"][0]) == {"index", "delta", "logprobs", "finish_reason"}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+
+
+def test_completions_plain_and_stream(client, ref):
+    r = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=10, temperature=0)
+    ids = ref.encode_prompt("The quick brown")[1]
+    want = greedy(ref, ids, 10)
+    assert r.id.startswith("cmpl-") and r.object == "text_completion"
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 10)
+    chunks = list(client.completions.create(model="tiny", prompt="The quick brown", max_tokens=10, temperature=0,
+                                            stream=True))
+    assert all(ch.object == "text_completion" for ch in chunks)
+    assert "".join(ch.choices[0].text for ch in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # several prompts (text and token ids): choices are numbered prompt-major
+    r = client.completions.create(model="tiny", prompt=["Hello", "fox"], max_tokens=3, temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text == greedy(ref, ref.encode_prompt("Hello")[1], 3).text
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=10, temperature=0)
+    assert r.choices[0].text == want.text
+
+
+def test_n_samples_and_seed(client):
+    kw = dict(model="tiny", messages=MSGS, max_tokens=8, temperature=1.0, n=3, seed=7)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len({c.message.content for c in a.choices}) > 1          # the samples differ from each other
+    assert a.usage.completion_tokens == 24
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    for i, c in enumerate(a.choices):
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices[0].index == i) \
+            == c.message.content
+
+
+def test_concurrent_requests_equal_sequential(served, client, ref):
+    engine = served[1].state.worker.llm.engine
+    prompts = ["Hello", "The quick brown fox", "12+34=", "café", "how are you today?", "naïve"]
+    want = [greedy(ref, chat_ids(ref, [{"role": "user", "content": p}]), 10).text for p in prompts]
+
+    def ask(p):
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}],
+                                           max_tokens=10, temperature=0)
+        m = r.choices[0].message
+        return (getattr(m, "reasoning_content", None) or "") + "|" + m.content
+
+    steps = engine.stats["steps"]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(ask, prompts))
+    assert engine.stats["steps"] - steps < 10 * len(prompts)      # batched: fewer steps than one by one
+    split = [ReasoningSplitter().split(t) for t in want]
+    assert got == [r + "|" + c for r, c in split]
+
+
+def test_logprobs(client, ref):
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=5, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    want = greedy(ref, chat_ids(ref, MSGS), 5)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 5
+    assert [e.logprob for e in content] == pytest.approx(want.logprobs, abs=1e-4)
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.logprob == pytest.approx(e.top_logprobs[0].logprob, abs=1e-5)
+        assert isinstance(e.bytes, list)
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
+    assert client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=2).choices[0].logprobs is None
+
+
+# ------------------------------------------------------------------------------------------------
+def test_reasoning_splitter_streams_split_tags():
+    text = "  <think>\nI should add 2 and 2.\n</think>\n\nThe answer is 4. <think> stays"
+    whole = ReasoningSplitter().split(text)
+    assert whole == ("I should add 2 and 2.\n", "The answer is 4. <think> stays")
+    for cuts in ([3, 5, 9, 30, 33, 36, 40], list(range(1, len(text))), [4, 8, 31, 37]):
+        s = ReasoningSplitter()
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        outs = [s.feed(p, final=i == len(pieces) - 1) for i, p in enumerate(pieces)]
+        assert ("".join(r for r, _ in outs), "".join(c for _, c in outs)) == whole
+        assert all("<" not in r and "think" not in r for r, _ in outs)
+    # the R1 prompt already opened <think>: reasoning until </think>; no tags at all: all content
+    assert ReasoningSplitter(in_reasoning=True).split("step 1\n</think>answer") == ("step 1\n", "answer")
+    assert ReasoningSplitter(in_reasoning=True).split("cut off mid-thought") == ("cut off mid-thought", "")
+    s = ReasoningSplitter()
+    assert s.split("plain answer") == ("", "plain answer") and not s.saw_reasoning
+    s = ReasoningSplitter(in_reasoning=True)
+    assert [s.feed(p) for p in ["a</th", "ink", ">b"]] == [("a", ""), ("", ""), ("", "b")]
+
+
+def test_text_stream_utf8_and_stop(ref):
+    tok = ref.tokenizer
+    text = "Héllo 世界, naïve café 🙂 done"
+    ids = tok.encode(text)
+    stream = TextStream(tok.decode)
+    deltas = [stream.update(ids[: k + 1]) for k in range(len(ids))]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) + stream.finish(tok.decode(ids)) == text
+    stream = TextStream(tok.decode, stop=["café", "xyz"])
+    deltas = [stream.update(ids[: k + 1]) for k in range(len(ids))]
+    assert "".join(deltas) == "Héllo 世界, naïve "            # never a piece of the stop string
+
+
+def test_stop_strings(client, ref):
+    full = greedy(ref, chat_ids(ref, MSGS), 12).text
+    starts = [i for i in range(1, len(full) - 1) if not set(full[i:i + 2]) & set("\ufffd<>")]
+    if not starts:
+        pytest.skip("the random model's text has no usable stop string")
+    stop = full[starts[0]:starts[0] + 2]
+    want = full[: full.find(stop)]
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=12, temperature=0, stop=[stop, "zzz"])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == want
+    assert r.usage.completion_tokens < 12
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=12, temperature=0,
+                                                 stop=stop, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+# ------------------------------------------------------------------------------------------------
+LONG = "hello " * 200
+BAD = [  # (path, body, param)
+    ("/v1/chat/completions", "{not json", None),
+    ("/v1/chat/completions", [1, 2], None),
+    ("/v1/chat/completions", {"model": "tiny"}, "messages"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "bot", "content": "hi"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[0].content[0]"),
+    ("/v1/chat/completions", {"messages": MSGS, "max_tokens": -1}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": MSGS, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": MSGS, "max_tokens": "10"}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": MSGS, "temperature": -1}, "temperature"),
+    ("/v1/chat/completions", {"messages": MSGS, "temperature": 2.5}, "temperature"),
+    ("/v1/chat/completions", {"messages": MSGS, "temperature": True}, "temperature"),
+    ("/v1/chat/completions", {"messages": MSGS, "top_p": 0}, "top_p"),
+    ("/v1/chat/completions", {"messages": MSGS, "top_p": 1.5}, "top_p"),
+    ("/v1/chat/completions", {"messages": MSGS, "n": 0}, "n"),
+    ("/v1/chat/completions", {"messages": MSGS, "n": 1000}, "n"),
+    ("/v1/chat/completions", {"messages": MSGS, "stop": ["ok", 3]}, "stop"),
+    ("/v1/chat/completions", {"messages": MSGS, "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage"),
+    ("/v1/chat/completions", {"messages": MSGS, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": MSGS, "tools": [{"type": "function"}]}, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, "messages"),
+    ("/v1/completions", {"prompt": LONG}, "prompt"),
+    ("/v1/completions", {"prompt": [0, 1, 10**6]}, "prompt"),
+    ("/v1/completions", {"prompt": {"a": 1}}, "prompt"),
+    ("/v1/completions", {}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
+def test_bad_request_is_400(url, path, body, param):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(url + path, content=content, headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == param and err["message"]
+
+
+def test_errors_through_openai_client_and_server_survives(client, url):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "bot", "content": "x"}])
+    assert e.value.body["param"] == "messages[0].role"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": LONG}])
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=MSGS)
+    assert httpx.get(url + "/v1/nope", headers=AUTH).json()["error"]["message"]
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    assert client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=2).choices[0].message
+
+
+def test_api_key(url):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": MSGS}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/v1/models", headers=headers).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+    assert httpx.get(url + "/health").status_code == 200       # health needs no key
+
+
+def test_fastapi_validation_errors_are_400(served):
+    url, app = served
+
+    @app.get("/v1/probe")
+    async def probe(k: int):              # a typed parameter: FastAPI validates it (422 by default)
+        return {"k": k}
+
+    r = httpx.get(url + "/v1/probe", params={"k": "abc"}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "k"
+
+
+def test_client_disconnect_aborts(served, monkeypatch):
+    url, app = served
+    worker = app.state.worker
+    real_step = worker.llm.engine.step
+
+    def slow_step():                      # slow enough that the request cannot finish before we hang up
+        time.sleep(0.05)
+        return real_step()
+
+    monkeypatch.setattr(worker.llm.engine, "step", slow_step)
+    before = worker.stats["aborted"]
+    body = {"messages": MSGS, "max_tokens": 80, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=AUTH, timeout=30) as r:
+        next(r.iter_lines())                                      # the role chunk: the request is live
+    deadline = time.monotonic() + 20
+    while worker.stats["aborted"] == before or worker.jobs:
+        assert time.monotonic() < deadline, "the streamed request was not aborted"
+        time.sleep(0.02)
+    with pytest.raises(httpx.ReadTimeout):                        # a non-streamed request, given up on
+        httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, headers=AUTH, timeout=0.5)
+    while worker.stats["aborted"] == before + 1 or worker.jobs:
+        assert time.monotonic() < deadline, "the non-streamed request was not aborted"
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------------------------------------
+class Boom(BaseException):
+    """Not an Exception: escapes the worker's per-batch handler and ends the engine thread."""
+
+
+def test_engine_failures(ref, model_dir):
+    llm = LLM(ref.model, tokenizer=ref.tokenizer, max_len=MAX_LEN, max_batch=4)
+    real_step = llm.engine.step
+    failure = {"kind": RuntimeError}
+
+    def step():
+        if failure["kind"] is not None:
+            kind, failure["kind"] = failure["kind"], None
+            raise kind("injected")
+        return real_step()
+
+    llm.engine.step = step
+    body = {"messages": MSGS, "max_tokens": 3}
+    with running(build_app(llm, "tiny", None)) as url:
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)      # the failing batch
+        assert r.status_code == 500 and "injected" in r.json()["error"]["message"]
+        assert r.json()["error"]["type"] == "server_error"
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+        failure["kind"] = Boom                                                    # now kill the thread
+        r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30)
+        assert r.status_code == 200 and "engine thread stopped" in r.text and r.text.endswith("data: [DONE]\n\n")
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 500 and "engine thread stopped" in r.json()["error"]["message"]
+        assert httpx.get(url + "/health").status_code == 503
+
+
+def test_serve_subprocess(model_dir):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(model_dir), "--port", "0",
+                             "--model-name", "tiny", "--max-len", str(MAX_LEN), "--log-level", "warning",
+                             "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()                  # "nanoseek serve: model 'tiny' (...) at http://...:PORT/v1"
+        assert "http://127.0.0.1:" in line, line + proc.stderr.read()
+        base = line.split(" at ")[-1].strip()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(base.removesuffix("/v1") + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=3)
+        assert r.usage.completion_tokens <= 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(15) in (0, 130), proc.stderr.read()   # 130: uvicorn re-raises the Ctrl-C
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            raise
