@@ -12,7 +12,6 @@ import platform
 import time
 
 import torch
-import torch.nn.functional as F
 
 
 def main():

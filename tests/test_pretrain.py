@@ -1,7 +1,6 @@
 """Pretraining: it learns, it resumes bit-for-bit, it survives SIGKILL, it refuses bad input."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -9,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from nanoseek.checkpoint.state import CorruptCheckpoint, list_checkpoints, load_checkpoint, load_latest
 from nanoseek.common import UserError
