@@ -12,7 +12,7 @@ def _moe(**kw):
     return model.layers[-1].ffn
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped", "dense"])
+@pytest.mark.parametrize("impl", ["loop", "grouped", "dense", "gather"])
 @pytest.mark.parametrize("T", [1, 5, 40])
 def test_fast_paths_equal_per_token_reference(impl, T):
     moe = _moe().eval()

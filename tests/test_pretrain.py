@@ -113,3 +113,11 @@ def test_user_data_files(tmp_path):
     docs.write_text("\n".join(lines) + "\n")
     s = pretrain(PretrainConfig(out=str(tmp_path / "run"), data=str(docs), max_steps=3, vocab_size=300, **FAST))
     assert s["steps"] == 3
+
+
+def test_mtp_off_and_dense_models_train(tmp_path):
+    """--mtp-lambda 0 leaves the MTP block's MoE idle; a dense model has no MoE at all."""
+    s = pretrain(PretrainConfig(out=str(tmp_path / "a"), max_steps=2, mtp_lambda=0.0, **FAST))
+    assert s["steps"] == 2
+    s = pretrain(PretrainConfig(out=str(tmp_path / "b"), max_steps=2, **{**FAST, "preset": "mini-dense"}))
+    assert s["steps"] == 2

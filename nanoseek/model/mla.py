@@ -19,6 +19,14 @@ Two equal ways to attend (tested against each other):
             one (C+R)-wide key and one C-wide value shared by all heads. The output is mapped back
             with W_UV afterwards. Nothing per-head is ever materialised for cached tokens.
 tau includes YaRN's mscale^2 on the whole logit (nope and rope parts alike).
+
+Folded decode (inference only, V2 paper App. C). W_UK can be folded into the query projection and
+W_UV into W_O ahead of time: q_lat_h = (W_UK_h^T W_UQ_nope_h) c_Q and out = sum_h (W_O_h W_UV_h) o_lat_h.
+Together with one fused down-projection of h (q_a and kv_a share their input) a decode step then
+runs 3 matmuls and no per-head einsums. The folded matrices are (C+R)/(N+R) times the size of W_UQ,
+so this pays only when C is small (our presets); for V3 (C=512) it would add ~7B parameters, and the
+unfolded absorbed path is used. Folded weights are recomputed whenever a parameter changes version
+(an optimizer step), so GRPO's engine never reads stale weights.
 """
 from __future__ import annotations
 
@@ -78,10 +86,14 @@ class MLA(nn.Module):
         """Without a cache: causal attention over x, or `mask` (B,1,T,T) e.g. document masking of
         packed sequences. With a cache: attend over cache + x. `absorb` picks the path (default:
         absorbed for short steps against a cache - decode, speculative verification)."""
-        q_nope, q_pe, kv, pe = self.project(x, rot)
         T = x.shape[1]
         if absorb is None:
             absorb = cache is not None and T <= 4
+        if absorb and cache is not None and not torch.is_grad_enabled():
+            folded = self.folded_weights()
+            if folded is not None:
+                return self.decode_folded(x, rot, cache, folded)
+        q_nope, q_pe, kv, pe = self.project(x, rot)
         if cache is not None:
             kvpe, mask = cache.update(self.layer_id, kv, pe)
             kv, pe = kvpe[..., : self.kv_rank], kvpe[..., self.kv_rank:]
@@ -92,6 +104,45 @@ class MLA(nn.Module):
         else:
             o = self.attend_naive(q_nope, q_pe, kv, pe, mask)
         return self.wo(o)
+
+    # ---------------------------------------------------------------------------------------------
+    def folded_weights(self):
+        """(W_down (Q+C+R, D), W_q (H*(C+R), Q), W_out (D, H*C)) or None when folding would not pay."""
+        q_b = self.wq_b.weight if hasattr(self, "wq_a") else self.wq.weight
+        H, N, R, C, V = self.n_heads, self.nope, self.rope_dim, self.kv_rank, self.v_dim
+        if C + R > 2 * (N + R):
+            return None
+        params = [q_b, self.wkv_a.weight, self.wkv_b.weight, self.wo.weight] + \
+            ([self.wq_a.weight] if hasattr(self, "wq_a") else [])
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if getattr(self, "_folded_key", None) == key:
+            return self._folded
+        with torch.no_grad():
+            w = self._wkv_b_heads(torch.float32)                                   # H,N+V,C
+            qb = q_b.float().view(H, N + R, -1)                                    # H,N+R,Q
+            q_lat = torch.einsum("hnc,hnq->hcq", w[:, :N], qb[:, :N])              # W_UK_h^T W_UQ_nope_h
+            w_q = torch.cat([q_lat, qb[:, N:]], dim=1).reshape(H * (C + R), -1)
+            w_out = torch.einsum("dhv,hvc->dhc", self.wo.weight.float().view(-1, H, V), w[:, N:]).reshape(-1, H * C)
+            w_down = torch.cat([self.wq_a.weight, self.wkv_a.weight]) if hasattr(self, "wq_a") else self.wkv_a.weight
+            dt = q_b.dtype
+            self._folded = (w_down.to(dt), w_q.to(dt), w_out.to(dt))
+        self._folded_key = key
+        return self._folded
+
+    def decode_folded(self, x, rot, cache, folded):
+        B, T, _ = x.shape
+        H, C, R = self.n_heads, self.kv_rank, self.rope_dim
+        w_down, w_q, w_out = folded
+        a = F.linear(x, w_down)
+        if hasattr(self, "wq_a"):
+            c_q, a = self.q_norm(a[..., : w_down.shape[0] - C - R]), a[..., w_down.shape[0] - C - R:]
+        else:
+            c_q = x
+        q = F.linear(c_q, w_q).view(B, T, H, C + R)
+        q = torch.cat([q[..., :C], apply_rope(q[..., C:], rot)], dim=-1)
+        kvpe, mask = cache.update(self.layer_id, self.kv_norm(a[..., :C]), apply_rope(a[..., C:], rot))
+        o_lat = self._latent_attention(q, kvpe, mask)                              # B,T*H,C
+        return F.linear(o_lat.reshape(B, T, H * C), w_out)
 
     def _wkv_b_heads(self, dtype):
         """wkv_b as (H, N+V, C): per head, W_UK rows then W_UV rows."""
@@ -114,22 +165,27 @@ class MLA(nn.Module):
     def attend_absorbed(self, q_nope, q_pe, kvpe, mask):
         """mask: None (causal over a fresh sequence), bool (B,1,T,S) or additive float (B,1,T,S)."""
         B, T, H, _ = q_nope.shape
-        S = kvpe.shape[1]
         w = self._wkv_b_heads(q_nope.dtype)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]                                           # H,N,C / H,V,C
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)                                       # B,T,H,C
-        # All T*H query vectors attend to one shared key/value head: fold heads into the query axis and
-        # do the attention as two batched matmuls (on CPU this is ~10x faster than SDPA with a mask).
-        q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).reshape(B, T * H, -1)               # B,T*H,C+R
-        k = kvpe.to(q.dtype)                                                                       # B,S,C+R
+        o_lat = self._latent_attention(torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1), kvpe, mask)
+        o = torch.einsum("bthc,hvc->bthv", o_lat.view(B, T, H, self.kv_rank), w_uv)
+        return o.reshape(B, T, H * self.v_dim)
+
+    def _latent_attention(self, q, kvpe, mask):
+        """q (B,T,H,C+R) against the shared key kvpe (B,S,C+R) and value kvpe[..., :C] -> (B,T*H,C).
+        All T*H query vectors attend to one key/value head, so heads fold into the query axis and the
+        attention is two batched matmuls (on CPU ~10x faster than SDPA with a mask)."""
+        B, T, H, _ = q.shape
+        S = kvpe.shape[1]
+        q = q.reshape(B, T * H, -1)
+        k = kvpe.to(q.dtype)
         bias = additive_mask(mask, T, S, q.device)                                                 # (B|1),1,T,S
         bias = bias.to(q.dtype).view(bias.shape[0], T, 1, S)
         bias = bias.squeeze(1) if T == 1 else bias.expand(-1, T, H, S).reshape(-1, T * H, S)
         scores = torch.baddbmm(bias.expand(B, T * H, S) if bias.shape[0] == 1 else bias, q,
                                k.transpose(1, 2), alpha=self.scale)
-        o_lat = torch.bmm(scores.float().softmax(dim=-1).to(k.dtype), k[..., : self.kv_rank])    # B,T*H,C
-        o = torch.einsum("bthc,hvc->bthv", o_lat.view(B, T, H, self.kv_rank), w_uv)
-        return o.reshape(B, T, H * self.v_dim)
+        return torch.bmm(scores.float().softmax(dim=-1).to(k.dtype), k[..., : self.kv_rank])
 
 
 def additive_mask(mask: torch.Tensor | None, T: int, S: int, device) -> torch.Tensor:

@@ -23,6 +23,8 @@ Compute: the (token, expert) pairs are sorted by expert so each expert's tokens 
   "grouped" - torch._grouped_mm over the segments (no grad; CPU forward only supports it)
   "dense"   - every expert on every token, weights zero off the route: E/K x the FLOPs but ~6 ops,
               which wins for decode-sized T where per-op overhead dominates.
+  "gather"  - for a handful of tokens (T*K well below E): gather just the chosen experts' weights and
+              run them as one batched matmul (reads K experts per token instead of all E).
 `moe_reference` is the per-token loop the tests hold all three to.
 """
 from __future__ import annotations
@@ -94,6 +96,8 @@ class Experts(nn.Module):
     def forward(self, x_TD, weights_TK, idx_TK, impl: str):
         if impl == "dense":
             return self._dense(x_TD, weights_TK, idx_TK)
+        if impl == "gather":
+            return self._gather(x_TD, weights_TK, idx_TK)
         T, K = idx_TK.shape
         flat = idx_TK.flatten()
         order = flat.argsort(stable=True)                       # (T*K,) pairs sorted by expert
@@ -106,15 +110,28 @@ class Experts(nn.Module):
             gate, up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
             ys = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offs)
         else:
-            outs, start = [], 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    gate, up = (xs[start:start + n] @ w13[e].T).chunk(2, dim=-1)
-                    outs.append((F.silu(gate) * up) @ w2[e].T)
-                    start += n
+            # unbind once: indexing w13[e] per expert would make autograd build a full-size zero
+            # gradient for every slice (measured: 42% of a `small` training step); unbind's backward
+            # stacks the per-expert gradients once
+            # (the same holds for slicing xs per expert, hence one split)
+            w13s, w2s = w13.unbind(0), w2.unbind(0)
+            sizes = counts.tolist()
+            outs = []
+            for e, x_e in enumerate(xs.split(sizes)):
+                if sizes[e]:
+                    gate, up = (x_e @ w13s[e].T).chunk(2, dim=-1)
+                    outs.append((F.silu(gate) * up) @ w2s[e].T)
             ys = torch.cat(outs) if outs else xs.new_zeros(0, x_TD.shape[1])
         ys = ys * weights_TK.flatten()[order].unsqueeze(1).to(ys.dtype)
         return torch.zeros_like(x_TD, dtype=ys.dtype).index_add_(0, token, ys)
+
+    def _gather(self, x_TD, weights_TK, idx_TK):
+        T, K = idx_TK.shape
+        flat = idx_TK.reshape(-1)
+        xs = x_TD.repeat_interleave(K, dim=0).unsqueeze(1)                        # (T*K, 1, D)
+        gate, up = torch.bmm(xs, self.w13[flat].to(xs.dtype).transpose(1, 2)).chunk(2, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, self.w2[flat].to(xs.dtype).transpose(1, 2))   # (T*K, 1, D)
+        return (y.view(T, K, -1) * weights_TK.unsqueeze(-1).to(y.dtype)).sum(dim=1)
 
     def _dense(self, x_TD, weights_TK, idx_TK):
         T = x_TD.shape[0]
@@ -143,7 +160,10 @@ class MoE(nn.Module):
     def choose_impl(self, n_tokens: int, grad: bool) -> str:
         if self.impl:
             return self.impl
-        if n_tokens * self.cfg.num_experts_per_tok <= 2 * self.cfg.n_routed_experts:
+        pairs, E = n_tokens * self.cfg.num_experts_per_tok, self.cfg.n_routed_experts
+        if not grad and 2 * pairs <= E:
+            return "gather"
+        if pairs <= 2 * E:
             return "dense"
         if not grad and n_tokens <= 256 and self.experts.w13.device.type == "cpu":
             return "grouped"

@@ -167,8 +167,9 @@ def forward_losses(model: Transformer, batch: torch.Tensor, cfg: PretrainConfig,
         losses["mtp_loss"] = torch.stack(mtp).mean()
     alpha, per_seq = ((cfg.seq_aux_alpha, True) if cfg.balance == "bias" else
                       (cfg.aux_alpha, False) if cfg.balance == "aux" else (0.0, True))
-    if alpha > 0 and model.moe_layers():
-        terms = [balance_loss(m.last_scores, m.last_idx, x.shape[0], per_seq) for m in model.moe_layers()]
+    routed = [m for m in model.moe_layers() if m.last_scores is not None]   # MTP's MoE is idle without MTP loss
+    if alpha > 0 and routed:
+        terms = [balance_loss(m.last_scores, m.last_idx, x.shape[0], per_seq) for m in routed]
         losses["balance_loss"] = alpha * torch.stack(terms).sum()
     for m in model.moe_layers():
         m.last_scores = m.last_idx = None
