@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 def build_model_dir(vocab_texts):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
     from nanoseek.tokenizer import Tokenizer
 
     tok = Tokenizer.train(vocab_texts, vocab_size=300)
@@ -94,13 +96,14 @@ def run_nanoseek(model_dir, prompts, answers, steps, G, max_new):
     opt = build_optimizer(model, cfg.lr, 0.0)
     sp = SamplingParams(n=G, temperature=1.0, max_tokens=max_new)
     per_step = len(prompts) // (steps + 1)
-    tokens, times = [], []
+    tokens, times, split = [], [], {"rollout_s": 0.0, "update_s": 0.0}
     for s in range(steps + 1):
         t = time.perf_counter()
         batch_p = prompts[s * per_step:(s + 1) * per_step]
         batch_a = answers[s * per_step:(s + 1) * per_step]
         ids = [[tok.bos_id] + tok.encode(p) for p in batch_p]
         groups = sampler.rollout(ids, sp)
+        t_roll = time.perf_counter()
         comps = [c for g in groups for c in g]
         texts = tok.decode_batch([c["ids"] for c in comps])
         r = reward(texts, [a for a in batch_a for _ in range(G)])
@@ -109,7 +112,10 @@ def run_nanoseek(model_dir, prompts, answers, steps, G, max_new):
         train_on_batch(sampler, None, opt, bids, mask, adv, cfg, torch.device("cpu"), torch.float32)
         times.append(time.perf_counter() - t)
         tokens.append(sum(len(c["ids"]) for c in comps))
-    return sum(tokens[1:]) / sum(times[1:]), times
+        if s:                                   # after the warm-up step
+            split["rollout_s"] += t_roll - t
+            split["update_s"] += time.perf_counter() - t_roll
+    return sum(tokens[1:]) / sum(times[1:]), times, {k: round(v / steps, 2) for k, v in split.items()}
 
 
 def main():
@@ -125,13 +131,18 @@ def main():
     prompts = [f"{a}+{b}=" for a, b in pairs]
     answers = [str(a + b) for a, b in pairs]
     model_dir = build_model_dir(prompts + [f"{p}{a}" for p, a in zip(prompts, answers)] * 5)
-    ours, our_times = run_nanoseek(model_dir, prompts, answers, args.steps, args.G, args.max_new)
+    ours, our_times, our_split = run_nanoseek(model_dir, prompts, answers, args.steps, args.G, args.max_new)
     trl, trl_times = run_trl(model_dir, prompts, answers, args.steps, args.G, args.max_new)
     import trl as trl_mod
-    print(json.dumps({"completion_tokens_per_s": {"nanoseek": round(ours, 1), "trl": round(trl, 1)},
+    text = json.dumps({"completion_tokens_per_s": {"nanoseek": round(ours, 1), "trl": round(trl, 1)},
                       "speedup": round(ours / trl, 2), "trl_version": trl_mod.__version__,
+                      "nanoseek_mean_split_s": our_split,
                       "s_per_step": {"nanoseek": [round(t, 2) for t in our_times], "trl": [round(t, 2) for t in trl_times]},
-                      "shape": {"prompts_per_step": args.prompts, "G": args.G, "max_new": args.max_new}}, indent=2))
+                      "shape": {"prompts_per_step": args.prompts, "G": args.G, "max_new": args.max_new}}, indent=2)
+    print(text)
+    out = Path(__file__).parent / "results" / "bench_grpo.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

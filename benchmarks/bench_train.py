@@ -10,6 +10,7 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +26,7 @@ def main():
     torch.manual_seed(0)
     torch.set_num_threads(torch.get_num_threads())
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
     from nanoseek.config import load_preset
     from nanoseek.model import Transformer
     from nanoseek.model.moe import update_bias
@@ -77,7 +79,11 @@ def main():
     res = {"preset": args.preset, "params": ours.num_params(), "batch": B, "seq": T, "tokens_per_s": tok_s,
            "speedup_vs_hf": {k: round(v / tok_s["hf_fp32"], 2) for k, v in tok_s.items()},
            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
-    print(json.dumps(res, indent=2))
+    text = json.dumps(res, indent=2)
+    print(text)
+    out = Path(__file__).parent / "results" / "bench_train.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

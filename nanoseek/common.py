@@ -44,11 +44,11 @@ def autodetect_device(requested: str | None = None) -> torch.device:
 def compute_dtype(device: torch.device, requested: str | torch.dtype | None = None) -> torch.dtype:
     """The dtype matmuls run in (autocast). Master weights stay fp32 whatever this returns.
 
-    Default: bf16 on CUDA with bf16 support; fp32 on CPU. Measured on this project's AMX CPU: a
-    1024^2 bf16 matmul is ~4x faster than fp32, but at our presets' sizes bf16 autocast loses -
-    pretraining `mini` ran at 6k tok/s in bf16 vs 12.5k in fp32, `small` at 0.8x of fp32 (small
-    bf16 bmm/softmax kernels are slow and every forward re-casts the weights). Override with
-    --dtype bfloat16 or NANOSEEK_DTYPE for larger models.
+    Default: bf16 on CUDA with bf16 support; fp32 on CPU. Measured: on the host this was developed on
+    (Xeon with avx512_bf16 but no AMX) a 1024^2 bf16 matmul runs at 0.53x fp32 and bf16 autocast
+    pretrains `small` at 0.75x and `mini` at ~0.5x of fp32. The project notes report ~4x for bf16
+    matmuls on AMX hosts, but at our presets' sizes small bf16 bmm/softmax kernels and the per-forward
+    weight casts still cost. Override with --dtype bfloat16 or NANOSEEK_DTYPE (measure first).
     """
     requested = requested or os.environ.get("NANOSEEK_DTYPE")
     if requested:

@@ -55,7 +55,8 @@ class _Request:
 class Engine:
     def __init__(self, model: Transformer, max_batch: int = 64, max_len: int | None = None,
                  cache_dtype: torch.dtype | None = None, autocast_dtype: torch.dtype | None = None,
-                 speculative: bool = False, seed: int = 0, stop_token_ids: list[int] | None = None):
+                 speculative: bool = False, seed: int = 0, stop_token_ids: list[int] | None = None,
+                 compile: bool = False):
         cfg = model.cfg
         self.model = model
         self.device = model.device
@@ -73,6 +74,10 @@ class Engine:
         self.running: list[Sequence] = []
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self._ids = itertools.count()
+        # compile=True: decode steps of small batches (where per-op overhead dominates) run as one
+        # torch.compile'd graph with static shapes: rows padded to a power of two, attention over the
+        # whole (masked) cache. One compilation per batch bucket (~30 s each on 2 CPU cores).
+        self._compiled = torch.compile(self._static_decode, dynamic=False, fullgraph=True) if compile else None
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "spec_drafts": 0, "spec_accepted": 0}
 
     # ---------------------------------------------------------------------------------------------
@@ -173,10 +178,40 @@ class Engine:
         self._emit(seqs, self._logits(last)[src])
         return seqs
 
+    def _static_decode(self, ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        self.cache.begin(starts, 1, 0, static=True)
+        return self.model.logits(self.model.hidden(ids, self.cache.positions, self.cache)[:, 0]).float()
+
+    def _compiled_bucket(self, B: int) -> int | None:
+        """Padded batch size for the compiled step, or None to run eagerly: only where every MoE layer
+        takes a static-shape path (gather/dense); the sorted grouped paths have data-dependent sizes."""
+        if self._compiled is None or self.speculative:
+            return None
+        Bp = 1 << (B - 1).bit_length()
+        if Bp > self.max_batch or any(m.choose_impl(Bp, False) not in ("gather", "dense")
+                                      for m in self.model.moe_layers()):
+            return None
+        return Bp
+
     def _decode(self) -> list[Sequence]:
         seqs = self.running
         ids = torch.tensor([[s.pending] for s in seqs], device=self.device)
         starts = torch.tensor([s.length for s in seqs], device=self.device)
+        Bp = self._compiled_bucket(len(seqs))
+        if Bp is not None:
+            # rows B..Bp-1 are free cache slots: their dummy token lands at position 0 and is
+            # overwritten by the next prefill that takes the slot
+            pad = Bp - len(seqs)
+            ids = torch.cat([ids, ids.new_zeros(pad, 1)])
+            starts = torch.cat([starts, starts.new_zeros(pad)])
+            for layer in self.model.layers:        # refresh folded weights in place after optimizer steps
+                layer.attn.folded_weights()
+            with torch.no_grad(), self._autocast():
+                logits = self._compiled(ids, starts)[: len(seqs)]
+            for s in seqs:
+                s.length += 1
+            self._emit(seqs, logits)
+            return list(seqs)
         h = self._forward(ids, starts)
         for s in seqs:
             s.length += 1

@@ -43,7 +43,7 @@ class LLM:
     def __init__(self, model: str | Transformer, tokenizer=None, dtype: str | torch.dtype | None = None,
                  device: str | None = None, max_batch: int = 64, max_len: int | None = None,
                  kv_cache_dtype: str | None = None, speculative: bool = False, seed: int = 0,
-                 autocast_dtype: str | torch.dtype | None = None):
+                 autocast_dtype: str | torch.dtype | None = None, compile: bool = False):
         if isinstance(model, Transformer):
             self.model = model
         else:
@@ -65,7 +65,7 @@ class LLM:
         eos = [self.model.cfg.eos_token_id]
         self.engine = Engine(self.model, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype,
                              autocast_dtype=parse_dtype(autocast_dtype), speculative=speculative, seed=seed,
-                             stop_token_ids=eos)
+                             stop_token_ids=eos, compile=compile)
 
     # ---------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt) -> tuple[str | None, list[int]]:

@@ -90,7 +90,8 @@ class MLA(nn.Module):
         if absorb is None:
             absorb = cache is not None and T <= 4
         if absorb and cache is not None and not torch.is_grad_enabled():
-            folded = self.folded_weights()
+            # under torch.compile the engine refreshes the folded weights eagerly before each step
+            folded = getattr(self, "_folded", None) if torch.compiler.is_compiling() else self.folded_weights()
             if folded is not None:
                 return self.decode_folded(x, rot, cache, folded)
         q_nope, q_pe, kv, pe = self.project(x, rot)
@@ -125,7 +126,14 @@ class MLA(nn.Module):
             w_out = torch.einsum("dhv,hvc->dhc", self.wo.weight.float().view(-1, H, V), w[:, N:]).reshape(-1, H * C)
             w_down = torch.cat([self.wq_a.weight, self.wkv_a.weight]) if hasattr(self, "wq_a") else self.wkv_a.weight
             dt = q_b.dtype
-            self._folded = (w_down.to(dt), w_q.to(dt), w_out.to(dt))
+            new = (w_down.to(dt), w_q.to(dt), w_out.to(dt))
+            old = getattr(self, "_folded", None)
+            if old is not None and all(o.shape == n.shape and o.dtype == n.dtype and o.device == n.device
+                                       for o, n in zip(old, new)):
+                for o, n in zip(old, new):     # in place: a compiled decode step keeps reading these
+                    o.copy_(n)
+            else:
+                self._folded = new
         self._folded_key = key
         return self._folded
 
