@@ -11,12 +11,11 @@ MoE takes the sorted grouped path, stay eager); its compile time is excluded and
     .venv/bin/python benchmarks/bench_decode.py --batches 1 8 64
 """
 import argparse
-import json
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from results_io import report
 
 
 def hf_cache_bytes(past) -> int:
@@ -115,11 +114,7 @@ def main():
         while eng.has_work():
             eng.step()
         res["prefill_tok_s"][B] = {"hf": round(B * args.prompt / hf_pf, 1), "nanoseek": round(B * args.prompt / our_pf, 1)}
-    text = json.dumps(res, indent=2)
-    print(text)
-    out = Path(__file__).parent / "results" / "bench_decode.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text + "\n")
+    report("bench_decode", res)
 
 
 if __name__ == "__main__":

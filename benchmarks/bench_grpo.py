@@ -10,13 +10,12 @@ steps (generation + reward + update), after one warm-up step.
     .venv/bin/python benchmarks/bench_grpo.py --steps 4
 """
 import argparse
-import json
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from results_io import report
 
 os.environ.setdefault("WANDB_DISABLED", "true")
 
@@ -134,15 +133,11 @@ def main():
     ours, our_times, our_split = run_nanoseek(model_dir, prompts, answers, args.steps, args.G, args.max_new)
     trl, trl_times = run_trl(model_dir, prompts, answers, args.steps, args.G, args.max_new)
     import trl as trl_mod
-    text = json.dumps({"completion_tokens_per_s": {"nanoseek": round(ours, 1), "trl": round(trl, 1)},
-                      "speedup": round(ours / trl, 2), "trl_version": trl_mod.__version__,
-                      "nanoseek_mean_split_s": our_split,
-                      "s_per_step": {"nanoseek": [round(t, 2) for t in our_times], "trl": [round(t, 2) for t in trl_times]},
-                      "shape": {"prompts_per_step": args.prompts, "G": args.G, "max_new": args.max_new}}, indent=2)
-    print(text)
-    out = Path(__file__).parent / "results" / "bench_grpo.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text + "\n")
+    report("bench_grpo", {
+        "completion_tokens_per_s": {"nanoseek": round(ours, 1), "trl": round(trl, 1)},
+        "speedup": round(ours / trl, 2), "trl_version": trl_mod.__version__, "nanoseek_mean_split_s": our_split,
+        "s_per_step": {"nanoseek": [round(t, 2) for t in our_times], "trl": [round(t, 2) for t in trl_times]},
+        "shape": {"prompts_per_step": args.prompts, "G": args.G, "max_new": args.max_new}})
 
 
 if __name__ == "__main__":

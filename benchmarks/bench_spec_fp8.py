@@ -8,9 +8,9 @@ difference of the generated tokens' log-probs.
     .venv/bin/python benchmarks/bench_spec_fp8.py --model runs/r1-zero/rl/final
 """
 import argparse
-import json
 import time
-from pathlib import Path
+
+from results_io import report
 
 
 def main():
@@ -66,11 +66,7 @@ def main():
                         "bytes_per_token_fp8": fp8_llm.engine.cache.bytes_per_token(),
                         "bytes_per_token_fp32": ref_cache.bytes_per_token(),
                         "bytes_per_token_bf16_equivalent": ref_cache.bytes_per_token() / 2}
-    text = json.dumps(res, indent=2)
-    print(text)
-    out = Path(__file__).parent / "results" / "bench_spec_fp8.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text + "\n")
+    report("bench_spec_fp8", res)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,11 @@ Blocks of steps alternate between the contenders so drift in machine speed hits 
     .venv/bin/python benchmarks/bench_train.py --preset small --batch 8 --seq 256
 """
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 
 import torch
+from results_io import report
 
 
 def main():
@@ -79,11 +78,7 @@ def main():
     res = {"preset": args.preset, "params": ours.num_params(), "batch": B, "seq": T, "tokens_per_s": tok_s,
            "speedup_vs_hf": {k: round(v / tok_s["hf_fp32"], 2) for k, v in tok_s.items()},
            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
-    text = json.dumps(res, indent=2)
-    print(text)
-    out = Path(__file__).parent / "results" / "bench_train.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text + "\n")
+    report("bench_train", res)
 
 
 if __name__ == "__main__":
