@@ -5,6 +5,7 @@ can change the answer in one spot (flags or the NANOSEEK_DTYPE / NANOSEEK_DEVICE
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -122,3 +123,32 @@ def set_threads(n: int | None = None) -> None:
     """Use every core we were given (torch sometimes picks fewer inside containers)."""
     n = n or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (n or os.cpu_count())
     torch.set_num_threads(max(1, n))
+
+
+def read_jsonl(path, parse, strict: bool = False, what: str = "lines") -> list:
+    """`parse(row)` for every non-empty line of a JSONL file. A malformed line (bad JSON, or `parse`
+    raising ValueError/TypeError/KeyError/AttributeError) is reported as file:line and skipped, or
+    ends the run with that message when `strict`. No usable line at all is an error."""
+    from pathlib import Path
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    items, bad = [], []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(parse(json.loads(line)))
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                msg = f"{path}:{lineno}: {e}"
+                if strict:
+                    raise UserError(msg) from None
+                bad.append(msg)
+    for msg in bad[:20]:
+        print(f"warning: skipped {msg}", file=sys.stderr)
+    if len(bad) > 20:
+        print(f"warning: ... and {len(bad) - 20} more malformed lines in {path}", file=sys.stderr)
+    if not items:
+        raise UserError(f"{path}: no usable {what} ({len(bad)} malformed lines)")
+    return items

@@ -44,3 +44,21 @@ def randomize(model, seed=0, bias_std=0.5):
             if moe.gate.bias is not None:
                 moe.gate.bias.copy_(bias_std * torch.randn(moe.gate.bias.shape, generator=g))
     return model
+
+
+CHAT_TEXTS = ["Hello world, how are you today? I am fine, thank you. 12+34=46.",
+              "The quick brown fox jumps over the lazy dog. <think>hmm</think> <answer>ok</answer>",
+              "Héllo wörld: 世界 ünïcode text, naïve café."] * 40
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random DeepSeek-V3 saved in HF format with a 300-token BPE tokenizer (server and CLI tests)."""
+    from nanoseek.config import load_preset
+    from nanoseek.model import Transformer
+    from nanoseek.tokenizer import Tokenizer
+    tok = Tokenizer.train(CHAT_TEXTS, vocab_size=300)
+    model = Transformer(load_preset("tiny", vocab_size=tok.vocab_size)).init_weights(0)
+    path = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(path, tokenizer=tok)
+    return path

@@ -11,19 +11,6 @@ from nanoseek.config import load_preset
 from nanoseek.inference import LLM, SamplingParams
 from nanoseek.inference.cli import Display, main_chat, main_generate, stream_reply
 from nanoseek.model import Transformer
-from nanoseek.tokenizer import Tokenizer
-
-TEXTS = ["Hello world, how are you today? I am fine, thank you. 12+34=46.",
-         "The quick brown fox jumps over the lazy dog. <think>hmm</think> <answer>ok</answer>"] * 40
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    tok = Tokenizer.train(TEXTS, vocab_size=300)
-    model = Transformer(load_preset("tiny", vocab_size=tok.vocab_size)).init_weights(0)
-    path = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(path, tokenizer=tok)
-    return path
 
 
 def nanoseek(*args, stdin=None):

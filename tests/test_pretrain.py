@@ -106,13 +106,14 @@ def test_bad_flags(tmp_path):
     assert r.returncode == 2 and "unknown preset" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_user_data_files(tmp_path):
+def test_user_data_files(tmp_path, capsys):
     docs = tmp_path / "docs.jsonl"
     lines = [json.dumps({"text": f"the number {i} is {'even' if i % 2 == 0 else 'odd'}."}) for i in range(400)]
     lines.insert(3, "{broken json")
     docs.write_text("\n".join(lines) + "\n")
     s = pretrain(PretrainConfig(out=str(tmp_path / "run"), data=str(docs), max_steps=3, vocab_size=300, **FAST))
     assert s["steps"] == 3
+    assert f"{docs}:4:" in capsys.readouterr().err           # the broken line, named and skipped
 
 
 def test_mtp_off_and_dense_models_train(tmp_path):

@@ -18,26 +18,11 @@ import openai
 import pytest
 import uvicorn
 
-from nanoseek.config import load_preset
 from nanoseek.inference import LLM, SamplingParams
 from nanoseek.inference.server import ReasoningSplitter, TextStream, build_app, listen
-from nanoseek.model import Transformer
-from nanoseek.tokenizer import Tokenizer
 
 KEY = "sk-test"
 MAX_LEN = 96
-TEXTS = ["Hello world, how are you today? I am fine, thank you. 12+34=46.",
-         "The quick brown fox jumps over the lazy dog. <think>hmm</think> <answer>ok</answer>",
-         "Héllo wörld: 世界 ünïcode text, naïve café."] * 40
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    tok = Tokenizer.train(TEXTS, vocab_size=300)
-    model = Transformer(load_preset("tiny", vocab_size=tok.vocab_size)).init_weights(0)
-    path = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(path, tokenizer=tok)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,10 @@ line) and `.parquet` (a `text` column). Bad lines are reported as file:line and 
 """
 from __future__ import annotations
 
-import json
 import random
-import sys
 from pathlib import Path
 
-from ..common import UserError
+from ..common import UserError, read_jsonl
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
@@ -93,28 +91,13 @@ def load_documents(path: str | Path) -> list[str]:
 
 
 def _load_jsonl(path: Path) -> list[str]:
-    docs, bad = [], []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if isinstance(row.get("text"), str):
-                    docs.append(BOS + row["text"] + EOS)
-                elif isinstance(row.get("messages"), list):
-                    docs.append(render_messages(row["messages"]))
-                else:
-                    raise ValueError("needs a string 'text' or a list 'messages'")
-            except (ValueError, AttributeError, TypeError, KeyError) as e:
-                bad.append(f"{path}:{lineno}: {e}")
-    for msg in bad[:20]:
-        print(f"warning: skipped {msg}", file=sys.stderr)
-    if len(bad) > 20:
-        print(f"warning: ... and {len(bad) - 20} more malformed lines in {path}", file=sys.stderr)
-    if not docs:
-        raise UserError(f"{path}: no usable lines ({len(bad)} malformed)")
-    return docs
+    def parse(row):
+        if isinstance(row.get("text"), str):
+            return BOS + row["text"] + EOS
+        if isinstance(row.get("messages"), list):
+            return render_messages(row["messages"])
+        raise ValueError("needs a string 'text' or a list 'messages'")
+    return read_jsonl(path, parse)
 
 
 def render_messages(messages: list[dict]) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import args as argparse_dc
-from ..common import (UserError, autocast, autodetect_device, compute_dtype, print0, progress, seed_everything,
+from ..common import (UserError, autocast, read_jsonl, autodetect_device, compute_dtype, print0, progress, seed_everything,
                       set_threads)
 from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 
@@ -45,38 +44,18 @@ class SFTConfig:
 
 def load_chat_jsonl(path: str | Path, strict: bool = False) -> list[list[dict]]:
     """Conversations from a JSONL file; malformed lines are reported as file:line (and skipped)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    convs, bad = [], []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                msgs = row.get("messages") if isinstance(row, dict) else None
-                if not isinstance(msgs, list) or not msgs:
-                    raise ValueError("needs a non-empty list 'messages'")
-                for i, m in enumerate(msgs):
-                    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
-                            not isinstance(m.get("content"), str):
-                        raise ValueError(f"messages[{i}] needs role in system/user/assistant and string content")
-                if not any(m["role"] == "assistant" for m in msgs):
-                    raise ValueError("no assistant message to learn from")
-                convs.append(msgs)
-            except (ValueError, AttributeError) as e:
-                msg = f"{path}:{lineno}: {e}"
-                if strict:
-                    raise UserError(msg) from None
-                bad.append(msg)
-    for msg in bad[:20]:
-        print(f"warning: skipped {msg}", file=sys.stderr)
-    if len(bad) > 20:
-        print(f"warning: ... and {len(bad) - 20} more malformed lines", file=sys.stderr)
-    if not convs:
-        raise UserError(f"{path}: no usable conversations ({len(bad)} malformed lines)")
-    return convs
+    def parse(row):
+        msgs = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("needs a non-empty list 'messages'")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
+                    not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] needs role in system/user/assistant and string content")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError("no assistant message to learn from")
+        return msgs
+    return read_jsonl(path, parse, strict, what="conversations")
 
 
 def encode_conversations(tok, convs: list[list[dict]], max_len: int) -> list[tuple[list[int], list[int]]]:
