@@ -54,18 +54,20 @@ class LatentCache:
     def update(self, layer: int, kv: torch.Tensor, pe: torch.Tensor):
         new = torch.cat([kv, pe.to(kv.dtype)], dim=-1)                            # (B,T,C+R)
         li = layer      # main layers 0..L-1, MTP layers L..L+D-1
-        buf = self.data[li]
+        # index the whole tensor rather than the view data[li]: under torch.compile a write into a view
+        # of the cache becomes a copy of the whole layer (measured: 0.75 ms of a 3.8 ms decode step)
+        idx = (torch.full_like(self._idx[1], li),) + self._idx
+        rows = slice(self.row0, self.row0 + self.rows)
         if self.fp8:
             scale = new.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-4) / FP8_MAX
             q = (new.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
-            buf.index_put_(self._idx, q)
-            self.scale[li].index_put_(self._idx, scale)
-            rows = slice(self.row0, self.row0 + self.rows)
-            kvpe = (buf[rows, : self.S].view(torch.float8_e4m3fn).float()
-                    * self.scale[li][rows, : self.S]).to(self.compute_dtype)
+            self.data.index_put_(idx, q)
+            self.scale.index_put_(idx, scale)
+            kvpe = (self.data[li, rows, : self.S].view(torch.float8_e4m3fn).float()
+                    * self.scale[li, rows, : self.S]).to(self.compute_dtype)
         else:
-            buf.index_put_(self._idx, new.to(buf.dtype))
-            kvpe = buf[self.row0: self.row0 + self.rows, : self.S]
+            self.data.index_put_(idx, new.to(self.data.dtype))
+            kvpe = self.data[li, rows, : self.S]
         return kvpe, self.mask
 
     # ---------------------------------------------------------------------------------------------
