@@ -5,8 +5,8 @@ weights, built by transformers and saved, then loaded by nanoseek from the same 
 prompt 32 tokens, 128 new tokens (no EOS on either side, so both generate exactly 128; HF with
 min_new_tokens would instead suppress EOS and pick the runner-up token). Also prefill tokens/s,
 and the KV-cache bytes per token each side actually allocates. `nanoseek_compiled` is the same engine
-with `compile=True` (static-shape torch.compile'd decode step for small batches; large batches, whose
-MoE takes the sorted grouped path, stay eager); its compile time is excluded and reported.
+with `compile=True` (a static-shape torch.compile'd decode step); its compile time is excluded and
+reported.
 
     .venv/bin/python benchmarks/bench_decode.py --batches 1 8 64
 """

@@ -137,13 +137,13 @@ def test_compiled_decode_equals_eager_and_sees_weight_updates():
     engine's greedy tokens, and reads the new weights after an in-place update (an optimizer step)."""
     torch.manual_seed(0)
     m = randomize(Transformer(random_cfg(rope_factor=1.0, max_position_embeddings=64))).eval()
-    ps = prompts(3)
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    compiled = LLM(m, max_batch=4, max_len=40, compile=True)
+    compiled = LLM(m, max_batch=8, max_len=40, compile=True)
     assert compiled.engine._compiled_bucket(3) == 4          # 3 rows run padded to 4
-    for _ in range(2):
+    assert [m.moe_layers()[0].choose_impl(b, False) for b in (4, 8)] == ["dense", "grouped"]
+    for ps in (prompts(3), prompts(7)):   # batch 4: MoE in-graph (dense); batch 8: sorted experts as one op
         fast = compiled.generate(ps, sp)           # first: it alone must notice the weight update
-        eager = LLM(m, max_batch=4, max_len=40).generate(ps, sp)
+        eager = LLM(m, max_batch=8, max_len=40).generate(ps, sp)
         for a, b in zip(eager, fast):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
             assert max(abs(x - y) for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)) < 1e-4

@@ -57,9 +57,9 @@ def sample(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor | Non
            all_greedy: bool = False):
     """logits (B,V) -> (tokens (B,), logprobs (B,)). temps 0 = greedy rows."""
     logits = logits.float()
-    if all_greedy:   # fast path: no noise, no sorting
-        tokens = logits.argmax(dim=-1)
-        return tokens, logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    if all_greedy:   # fast path: no noise, no sorting (max(dim) ~1.6x faster than argmax on CPU; same ties)
+        best, tokens = logits.max(dim=-1)
+        return tokens, best - torch.logsumexp(logits, dim=-1)
     greedy = temps == 0
     t = torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(1)
     scaled = logits / t

@@ -98,32 +98,11 @@ class Experts(nn.Module):
             return self._dense(x_TD, weights_TK, idx_TK)
         if impl == "gather":
             return self._gather(x_TD, weights_TK, idx_TK)
-        T, K = idx_TK.shape
-        flat = idx_TK.flatten()
-        order = flat.argsort(stable=True)                       # (T*K,) pairs sorted by expert
-        token = order // K
-        counts = torch.bincount(flat, minlength=self.w13.shape[0])
-        xs = x_TD[token]
-        w13, w2 = self.w13.to(xs.dtype), self.w2.to(xs.dtype)
-        if impl == "grouped":
-            offs = counts.cumsum(0).to(torch.int32)
-            gate, up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-            ys = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offs)
-        else:
-            # unbind once: indexing w13[e] per expert would make autograd build a full-size zero
-            # gradient for every slice (measured: 42% of a `small` training step); unbind's backward
-            # stacks the per-expert gradients once
-            # (the same holds for slicing xs per expert, hence one split)
-            w13s, w2s = w13.unbind(0), w2.unbind(0)
-            sizes = counts.tolist()
-            outs = []
-            for e, x_e in enumerate(xs.split(sizes)):
-                if sizes[e]:
-                    gate, up = (x_e @ w13s[e].T).chunk(2, dim=-1)
-                    outs.append((F.silu(gate) * up) @ w2s[e].T)
-            ys = torch.cat(outs) if outs else xs.new_zeros(0, x_TD.shape[1])
-        ys = ys * weights_TK.flatten()[order].unsqueeze(1).to(ys.dtype)
-        return torch.zeros_like(x_TD, dtype=ys.dtype).index_add_(0, token, ys)
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            # the sorted paths have data-dependent sizes: inside a compiled graph (the engine's decode
+            # step) they run as one opaque op with a static output shape, so the graph stays whole
+            return torch.ops.nanoseek.sorted_experts(x_TD, weights_TK, idx_TK, self.w13, self.w2, impl)
+        return sorted_experts(x_TD, weights_TK, idx_TK, self.w13, self.w2, impl)
 
     def _gather(self, x_TD, weights_TK, idx_TK):
         T, K = idx_TK.shape
@@ -141,6 +120,48 @@ class Experts(nn.Module):
         dense_w = torch.zeros(T, w13.shape[0], dtype=y_ETD.dtype, device=x_TD.device)
         dense_w.scatter_(1, idx_TK, weights_TK.to(y_ETD.dtype))
         return torch.einsum("etd,te->td", y_ETD, dense_w)
+
+
+def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str):
+    """Pairs sorted by expert, each expert's contiguous segment through its SwiGLU ("grouped":
+    torch._grouped_mm over the segments; "loop": one matmul pair per non-empty expert)."""
+    T, K = idx_TK.shape
+    flat = idx_TK.flatten()
+    order = flat.argsort(stable=True)                       # (T*K,) pairs sorted by expert
+    token = order // K
+    counts = torch.bincount(flat, minlength=w13.shape[0])
+    xs = x_TD[token]
+    w13, w2 = w13.to(xs.dtype), w2.to(xs.dtype)
+    if impl == "grouped":
+        offs = counts.cumsum(0).to(torch.int32)
+        gate, up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        ys = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offs)
+    else:
+        # unbind once: indexing w13[e] per expert would make autograd build a full-size zero
+        # gradient for every slice (measured: 42% of a `small` training step); unbind's backward
+        # stacks the per-expert gradients once
+        # (the same holds for slicing xs per expert, hence one split)
+        w13s, w2s = w13.unbind(0), w2.unbind(0)
+        sizes = counts.tolist()
+        outs = []
+        for e, x_e in enumerate(xs.split(sizes)):
+            if sizes[e]:
+                gate, up = (x_e @ w13s[e].T).chunk(2, dim=-1)
+                outs.append((F.silu(gate) * up) @ w2s[e].T)
+        ys = torch.cat(outs) if outs else xs.new_zeros(0, x_TD.shape[1])
+    ys = ys * weights_TK.flatten()[order].unsqueeze(1).to(ys.dtype)
+    return torch.zeros_like(x_TD, dtype=ys.dtype).index_add_(0, token, ys)
+
+
+@torch.library.custom_op("nanoseek::sorted_experts", mutates_args=())
+def _sorted_experts_op(x_TD: torch.Tensor, weights_TK: torch.Tensor, idx_TK: torch.Tensor, w13: torch.Tensor,
+                       w2: torch.Tensor, impl: str) -> torch.Tensor:
+    return sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl)
+
+
+@_sorted_experts_op.register_fake
+def _(x_TD, weights_TK, idx_TK, w13, w2, impl):
+    return torch.empty_like(x_TD)
 
 
 class MoE(nn.Module):
