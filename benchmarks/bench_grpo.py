@@ -75,8 +75,21 @@ def run_trl(model_dir, prompts, answers, steps, G, max_new):
             times.append(time.perf_counter() - self.t)
 
     tr.add_callback(Timer())
+    gen_times = []
+    gen = tr._generate_and_score_completions
+
+    def timed_gen(*a, **k):                    # TRL's own split: generation + scoring vs the rest
+        t = time.perf_counter()
+        out = gen(*a, **k)
+        gen_times.append(time.perf_counter() - t)
+        return out
+
+    tr._generate_and_score_completions = timed_gen
     tr.train()
-    return sum(n_tokens[1:]) / sum(times[1:]), times
+    n = max(1, len(gen_times) - 1)
+    split = {"generate_and_score_s": round(sum(gen_times[1:]) / n, 2),
+             "update_s": round((sum(times[1:]) - sum(gen_times[1:])) / n, 2)}
+    return sum(n_tokens[1:]) / sum(times[1:]), times, split
 
 
 def run_nanoseek(model_dir, prompts, answers, steps, G, max_new):
@@ -131,11 +144,12 @@ def main():
     answers = [str(a + b) for a, b in pairs]
     model_dir = build_model_dir(prompts + [f"{p}{a}" for p, a in zip(prompts, answers)] * 5)
     ours, our_times, our_split = run_nanoseek(model_dir, prompts, answers, args.steps, args.G, args.max_new)
-    trl, trl_times = run_trl(model_dir, prompts, answers, args.steps, args.G, args.max_new)
+    trl, trl_times, trl_split = run_trl(model_dir, prompts, answers, args.steps, args.G, args.max_new)
     import trl as trl_mod
     report("bench_grpo", {
         "completion_tokens_per_s": {"nanoseek": round(ours, 1), "trl": round(trl, 1)},
         "speedup": round(ours / trl, 2), "trl_version": trl_mod.__version__, "nanoseek_mean_split_s": our_split,
+        "trl_mean_split_s": trl_split,
         "s_per_step": {"nanoseek": [round(t, 2) for t in our_times], "trl": [round(t, 2) for t in trl_times]},
         "shape": {"prompts_per_step": args.prompts, "G": args.G, "max_new": args.max_new}})
 
