@@ -151,3 +151,13 @@ def test_compiled_decode_equals_eager_and_sees_weight_updates():
             for layer in m.layers:
                 layer.attn.wkv_b.weight.mul_(1.5)
     assert compiled.engine.stats["decode_tokens"] > 0
+
+
+def test_step_after_the_last_sequence_is_finished_from_outside(model):
+    """A stop string can end the last running sequence between steps: the next step is a no-op."""
+    llm = LLM(model, max_batch=2, max_len=64)
+    eng = llm.engine
+    eng.add_request([3, 4, 5], SamplingParams(temperature=0, max_tokens=8))
+    (seq,) = eng.step()
+    eng.finish(seq)
+    assert eng.step() == [] and not eng.has_work()

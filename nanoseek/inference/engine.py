@@ -78,6 +78,10 @@ class Engine:
         # to a power of two, attention over the whole (masked) cache, the sorted MoE paths as one
         # opaque op. One compilation per batch bucket (~20 s each on 2 CPU cores).
         self._compiled = torch.compile(self._static_decode, dynamic=False, fullgraph=True) if compile else None
+        self._compile_failed: set[int] = set()     # buckets that could not compile run eagerly
+        if compile:   # one compilation per bucket (1, 2, 4, ... max_batch), plus room for other engines
+            import torch._dynamo as dynamo
+            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 4 * (max_batch.bit_length() + 1))
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "spec_drafts": 0, "spec_accepted": 0}
 
     # ---------------------------------------------------------------------------------------------
@@ -112,6 +116,8 @@ class Engine:
 
     def step(self) -> list[Sequence]:
         self._compact()              # sequences finished from outside since the last step
+        if not self.running and not self.waiting:      # e.g. a stop string ended the last sequence
+            return []
         self.stats["steps"] += 1
         if self.waiting and self.waiting[0].params.n <= self.max_batch - len(self.running):
             out = self._prefill()
@@ -187,7 +193,7 @@ class Engine:
         if self._compiled is None or self.speculative:
             return None
         Bp = 1 << (B - 1).bit_length()
-        return Bp if Bp <= self.max_batch else None
+        return Bp if Bp <= self.max_batch and Bp not in self._compile_failed else None
 
     def _decode(self) -> list[Sequence]:
         seqs = self.running
@@ -202,8 +208,14 @@ class Engine:
             starts = torch.cat([starts, starts.new_zeros(pad)])
             for layer in self.model.layers:        # refresh folded weights in place after optimizer steps
                 layer.attn.folded_weights()
-            with torch.no_grad(), self._autocast():
-                logits = self._compiled(ids, starts)[: len(seqs)]
+            try:
+                with torch.no_grad(), self._autocast():
+                    logits = self._compiled(ids, starts)[: len(seqs)]
+            except Exception as e:          # a bucket torch cannot compile (limits, backend): run eagerly
+                import warnings
+                warnings.warn(f"compiled decode failed for batch {Bp} ({type(e).__name__}); using eager")
+                self._compile_failed.add(Bp)
+                return self._decode()
             for s in seqs:
                 s.length += 1
             self._emit(seqs, logits)

@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="latent cache dtype; fp8 halves the cache of bf16 (default: the compute dtype)")
     ap.add_argument("--speculative", action="store_true", help="MTP speculative decoding for all-greedy batches")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step of small batches "
-                    "(faster steps; each new batch-size bucket compiles once, ~30 s on 2 CPU cores)")
+                    "(faster steps; each new batch-size bucket compiles once, ~20 s on 2 CPU cores)")
     ap.add_argument("--dtype", default=None, help="weight dtype: float32, bfloat16, float16 (default: as saved)")
     ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -118,7 +118,7 @@ class MLA(nn.Module):
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         if getattr(self, "_folded_key", None) == key:
             return self._folded
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(q_b.device.type, enabled=False):   # fold in fp32 always
             w = self._wkv_b_heads(torch.float32)                                   # H,N+V,C
             qb = q_b.float().view(H, N + R, -1)                                    # H,N+R,Q
             q_lat = torch.einsum("hnc,hnq->hcq", w[:, :N], qb[:, :N])              # W_UK_h^T W_UQ_nope_h
@@ -126,7 +126,7 @@ class MLA(nn.Module):
             w_out = torch.einsum("dhv,hvc->dhc", self.wo.weight.float().view(-1, H, V), w[:, N:]).reshape(-1, H * C)
             w_down = torch.cat([self.wq_a.weight, self.wkv_a.weight]) if hasattr(self, "wq_a") else self.wkv_a.weight
             dt = q_b.dtype
-            new = (w_down.to(dt), w_q.to(dt), w_out.to(dt))
+            new = (w_down.to(dt, copy=True), w_q.to(dt), w_out.to(dt))   # copy: never alias a parameter
             old = getattr(self, "_folded", None)
             if old is not None and all(o.shape == n.shape and o.dtype == n.dtype and o.device == n.device
                                        for o, n in zip(old, new)):
