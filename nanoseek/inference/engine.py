@@ -195,38 +195,41 @@ class Engine:
         Bp = 1 << (B - 1).bit_length()
         return Bp if Bp <= self.max_batch and Bp not in self._compile_failed else None
 
+    def _compiled_logits(self, ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor | None:
+        """Logits (B,V) from the compiled static-shape step, or None where the step runs eagerly."""
+        B = ids.shape[0]
+        Bp = self._compiled_bucket(B)
+        if Bp is None:
+            return None
+        # rows B..Bp-1 are free cache slots: their dummy token lands at position 0 and is
+        # overwritten by the next prefill that takes the slot
+        ids = torch.cat([ids, ids.new_zeros(Bp - B, 1)])
+        starts = torch.cat([starts, starts.new_zeros(Bp - B)])
+        for layer in self.model.layers:        # refresh folded weights in place after optimizer steps
+            layer.attn.folded_weights()
+        try:
+            with torch.no_grad(), self._autocast():
+                return self._compiled(ids, starts)[:B]
+        except Exception as e:          # a bucket torch cannot compile (limits, backend): run eagerly
+            import warnings
+            warnings.warn(f"compiled decode failed for batch {Bp} ({type(e).__name__}); using eager")
+            self._compile_failed.add(Bp)
+            return None
+
     def _decode(self) -> list[Sequence]:
         seqs = self.running
         ids = torch.tensor([[s.pending] for s in seqs], device=self.device)
         starts = torch.tensor([s.length for s in seqs], device=self.device)
-        Bp = self._compiled_bucket(len(seqs))
-        if Bp is not None:
-            # rows B..Bp-1 are free cache slots: their dummy token lands at position 0 and is
-            # overwritten by the next prefill that takes the slot
-            pad = Bp - len(seqs)
-            ids = torch.cat([ids, ids.new_zeros(pad, 1)])
-            starts = torch.cat([starts, starts.new_zeros(pad)])
-            for layer in self.model.layers:        # refresh folded weights in place after optimizer steps
-                layer.attn.folded_weights()
-            try:
-                with torch.no_grad(), self._autocast():
-                    logits = self._compiled(ids, starts)[: len(seqs)]
-            except Exception as e:          # a bucket torch cannot compile (limits, backend): run eagerly
-                import warnings
-                warnings.warn(f"compiled decode failed for batch {Bp} ({type(e).__name__}); using eager")
-                self._compile_failed.add(Bp)
-                return self._decode()
-            for s in seqs:
-                s.length += 1
-            self._emit(seqs, logits)
-            return list(seqs)
-        h = self._forward(ids, starts)
+        logits = self._compiled_logits(ids, starts)
+        if logits is None:
+            h = self._forward(ids, starts)
+            if self.speculative:
+                for i, s in enumerate(seqs):
+                    s.hidden = torch.cat([s.hidden, h[i, :1]]) if s.hidden is not None else h[i, :1]
+            logits = self._logits(h[:, 0])
         for s in seqs:
             s.length += 1
-        if self.speculative:
-            for i, s in enumerate(seqs):
-                s.hidden = torch.cat([s.hidden, h[i, :1]]) if s.hidden is not None else h[i, :1]
-        self._emit(seqs, self._logits(h[:, 0]))
+        self._emit(seqs, logits)
         return list(seqs)
 
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
