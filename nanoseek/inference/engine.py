@@ -22,6 +22,7 @@ import torch
 
 from ..common import UserError
 from ..model import Transformer
+from ..model.moe import MoE
 from .cache import LatentCache
 from .sampling import SamplingParams, logprobs_topk, sample
 
@@ -205,8 +206,10 @@ class Engine:
         # overwritten by the next prefill that takes the slot
         ids = torch.cat([ids, ids.new_zeros(Bp - B, 1)])
         starts = torch.cat([starts, starts.new_zeros(Bp - B)])
-        for layer in self.model.layers:        # refresh folded weights in place after optimizer steps
+        for layer in self.model.layers:        # refresh derived weights in place after optimizer steps
             layer.attn.folded_weights()
+            if isinstance(layer.ffn, MoE):
+                layer.ffn.fused_weights()
         try:
             with torch.no_grad(), self._autocast():
                 return self._compiled(ids, starts)[:B]

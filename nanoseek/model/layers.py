@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import linear
+
 
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 (as HF and DeepSeek PR #969 do)."""
@@ -29,5 +31,5 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(inter, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        gate, up = linear(x, self.w13.weight).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.w2.weight)

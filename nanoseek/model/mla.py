@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .kernels import linear
 from .layers import RMSNorm
 from .rope import apply_rope
 
@@ -141,16 +142,16 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         H, C, R = self.n_heads, self.kv_rank, self.rope_dim
         w_down, w_q, w_out = folded
-        a = F.linear(x, w_down)
+        a = linear(x, w_down)
         if hasattr(self, "wq_a"):
             c_q, a = self.q_norm(a[..., : w_down.shape[0] - C - R]), a[..., w_down.shape[0] - C - R:]
         else:
             c_q = x
-        q = F.linear(c_q, w_q).view(B, T, H, C + R)
+        q = linear(c_q, w_q).view(B, T, H, C + R)
         q = torch.cat([q[..., :C], apply_rope(q[..., C:], rot)], dim=-1)
         kvpe, mask = cache.update(self.layer_id, self.kv_norm(a[..., :C]), apply_rope(a[..., C:], rot))
         o_lat = self._latent_attention(q, kvpe, mask)                              # B,T*H,C
-        return F.linear(o_lat.reshape(B, T, H * C), w_out)
+        return linear(o_lat.reshape(B, T, H * C), w_out)
 
     def _wkv_b_heads(self, dtype):
         """wkv_b as (H, N+V, C): per head, W_UK rows then W_UV rows."""

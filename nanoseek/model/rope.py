@@ -63,15 +63,17 @@ def cos_sin_scale(cfg: ModelConfig) -> float:
 
 
 def rope_freqs(positions: torch.Tensor, freqs: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """positions (..., T) int -> unit complex rotations scale * exp(i pos w_j), shape (..., T, R/2)."""
+    """positions (..., T) int -> rotations scale * [cos(pos w_j), sin(pos w_j)], shape (..., T, R/2, 2) fp32.
+    (Real-valued rather than complex: torch.compile generates fused code only for real tensors.)"""
     ang = positions.to(torch.float32).unsqueeze(-1) * freqs
-    return torch.polar(torch.full_like(ang, scale), ang)
+    return torch.stack([ang.cos(), ang.sin()], dim=-1) * scale
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of the last dim: view them as complex numbers and multiply (one op, as the
-    official code does). x (B, T, [H,] R); rot (B or 1, T, R/2) complex."""
+    """Rotate adjacent pairs (a, b) of the last dim by the angle in rot: (a cos - b sin, a sin + b cos),
+    the complex product (a + ib)(cos + i sin) of the official code. x (B, T, [H,] R); rot (B or 1, T, R/2, 2)."""
     if x.dim() == 4:  # per-head tensor: broadcast over heads
-        rot = rot.unsqueeze(-2)
-    xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+        rot = rot.unsqueeze(-3)
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = rot.unbind(-1)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)

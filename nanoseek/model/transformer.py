@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .kernels import linear
 from .layers import MLP, RMSNorm
 from .mla import MLA
 from .moe import MoE
@@ -85,7 +86,7 @@ class Transformer(nn.Module):
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(h))
+        return linear(self.norm(h), self.head.weight)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         return self.logits(self.hidden(ids, positions, cache))

@@ -1,0 +1,45 @@
+"""MKL-prepacked linears (nanoseek/model/kernels.py): equal to F.linear, never stale, packed once."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.model import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.MKL, reason="this torch build has no MKL")
+
+
+def test_packed_linear_equals_linear_follows_updates_and_packs_once():
+    torch.manual_seed(0)
+    w = torch.randn(96, 48)
+    f = torch.compile(lambda x: kernels.linear(x, w), dynamic=False, fullgraph=True)
+    before = kernels.stats["packs"]
+    with torch.no_grad():
+        for M in (8, 3):                     # row counts get packs of their own
+            x = torch.randn(M, 48)
+            for _ in range(3):
+                torch.testing.assert_close(f(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        assert kernels.stats["packs"] - before == 2           # one pack per (weight, rows), reused
+        w.mul_(-2.0)                                          # an in-place update (optimizer step)
+        torch.testing.assert_close(f(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        assert kernels.stats["packs"] - before == 3
+
+
+def test_linear_outside_compiled_inference_is_plain_linear():
+    """Eager, training (grad) and non-fp32 calls never touch the packs."""
+    w = torch.randn(16, 8, requires_grad=True)
+    x = torch.randn(4, 8)
+    before = kernels.stats["packs"]
+    y = kernels.linear(x, w)
+    y.sum().backward()
+    assert w.grad is not None and kernels.stats["packs"] == before
+    assert kernels.linear(x.bfloat16(), w.detach().bfloat16()).dtype == torch.bfloat16
+
+
+def test_packs_are_dropped_with_their_weight():
+    w = torch.randn(32, 16)
+    with torch.no_grad():
+        kernels._packed_linear(torch.randn(2, 16), w)
+    key = (w.data_ptr(), tuple(w.shape))
+    assert key in kernels._packs and len(kernels._packs[key]) == 1
+    del w
+    assert len(kernels._packs.get(key, {})) == 0
