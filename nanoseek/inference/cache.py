@@ -35,14 +35,15 @@ class LatentCache:
         self.mask: torch.Tensor | None = None
 
     # ---------------------------------------------------------------------------------------------
-    def begin(self, starts: torch.Tensor, T: int, row0: int = 0, static: bool = False) -> None:
+    def begin(self, starts: torch.Tensor, T: int, row0: int = 0, span: int | None = None) -> None:
         """Prepare a forward of T new tokens for slots row0..row0+B-1, row b starting at starts[b].
-        static=True attends over all max_len positions (masked), so every step has the same shapes:
-        what a compiled decode step needs (no data-dependent sizes)."""
+        Attention spans max(starts) + T positions, or `span` (>= that; positions past a row's length
+        are masked): the compiled decode step passes a rounded-up span as a dynamic dimension, so one
+        graph serves every cache length and attends over the live part of the cache only."""
         self.rows = starts.shape[0]
         self.row0 = row0
         self.starts = starts
-        self.S = self.max_len if static else int(starts.max()) + T
+        self.S = span if span is not None else int(starts.max()) + T
         s = torch.arange(self.S, device=starts.device)
         q = starts[:, None] + torch.arange(T, device=starts.device)[None]        # (B,T) absolute positions
         # additive mask, built once per forward and shared by every layer: 0 = attend, -inf = not

@@ -75,11 +75,14 @@ class Engine:
         self.running: list[Sequence] = []
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self._ids = itertools.count()
-        # compile=True: decode steps run as one torch.compile'd graph with static shapes: rows padded
-        # to a power of two, attention over the whole (masked) cache, the sorted MoE paths as one
-        # opaque op. One compilation per batch bucket (~20 s each on 2 CPU cores).
-        self._compiled = torch.compile(self._static_decode, dynamic=False, fullgraph=True) if compile else None
+        # compile=True: decode steps run as one torch.compile'd graph: rows padded to a power of two
+        # (one compilation per batch bucket, ~5-20 s each on 2 CPU cores), attention over the live cache
+        # length rounded up to 32 (a dynamic dimension: no recompiles as sequences grow), MKL-prepacked
+        # linears and the fused dense MoE for small batches, the sorted MoE paths as one opaque op.
+        self._compiled = torch.compile(self._decode_graph, dynamic=None, fullgraph=True) if compile else None
         self._compile_failed: set[int] = set()     # buckets that could not compile run eagerly
+        self._weights_key: list | None = None      # parameter versions the derived weights were built from
+        self._params = list(model.parameters())
         if compile:   # one compilation per bucket (1, 2, 4, ... max_batch), plus room for other engines
             import torch._dynamo as dynamo
             dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 4 * (max_batch.bit_length() + 1))
@@ -185,9 +188,12 @@ class Engine:
         self._emit(seqs, self._logits(last)[src])
         return seqs
 
-    def _static_decode(self, ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        self.cache.begin(starts, 1, 0, static=True)
-        return self.model.logits(self.model.hidden(ids, self.cache.positions, self.cache)[:, 0]).float()
+    def _decode_graph(self, ids: torch.Tensor, starts: torch.Tensor, span: torch.Tensor):
+        """The compiled step: logits (B,V) fp32, plus the greedy token and its log-prob (fused in-graph)."""
+        self.cache.begin(starts, 1, 0, span=span.shape[0])
+        logits = self.model.logits(self.model.hidden(ids, self.cache.positions, self.cache)[:, 0]).float()
+        best, tokens = logits.max(dim=-1)
+        return logits, tokens, best - torch.logsumexp(logits, dim=-1)
 
     def _compiled_bucket(self, B: int) -> int | None:
         """Padded batch size (a power of two) for the compiled step, or None to run eagerly."""
@@ -196,35 +202,56 @@ class Engine:
         Bp = 1 << (B - 1).bit_length()
         return Bp if Bp <= self.max_batch and Bp not in self._compile_failed else None
 
-    def _compiled_logits(self, ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor | None:
-        """Logits (B,V) from the compiled static-shape step, or None where the step runs eagerly."""
+    def _refresh_derived_weights(self) -> None:
+        """Recompute the folded MLA / fused MoE weights (in place) if any parameter changed since the
+        last step (an optimizer step, a load): one version/address check over the parameters (the
+        Parameter objects of construction time: in-place updates are seen, replaced Parameters are not)."""
+        key = [(p._version, p.data_ptr()) for p in self._params]
+        if key == self._weights_key:
+            return
+        for layer in self.model.layers:
+            layer.attn.folded_weights()
+            if isinstance(layer.ffn, MoE):
+                layer.ffn.fused_weights()
+        self._weights_key = key
+
+    def _compiled_logits(self, ids: torch.Tensor, starts: torch.Tensor):
+        """(logits (B,V), greedy tokens, their log-probs) from the compiled step, or None
+        where the step runs eagerly."""
         B = ids.shape[0]
         Bp = self._compiled_bucket(B)
         if Bp is None:
             return None
         # rows B..Bp-1 are free cache slots: their dummy token lands at position 0 and is
         # overwritten by the next prefill that takes the slot
-        ids = torch.cat([ids, ids.new_zeros(Bp - B, 1)])
-        starts = torch.cat([starts, starts.new_zeros(Bp - B)])
-        for layer in self.model.layers:        # refresh derived weights in place after optimizer steps
-            layer.attn.folded_weights()
-            if isinstance(layer.ffn, MoE):
-                layer.ffn.fused_weights()
+        if Bp > B:
+            ids = torch.cat([ids, ids.new_zeros(Bp - B, 1)])
+            starts = torch.cat([starts, starts.new_zeros(Bp - B)])
+        self._refresh_derived_weights()
         try:
             with torch.no_grad(), self._autocast():
-                return self._compiled(ids, starts)[:B]
+                # the attention span (live cache length rounded up to 32) is the graph's one dynamic
+                # dimension, passed as the length of an empty tensor; the batch stays static (buckets)
+                span = torch.empty(min(self.max_len, (int(starts.max()) + 32) // 32 * 32), device=self.device)
+                torch._dynamo.mark_dynamic(span, 0)
+                torch._dynamo.mark_static(ids, 0)
+                torch._dynamo.mark_static(starts, 0)
+                logits, tokens, logps = self._compiled(ids, starts, span)
         except Exception as e:          # a bucket torch cannot compile (limits, backend): run eagerly
             import warnings
             warnings.warn(f"compiled decode failed for batch {Bp} ({type(e).__name__}); using eager")
             self._compile_failed.add(Bp)
             return None
+        return logits[:B], tokens[:B], logps[:B]
 
     def _decode(self) -> list[Sequence]:
         seqs = self.running
         ids = torch.tensor([[s.pending] for s in seqs], device=self.device)
         starts = torch.tensor([s.length for s in seqs], device=self.device)
-        logits = self._compiled_logits(ids, starts)
-        if logits is None:
+        out, greedy = self._compiled_logits(ids, starts), None
+        if out is not None:
+            logits, greedy = out[0], out[1:]
+        else:
             h = self._forward(ids, starts)
             if self.speculative:
                 for i, s in enumerate(seqs):
@@ -232,25 +259,35 @@ class Engine:
             logits = self._logits(h[:, 0])
         for s in seqs:
             s.length += 1
-        self._emit(seqs, logits)
+        self._emit(seqs, logits, greedy)
         return list(seqs)
 
-    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per sequence from logits (B,V) and apply the stop rules."""
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor, greedy=None) -> None:
+        """Sample one token per sequence from logits (B,V) and apply the stop rules. `greedy`: the
+        (tokens, log-probs) of argmax sampling when the compiled step already computed them."""
         P = [s.params for s in seqs]
-        temps = torch.tensor([p.temperature for p in P], device=logits.device)
-        top_ps = torch.tensor([p.top_p for p in P], device=logits.device) if any(p.top_p < 1 for p in P) else None
-        top_ks = torch.tensor([max(p.top_k, 0) for p in P], device=logits.device) if any(p.top_k > 0 for p in P) \
-            else None
-        for i, s in enumerate(seqs):   # suppress EOS before min_tokens
-            if len(s.out_ids) < s.params.min_tokens:
-                for e in self.eos_ids:
-                    logits[i, e] = float("-inf")
-        tokens, logps = sample(logits, temps, top_ps, top_ks, [s.generator for s in seqs], self.gen,
-                               all_greedy=all(p.greedy for p in P))
+        suppress = [i for i, s in enumerate(seqs) if len(s.out_ids) < s.params.min_tokens]
+        for i in suppress:             # suppress EOS before min_tokens
+            for e in self.eos_ids:
+                logits[i, e] = float("-inf")
+        all_greedy = all(p.greedy for p in P)
+        temps = None
+        if all_greedy and greedy is not None and not suppress:
+            tokens, logps = greedy
+        else:
+            temps = torch.tensor([p.temperature for p in P], device=logits.device)
+            top_ps = torch.tensor([p.top_p for p in P], device=logits.device) if any(p.top_p < 1 for p in P) \
+                else None
+            top_ks = torch.tensor([max(p.top_k, 0) for p in P], device=logits.device) \
+                if any(p.top_k > 0 for p in P) else None
+            tokens, logps = sample(logits, temps, top_ps, top_ks, [s.generator for s in seqs], self.gen,
+                                   all_greedy=all_greedy)
         tokens, logps = tokens.tolist(), logps.tolist()
         for i, s in enumerate(seqs):
-            top = logprobs_topk(logits[i], temps[i], s.params.logprobs) if s.params.logprobs else None
+            top = None
+            if s.params.logprobs:
+                t = torch.tensor(s.params.temperature) if temps is None else temps[i]
+                top = logprobs_topk(logits[i], t, s.params.logprobs)
             self._append(s, tokens[i], logps[i], top)
 
     def _append(self, s: Sequence, tok: int, logp: float, top: dict | None = None) -> None:
