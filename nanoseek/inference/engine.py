@@ -79,7 +79,10 @@ class Engine:
         # (one compilation per batch bucket, ~5-20 s each on 2 CPU cores), attention over the live cache
         # length rounded up to 32 (a dynamic dimension: no recompiles as sequences grow), MKL-prepacked
         # linears and the fused dense MoE for small batches, the sorted MoE paths as one opaque op.
-        self._compiled = torch.compile(self._decode_graph, dynamic=None, fullgraph=True) if compile else None
+        # cpp_wrapper: inductor writes the code that calls the step's ~100 kernels in C++ instead of
+        # Python (measured +9% tokens/s at batch 8, +5% at 64; compiles take ~15 s longer)
+        self._compiled = torch.compile(self._decode_graph, dynamic=None, fullgraph=True,
+                                       options={"cpp_wrapper": True}) if compile else None
         self._compile_failed: set[int] = set()     # buckets that could not compile run eagerly
         self._weights_key: list | None = None      # parameter versions the derived weights were built from
         self._params = list(model.parameters())
