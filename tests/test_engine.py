@@ -137,7 +137,8 @@ def test_compiled_decode_equals_eager_and_sees_weight_updates(monkeypatch):
     engine's greedy tokens, and reads the new weights after an in-place update (an optimizer step):
     folded MLA weights, fused MoE weights and MKL-packed weights must all follow."""
     from nanoseek.model.moe import MoE
-    monkeypatch.setattr(MoE, "FUSED_MAX_TOKENS", 4)   # batch 4: fused dense MoE; batch 8: sorted-experts op
+    monkeypatch.setattr(MoE, "DENSE_MAX_TOKENS", 4)      # batch 4: fused dense MoE; batch 8: capacity path
+    monkeypatch.setattr(MoE, "CAPACITY_MAX_TOKENS", 8)
     torch.manual_seed(0)
     m = randomize(Transformer(random_cfg(rope_factor=1.0, max_position_embeddings=64))).eval()
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)   # span 32 -> 64

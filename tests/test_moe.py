@@ -22,6 +22,31 @@ def test_fast_paths_equal_per_token_reference(impl, T):
         assert (moe(x) - moe_reference(moe, x)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("path,capacity", [("dense", None), ("capacity", None), ("capacity", 1), ("sorted", None)])
+def test_compiled_decode_paths_equal_reference(path, capacity, monkeypatch):
+    """The compiled-decode MoE paths (fused dense GEMMs; capacity-padded bmm, and its exact dense
+    fallback when an expert overflows; the sorted-experts op) against the per-token reference,
+    including after an in-place weight update (the derived weights are refreshed)."""
+    from nanoseek.model.moe import MoE
+    import torch._dynamo
+    torch._dynamo.reset()
+    moe = _moe().eval()
+    T = 12
+    limits = {"dense": (T, T), "capacity": (0, T), "sorted": (0, 0)}[path]
+    monkeypatch.setattr(moe, "DENSE_MAX_TOKENS", limits[0], raising=False)
+    monkeypatch.setattr(moe, "CAPACITY_MAX_TOKENS", limits[1], raising=False)
+    if capacity is not None:                        # every expert overflows: the torch.cond fallback runs
+        monkeypatch.setattr(moe, "capacity", lambda T: capacity)
+    f = torch.compile(moe, fullgraph=True, dynamic=False)
+    x = torch.randn(T, moe.cfg.hidden_size)
+    with torch.no_grad():
+        for _ in range(2):
+            moe.fused_weights()
+            assert (f(x) - moe_reference(moe, x)).abs().max() < 1e-5
+            moe.experts.w2.mul_(-1.5)
+            moe.shared.w13.weight.mul_(0.5)
+
+
 def test_loop_path_gradients_match_reference():
     moe = _moe()
     moe.impl = "loop"

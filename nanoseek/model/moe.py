@@ -195,8 +195,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        if self._use_fused(x_TD):
-            return self._fused_dense(x_TD).view(shape)
+        path = self._decode_path(x_TD)
+        if path is not None:
+            return self._decode(x_TD, path).view(shape)
         weights, idx, scores = self.gate(x_TD)
         if self.training:
             self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel())
@@ -209,15 +210,25 @@ class MoE(nn.Module):
 
 
     # ---------------------------------------------------------------------------------------------
-    # Fused dense decode (compiled fp32 CPU inference): the router, every routed expert's [gate; up]
-    # and the shared expert's [gate; up] as ONE prepacked GEMM, the routing weights folded into the
-    # activations (zero off the route), and every expert's down projection plus the shared one as a
-    # second GEMM: E/K x the routed FLOPs in 2 well-shaped GEMMs instead of ~6E small ones. Measured
-    # on the decode benchmark's model it wins up to FUSED_MAX_TOKENS rows (see benchmarks/bench_decode.py).
-    FUSED_MAX_TOKENS = 64
+    # Compiled decode (fp32 CPU inference inside the engine's torch.compile'd step), two static-shape
+    # paths, both with the router and the shared expert's [gate; up] sharing one prepacked GEMM:
+    #   fused dense (T <= DENSE_MAX_TOKENS): every routed expert's [gate; up] joins that GEMM too, the
+    #     routing weights are folded into the activations (zero off the route), and every down
+    #     projection plus the shared one is a second GEMM: E/K x the routed FLOPs in 2 well-shaped
+    #     GEMMs, which wins while the step is bound by reading the weights.
+    #   capacity (T <= CAPACITY_MAX_TOKENS): each expert gets `capacity(T)` (2x the mean load) rows,
+    #     pairs are scattered into an (E, C, D) buffer and the experts run as two batched matmuls with
+    #     the weights in their stored layout. If any expert gets more pairs than C (a very unbalanced
+    #     router), torch.cond switches that layer to the dense bmm path, so the result is always exact.
+    # Measured on the decode benchmark's model (hidden 256, 16 experts top-4, 2 cores), per MoE layer:
+    # see `benchmarks/bench_decode.py` and the README.
+    DENSE_MAX_TOKENS = 16
+    CAPACITY_MAX_TOKENS = 128
 
     def fused_weights(self):
-        """(W_in (E + E*2F + 2Fs, D), W_out (D, E*F + Fs)), recomputed (in place) when a parameter changes."""
+        """Derived decode weights, recomputed (in place) when a parameter changes:
+        W_rs (E + 2Fs, D) router + shared [gate; up]; W_in (E + E*2F + 2Fs, D) and W_out (D, E*F + Fs)
+        for the fused dense path."""
         params = [self.gate.weight, self.experts.w13, self.experts.w2] + \
             ([self.shared.w13.weight, self.shared.w2.weight] if self.shared is not None else [])
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
@@ -225,12 +236,12 @@ class MoE(nn.Module):
             return self._fused
         with torch.no_grad():
             E, F2, D = self.experts.w13.shape
-            w_in = [self.gate.weight.float(), self.experts.w13.float().reshape(E * F2, D)]
-            w_out = [self.experts.w2.float().permute(1, 0, 2).reshape(D, -1)]
-            if self.shared is not None:
-                w_in.append(self.shared.w13.weight.float())
-                w_out.append(self.shared.w2.weight.float())
-            new = (torch.cat(w_in), torch.cat(w_out, dim=1))
+            gate = self.gate.weight.float()
+            shared_in = [self.shared.w13.weight.float()] if self.shared is not None else []
+            w_in = torch.cat([gate, self.experts.w13.float().reshape(E * F2, D)] + shared_in)
+            w_out = torch.cat([self.experts.w2.float().permute(1, 0, 2).reshape(D, -1)] +
+                              ([self.shared.w2.weight.float()] if self.shared is not None else []), dim=1)
+            new = (torch.cat([gate] + shared_in), w_in, w_out)
             old = getattr(self, "_fused", None)
             if old is not None and all(o.shape == n.shape for o, n in zip(old, new)):
                 for o, n in zip(old, new):      # in place: a compiled decode step keeps reading these
@@ -240,25 +251,58 @@ class MoE(nn.Module):
         self._fused_key = key
         return self._fused
 
-    def _use_fused(self, x_TD) -> bool:
-        # inside the compiled step only (the engine refreshes the fused weights eagerly before it)
-        return (torch.compiler.is_compiling() and not torch.is_grad_enabled() and not self.training
-                and self.impl is None and x_TD.shape[0] <= self.FUSED_MAX_TOKENS and x_TD.device.type == "cpu"
-                and x_TD.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-                and getattr(self, "_fused", None) is not None)
+    def capacity(self, T: int) -> int:
+        """Rows per expert on the capacity path: twice the mean load, a multiple of 8."""
+        mean = T * self.cfg.num_experts_per_tok / self.cfg.n_routed_experts
+        return max(8, -(-int(2 * mean) // 8) * 8)
 
-    def _fused_dense(self, x_TD):
+    def _decode_path(self, x_TD) -> str | None:
+        # inside the compiled step only (the engine refreshes the derived weights eagerly before it)
+        if not (torch.compiler.is_compiling() and not torch.is_grad_enabled() and not self.training
+                and self.impl is None and x_TD.device.type == "cpu" and x_TD.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and getattr(self, "_fused", None) is not None):
+            return None
+        T = x_TD.shape[0]
+        return "dense" if T <= self.DENSE_MAX_TOKENS else "capacity" if T <= self.CAPACITY_MAX_TOKENS else None
+
+    def _decode(self, x_TD, path: str):
         T, (E, F2, _) = x_TD.shape[0], self.experts.w13.shape
-        w_in, w_out = self._fused
-        h = linear(x_TD, w_in)                                            # T, E + E*2F + 2Fs
+        w_rs, w_in, w_out = self._fused
+        Fs = (w_rs.shape[0] - E) // 2
+        if path == "dense":
+            h = linear(x_TD, w_in)                                        # T, E + E*2F + 2Fs
+            weights, idx, _ = route(h[:, :E], self.gate.bias, self.cfg)
+            dense_w = torch.zeros(T, E, dtype=h.dtype, device=h.device).scatter_(1, idx, weights.to(h.dtype))
+            gate, up = h[:, E: E + E * F2].view(T, E, 2, F2 // 2).unbind(2)
+            acts = [(F.silu(gate) * up * dense_w.unsqueeze(-1)).reshape(T, -1)]
+            if Fs:
+                gate, up = h[:, E + E * F2:].chunk(2, dim=-1)
+                acts.append(F.silu(gate) * up)
+            return linear(torch.cat(acts, dim=1), w_out)
+        h = linear(x_TD, w_rs)                                            # T, E + 2Fs
         weights, idx, _ = route(h[:, :E], self.gate.bias, self.cfg)
-        dense_w = torch.zeros(T, E, dtype=h.dtype, device=h.device).scatter_(1, idx, weights.to(h.dtype))
-        gate, up = h[:, E: E + E * F2].view(T, E, 2, F2 // 2).unbind(2)
-        acts = [(F.silu(gate) * up * dense_w.unsqueeze(-1)).reshape(T, -1)]
-        if self.shared is not None:
-            gate, up = h[:, E + E * F2:].chunk(2, dim=-1)
-            acts.append(F.silu(gate) * up)
-        return linear(torch.cat(acts, dim=1), w_out)
+        onehot = F.one_hot(idx.reshape(-1), E)                            # T*K, E
+        pos = ((onehot.cumsum(0) - 1) * onehot).sum(1)                    # rank of a pair within its expert
+        overflow = (onehot.sum(0) > self.capacity(T)).any()
+        out = torch.cond(overflow, self._overflow_dense, self._capacity_experts, (x_TD, weights, idx, pos))
+        if Fs:
+            gate, up = h[:, E:].chunk(2, dim=-1)
+            out = out + linear(F.silu(gate) * up, self.shared.w2.weight)
+        return out
+
+    def _capacity_experts(self, x_TD, weights_TK, idx_TK, pos):
+        (T, D), (E, F2, _), K = x_TD.shape, self.experts.w13.shape, idx_TK.shape[1]
+        C = self.capacity(T)
+        slot = torch.where(pos < C, idx_TK.reshape(-1) * C + pos, E * C)          # E*C: a spare zero row
+        xs = x_TD.new_zeros(E * C + 1, D).index_put((slot,), x_TD.repeat_interleave(K, dim=0))
+        hT = torch.bmm(self.experts.w13, xs[: E * C].view(E, C, D).transpose(1, 2))  # E, 2F, C
+        gate, up = hT.split(F2 // 2, dim=1)
+        yT = torch.bmm(self.experts.w2, F.silu(gate) * up)                        # E, D, C
+        ys = torch.cat([yT.transpose(1, 2).reshape(E * C, D), x_TD.new_zeros(1, D)])[slot]
+        return (ys.view(T, K, D) * weights_TK.unsqueeze(-1)).sum(dim=1)
+
+    def _overflow_dense(self, x_TD, weights_TK, idx_TK, pos):
+        return self.experts._dense(x_TD, weights_TK, idx_TK)
 
 
 def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
