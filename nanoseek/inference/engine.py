@@ -86,6 +86,7 @@ class Engine:
         self._compile_failed: set[int] = set()     # buckets that could not compile run eagerly
         self._weights_key: list | None = None      # parameter versions the derived weights were built from
         self._params = list(model.parameters())
+        self._spans: dict[int, torch.Tensor] = {}   # attention span S -> an empty (S,) tensor, S marked dynamic
         if compile:   # one compilation per bucket (1, 2, 4, ... max_batch), plus room for other engines
             import torch._dynamo as dynamo
             dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 4 * (max_batch.bit_length() + 1))
@@ -218,27 +219,29 @@ class Engine:
                 layer.ffn.fused_weights()
         self._weights_key = key
 
-    def _compiled_logits(self, ids: torch.Tensor, starts: torch.Tensor):
+    def _compiled_logits(self, pending: list[int], lengths: list[int]):
         """(logits (B,V), greedy tokens, their log-probs) from the compiled step, or None
         where the step runs eagerly."""
-        B = ids.shape[0]
+        B = len(pending)
         Bp = self._compiled_bucket(B)
         if Bp is None:
             return None
         # rows B..Bp-1 are free cache slots: their dummy token lands at position 0 and is
         # overwritten by the next prefill that takes the slot
-        if Bp > B:
-            ids = torch.cat([ids, ids.new_zeros(Bp - B, 1)])
-            starts = torch.cat([starts, starts.new_zeros(Bp - B)])
+        ids = torch.tensor(pending + [0] * (Bp - B), device=self.device).view(Bp, 1)
+        starts = torch.tensor(lengths + [0] * (Bp - B), device=self.device)
+        # the attention span (live cache length rounded up to 32) is the graph's one dynamic
+        # dimension, passed as the length of an empty tensor; the batch stays static (buckets)
+        S = min(self.max_len, (max(lengths) + 32) // 32 * 32)
+        span = self._spans.get(S)
+        if span is None:
+            span = self._spans[S] = torch.empty(S, device=self.device)
+            torch._dynamo.mark_dynamic(span, 0)
+        torch._dynamo.mark_static(ids, 0)
+        torch._dynamo.mark_static(starts, 0)
         self._refresh_derived_weights()
         try:
             with torch.no_grad(), self._autocast():
-                # the attention span (live cache length rounded up to 32) is the graph's one dynamic
-                # dimension, passed as the length of an empty tensor; the batch stays static (buckets)
-                span = torch.empty(min(self.max_len, (int(starts.max()) + 32) // 32 * 32), device=self.device)
-                torch._dynamo.mark_dynamic(span, 0)
-                torch._dynamo.mark_static(ids, 0)
-                torch._dynamo.mark_static(starts, 0)
                 logits, tokens, logps = self._compiled(ids, starts, span)
         except Exception as e:          # a bucket torch cannot compile (limits, backend): run eagerly
             import warnings
@@ -249,13 +252,13 @@ class Engine:
 
     def _decode(self) -> list[Sequence]:
         seqs = self.running
-        ids = torch.tensor([[s.pending] for s in seqs], device=self.device)
-        starts = torch.tensor([s.length for s in seqs], device=self.device)
-        out, greedy = self._compiled_logits(ids, starts), None
+        pending, lengths = [s.pending for s in seqs], [s.length for s in seqs]
+        out, greedy = self._compiled_logits(pending, lengths), None
         if out is not None:
             logits, greedy = out[0], out[1:]
         else:
-            h = self._forward(ids, starts)
+            ids = torch.tensor(pending, device=self.device).view(-1, 1)
+            h = self._forward(ids, torch.tensor(lengths, device=self.device))
             if self.speculative:
                 for i, s in enumerate(seqs):
                     s.hidden = torch.cat([s.hidden, h[i, :1]]) if s.hidden is not None else h[i, :1]

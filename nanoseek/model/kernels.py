@@ -19,14 +19,14 @@ when M differs), so packs are kept per (weight, M), at most `KEEP_PER_WEIGHT` ro
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
 MKL = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 KEEP_PER_WEIGHT = 2
-_packs: dict[tuple, OrderedDict] = {}       # (data_ptr, shape) -> OrderedDict(M -> (weakref, version, packed))
+_packs: dict[tuple[int, int], tuple] = {}   # (data_ptr, M) -> (weakref to the weight, its version, packed)
+_rows: dict[int, list[int]] = {}            # data_ptr -> the row counts packed for it, oldest first
 stats = {"packs": 0}
 
 
@@ -39,21 +39,21 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _packed(w: torch.Tensor, M: int) -> torch.Tensor:
-    key = (w.data_ptr(), tuple(w.shape))
-    per_m = _packs.get(key)
-    if per_m is None:
-        per_m = _packs[key] = OrderedDict()
-    hit = per_m.get(M)
+    ptr = w.data_ptr()
+    hit = _packs.get((ptr, M))
     if hit is not None and hit[0]() is w and hit[1] == w._version:
-        per_m.move_to_end(M)
         return hit[2]
     packed = torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), M)
     stats["packs"] += 1
-    # the entry goes when the weight is freed, so a new tensor at the same address never hits it
-    per_m[M] = (weakref.ref(w, lambda _, k=key, m=M: _packs.get(k, {}).pop(m, None)), w._version, packed)
-    per_m.move_to_end(M)
-    while len(per_m) > KEEP_PER_WEIGHT:
-        per_m.popitem(last=False)
+    # the entries go when the weight is freed, so a new tensor at the same address never hits them
+    ref = weakref.ref(w, lambda _, p=ptr: [_packs.pop((p, m), None) for m in _rows.pop(p, [])])
+    _packs[(ptr, M)] = (ref, w._version, packed)
+    rows = _rows.setdefault(ptr, [])
+    if M in rows:
+        rows.remove(M)
+    rows.append(M)
+    while len(rows) > KEEP_PER_WEIGHT:
+        _packs.pop((ptr, rows.pop(0)), None)
     return packed
 
 
@@ -64,6 +64,8 @@ _lib.define("packed_linear(Tensor x, Tensor w) -> Tensor")
 
 
 def _packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2 and x.is_contiguous():
+        return torch.ops.mkl._mkl_linear(x, _packed(w, x.shape[0]), w, None, x.shape[0])
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     M = x2.shape[0]
     return torch.ops.mkl._mkl_linear(x2, _packed(w, M), w, None, M).view(*x.shape[:-1], w.shape[0])
