@@ -3,7 +3,7 @@ import torch
 
 from conftest import randomize, random_cfg
 from nanoseek.model import Transformer
-from nanoseek.model.moe import moe_reference, route
+from nanoseek.model.moe import moe_reference, route, route_dense
 
 
 def _moe(**kw):
@@ -45,6 +45,18 @@ def test_compiled_decode_paths_equal_reference(path, capacity, monkeypatch):
             assert (f(x) - moe_reference(moe, x)).abs().max() < 1e-5
             moe.experts.w2.mul_(-1.5)
             moe.shared.w13.weight.mul_(0.5)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(n_group=1, topk_group=1),
+                                dict(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False),
+                                dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1)])
+def test_topk_free_routing_equals_route(kw):
+    """route_dense (rank counting, for the compiled decode step) selects and weights like route (topk)."""
+    moe = _moe(**kw)
+    logits = torch.randn(50, moe.cfg.n_routed_experts)
+    w, idx, _ = route(logits, moe.gate.bias, moe.cfg)
+    want = torch.zeros_like(logits).scatter_(1, idx, w)
+    assert torch.allclose(route_dense(logits, moe.gate.bias, moe.cfg), want, atol=1e-6)
 
 
 def test_loop_path_gradients_match_reference():

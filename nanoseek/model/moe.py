@@ -61,6 +61,39 @@ def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: ModelConfig
     return weights * cfg.routed_scaling_factor, idx, scores
 
 
+def _top_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest entries along the last dim (ties: lower index first), by counting
+    for each entry how many others beat it: (..., n, n) comparisons, one fused kernel under
+    torch.compile where topk would be a library call. For small n only."""
+    n = x.shape[-1]
+    a, b = x.unsqueeze(-1), x.unsqueeze(-2)                    # a: entry i, b: entry j
+    lower = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)       # j < i
+    beats = (b > a) | ((b == a) & lower)
+    return beats.sum(dim=-1) < k
+
+
+def route_dense(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: ModelConfig):
+    """`route` without topk, for the compiled decode step: -> routing weights (T,E) fp32, zero off
+    the route. Same selection and weights as `route` (up to float ties)."""
+    logits = logits_TE.float()
+    scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores if bias_E is None else scores + bias_E
+    T, E = choice.shape
+    G = cfg.n_group
+    if cfg.topk_method != "greedy" and G > 1 and cfg.topk_group < G:
+        grouped = choice.view(T, G, E // G)
+        if cfg.topk_method == "noaux_tc":
+            group_score = (grouped * _top_mask(grouped, 2)).sum(dim=-1)
+        else:
+            group_score = grouped.amax(dim=-1)
+        keep = _top_mask(group_score, cfg.topk_group)                               # T, G
+        choice = choice.masked_fill(~keep.unsqueeze(-1).expand(T, G, E // G).reshape(T, E), float("-inf"))
+    weights = scores * _top_mask(choice, cfg.num_experts_per_tok)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor
+
+
 class Gate(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -271,8 +304,7 @@ class MoE(nn.Module):
         Fs = (w_rs.shape[0] - E) // 2
         if path == "dense":
             h = linear(x_TD, w_in)                                        # T, E + E*2F + 2Fs
-            weights, idx, _ = route(h[:, :E], self.gate.bias, self.cfg)
-            dense_w = torch.zeros(T, E, dtype=h.dtype, device=h.device).scatter_(1, idx, weights.to(h.dtype))
+            dense_w = route_dense(h[:, :E], self.gate.bias, self.cfg)     # no topk calls: fused
             gate, up = h[:, E: E + E * F2].view(T, E, 2, F2 // 2).unbind(2)
             acts = [(F.silu(gate) * up * dense_w.unsqueeze(-1)).reshape(T, -1)]
             if Fs:
