@@ -193,11 +193,11 @@ class Engine:
         return seqs
 
     def _decode_graph(self, ids: torch.Tensor, starts: torch.Tensor, span: torch.Tensor):
-        """The compiled step: logits (B,V) fp32, plus the greedy token and its log-prob (fused in-graph)."""
+        """The compiled step: logits (B,V) fp32, plus the greedy token and its logit (fused in-graph)."""
         self.cache.begin(starts, 1, 0, span=span.shape[0])
         logits = self.model.logits(self.model.hidden(ids, self.cache.positions, self.cache)[:, 0]).float()
         best, tokens = logits.max(dim=-1)
-        return logits, tokens, best - torch.logsumexp(logits, dim=-1)
+        return logits, tokens, best
 
     def _compiled_bucket(self, B: int) -> int | None:
         """Padded batch size (a power of two) for the compiled step, or None to run eagerly."""
@@ -242,13 +242,16 @@ class Engine:
         self._refresh_derived_weights()
         try:
             with torch.no_grad(), self._autocast():
-                logits, tokens, logps = self._compiled(ids, starts, span)
+                logits, tokens, best = self._compiled(ids, starts, span)
         except Exception as e:          # a bucket torch cannot compile (limits, backend): run eagerly
             import warnings
             warnings.warn(f"compiled decode failed for batch {Bp} ({type(e).__name__}); using eager")
             self._compile_failed.add(Bp)
             return None
-        return logits[:B], tokens[:B], logps[:B]
+        # the log-prob's logsumexp runs eagerly: inductor's exp is ~2.5x slower than ATen's here
+        # (measured 0.24 ms in-graph vs 0.12 ms eager for 64 x 4096 logits)
+        logits = logits[:B]
+        return logits, tokens[:B], best[:B] - torch.logsumexp(logits, dim=-1)
 
     def _decode(self) -> list[Sequence]:
         seqs = self.running
