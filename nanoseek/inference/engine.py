@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..common import UserError
-from ..model import Transformer
+from ..model import Transformer, kernels
 from ..model.moe import MoE
 from .cache import LatentCache
 from .sampling import SamplingParams, logprobs_topk, sample
@@ -83,6 +83,8 @@ class Engine:
         # Python (measured +9% tokens/s at batch 8, +5% at 64; compiles take ~15 s longer)
         self._compiled = torch.compile(self._decode_graph, dynamic=None, fullgraph=True,
                                        options={"cpp_wrapper": True}) if compile else None
+        if compile and self.device.type == "cpu":
+            kernels.load_native()
         self._compile_failed: set[int] = set()     # buckets that could not compile run eagerly
         self._weights_key: list | None = None      # parameter versions the derived weights were built from
         self._params = list(model.parameters())
