@@ -144,7 +144,6 @@ def test_compiled_decode_equals_eager_and_sees_weight_updates(monkeypatch):
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)   # span 32 -> 64
     compiled = LLM(m, max_batch=8, max_len=64, compile=True)
     assert compiled.engine._compiled_bucket(3) == 4          # 3 rows run padded to 4
-    assert [m.moe_layers()[0].choose_impl(b, False) for b in (4, 8)] == ["dense", "grouped"]
     for ps in (prompts(3), prompts(7), prompts(3)):   # the last reuses batch 4's graph and packs after updates
         fast = compiled.generate(ps, sp)           # first: it alone must notice the weight update
         eager = LLM(m, max_batch=8, max_len=64).generate(ps, sp)
@@ -157,7 +156,7 @@ def test_compiled_decode_equals_eager_and_sees_weight_updates(monkeypatch):
                 w = layer.ffn.experts.w13 if hasattr(layer.ffn, "experts") else layer.ffn.w13.weight
                 w.mul_(1.5)
             m.head.weight.mul_(-1.0)
-    assert compiled.engine.stats["decode_tokens"] > 0
+    assert compiled.engine.stats["decode_tokens"] > 0 and not compiled.engine._compile_failed
 
 
 def test_step_after_the_last_sequence_is_finished_from_outside(model):

@@ -30,6 +30,8 @@ def test_packed_linear_equals_linear_follows_updates_and_packs_once(native, monk
         w.mul_(-2.0)                                          # an in-place update (optimizer step)
         torch.testing.assert_close(f(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
         assert kernels.packs_made() - before == 3
+        w.data = w.data * 3                                   # new storage, same version counter
+        torch.testing.assert_close(f(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
         x3 = torch.randn(2, 4, 48)                           # leading dims are flattened and restored
         torch.testing.assert_close(torch.ops.nanoseek.packed_linear(x3, w), F.linear(x3, w), rtol=1e-5, atol=1e-5)
 

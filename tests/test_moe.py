@@ -27,9 +27,11 @@ def test_compiled_decode_paths_equal_reference(path, capacity, monkeypatch):
     """The compiled-decode MoE paths (fused dense GEMMs; capacity-padded bmm, and its exact dense
     fallback when an expert overflows; the sorted-experts op) against the per-token reference,
     including after an in-place weight update (the derived weights are refreshed)."""
-    from nanoseek.model.moe import MoE
     import torch._dynamo
+
+    from nanoseek.model import kernels
     torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "ENGINE_STEP", True)     # as inside the engine's compiled step
     moe = _moe().eval()
     T = 12
     limits = {"dense": (T, T), "capacity": (0, T), "sorted": (0, 0)}[path]
@@ -37,6 +39,8 @@ def test_compiled_decode_paths_equal_reference(path, capacity, monkeypatch):
     monkeypatch.setattr(moe, "CAPACITY_MAX_TOKENS", limits[1], raising=False)
     if capacity is not None:                        # every expert overflows: the torch.cond fallback runs
         monkeypatch.setattr(moe, "capacity", lambda T: capacity)
+    ran, decode = [], moe._decode
+    monkeypatch.setattr(moe, "_decode", lambda x_TD, p: ran.append(p) or decode(x_TD, p))
     f = torch.compile(moe, fullgraph=True, dynamic=False)
     x = torch.randn(T, moe.cfg.hidden_size)
     with torch.no_grad():
@@ -45,6 +49,7 @@ def test_compiled_decode_paths_equal_reference(path, capacity, monkeypatch):
             assert (f(x) - moe_reference(moe, x)).abs().max() < 1e-5
             moe.experts.w2.mul_(-1.5)
             moe.shared.w13.weight.mul_(0.5)
+    assert set(ran) == ({path} if path != "sorted" else set())        # the path under test did run
 
 
 @pytest.mark.parametrize("kw", [{}, dict(n_group=1, topk_group=1),

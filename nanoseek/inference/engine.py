@@ -87,7 +87,8 @@ class Engine:
             kernels.load_native()
         self._compile_failed: set[int] = set()     # buckets that could not compile run eagerly
         self._weights_key: list | None = None      # parameter versions the derived weights were built from
-        self._params = list(model.parameters())
+        self._param_slots = [(m._parameters, n) for m in model.modules() for n, p in m._parameters.items()
+                             if p is not None]
         self._spans: dict[int, torch.Tensor] = {}   # attention span S -> an empty (S,) tensor, S marked dynamic
         if compile:   # one compilation per bucket (1, 2, 4, ... max_batch), plus room for other engines
             import torch._dynamo as dynamo
@@ -210,14 +211,16 @@ class Engine:
 
     def _refresh_derived_weights(self) -> None:
         """Recompute the folded MLA / fused MoE weights (in place) if any parameter changed since the
-        last step (an optimizer step, a load): one version/address check over the parameters (the
-        Parameter objects of construction time: in-place updates are seen, replaced Parameters are not)."""
-        key = [(p._version, p.data_ptr()) for p in self._params]
+        last step (an optimizer step, a load, a replaced Parameter): one identity/version/address check
+        per parameter slot of the modules of construction time (a swapped-in submodule is not seen)."""
+        key = [(id(p), p._version, p.data_ptr()) for d, name in self._param_slots for p in (d[name],)]
         if key == self._weights_key:
             return
+        fused = self.device.type == "cpu" and self.autocast_dtype is None and \
+            self.model.embed.weight.dtype == torch.float32          # where the fused MoE paths can run
         for layer in self.model.layers:
             layer.attn.folded_weights()
-            if isinstance(layer.ffn, MoE):
+            if fused and isinstance(layer.ffn, MoE):
                 layer.ffn.fused_weights()
         self._weights_key = key
 
@@ -228,9 +231,11 @@ class Engine:
         Bp = self._compiled_bucket(B)
         if Bp is None:
             return None
-        # rows B..Bp-1 are free cache slots: their dummy token lands at position 0 and is
-        # overwritten by the next prefill that takes the slot
-        ids = torch.tensor(pending + [0] * (Bp - B), device=self.device).view(Bp, 1)
+        # rows B..Bp-1 are free cache slots: their dummy token lands at position 0 and is overwritten
+        # by the next prefill that takes the slot. Dummies copy real rows' tokens so that they route
+        # like real tokens (identical dummies would all pick the same experts and overflow the MoE's
+        # capacity path)
+        ids = torch.tensor(pending + [pending[i % B] for i in range(Bp - B)], device=self.device).view(Bp, 1)
         starts = torch.tensor(lengths + [0] * (Bp - B), device=self.device)
         # the attention span (live cache length rounded up to 32) is the graph's one dynamic
         # dimension, passed as the length of an empty tensor; the batch stays static (buckets)
@@ -244,7 +249,11 @@ class Engine:
         self._refresh_derived_weights()
         try:
             with torch.no_grad(), self._autocast():
-                logits, tokens, best = self._compiled(ids, starts, span)
+                kernels.ENGINE_STEP = True
+                try:
+                    logits, tokens, best = self._compiled(ids, starts, span)
+                finally:
+                    kernels.ENGINE_STEP = False
         except Exception as e:          # a bucket torch cannot compile (limits, backend): run eagerly
             import warnings
             warnings.warn(f"compiled decode failed for batch {Bp} ({type(e).__name__}); using eager")

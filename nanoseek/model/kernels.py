@@ -5,12 +5,13 @@ A decode step multiplies a few rows (the batch) by every weight matrix. For so f
 measured here, (8 x 256) @ (256 x 4096) takes 183 us with F.linear and 85 us with the weight packed
 once (~45 GB/s, the cache bandwidth), and (64 x 256) @ (256 x 4096) 701 vs 586 us. Inductor's
 `freezing` mode does the same packing, but freezes the weights into the graph; here the packing sits
-behind an opaque op that checks the weight's version counter on every call and repacks after any
-in-place update (an optimizer step, the engine's refreshed folded weights), so a compiled engine that
-shares its model with a trainer never reads stale weights.
+behind an opaque op that checks the weight on every call (version counter, address, shape, dtype) and
+repacks after a change, so a compiled engine that shares its model with a trainer follows optimizer
+steps, `load_state_dict` and the engine's refreshed folded weights. Not seen: writes through
+`p.data` (`p.data.copy_(...)` bypasses the version counter); update with `torch.no_grad(): p.copy_(...)`.
 
-    linear(x, w)   == F.linear(x, w); inside a torch.compile'd, no-grad, fp32 CPU graph with MKL
-                      available it runs `nanoseek::packed_linear`, everywhere else F.linear.
+    linear(x, w)   == F.linear(x, w) up to rounding; inside a torch.compile'd, no-grad, fp32 CPU graph
+                      with MKL available it runs `nanoseek::packed_linear`.
 
 The packed layout depends on the row count M (MKL's `_mkl_linear` falls back to an unpacked GEMM
 when M differs), so packs are kept per (weight, M), at most `KEEP_PER_WEIGHT` row counts per weight
@@ -26,6 +27,11 @@ import torch
 import torch.nn.functional as F
 
 MKL = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+# True only while the inference engine runs its compiled decode step. The model's decode-only paths
+# (folded MLA weights, fused MoE weights) read derived weights that the engine refreshes right before
+# that call; any other compiled forward (a user's torch.compile(model)) must not use them. Dynamo
+# guards on this value, so the engine's graph and other graphs never mix.
+ENGINE_STEP = False
 KEEP_PER_WEIGHT = 2
 _packs: dict[tuple[int, int], tuple] = {}   # (data_ptr, M) -> (weakref to the weight, its version, packed)
 _rows: dict[int, list[int]] = {}            # data_ptr -> the row counts packed for it, oldest first
@@ -43,17 +49,15 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _packed(w: torch.Tensor, M: int) -> torch.Tensor:
     ptr = w.data_ptr()
     hit = _packs.get((ptr, M))
-    if hit is not None and hit[0]() is w and hit[1] == w._version:
+    if hit is not None and hit[0]() is w and hit[1] == (w._version, w.shape, w.dtype):
         return hit[2]
     packed = torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), M)
     stats["packs"] += 1
     # the entries go when the weight is freed, so a new tensor at the same address never hits them
     ref = weakref.ref(w, lambda _, p=ptr: [_packs.pop((p, m), None) for m in _rows.pop(p, [])])
-    _packs[(ptr, M)] = (ref, w._version, packed)
-    rows = _rows.setdefault(ptr, [])
-    if M in rows:
-        rows.remove(M)
-    rows.append(M)
+    _packs[(ptr, M)] = (ref, (w._version, w.shape, w.dtype), packed)
+    rows = [m for m in _rows.get(ptr, []) if m != M] + [M]
+    _rows[ptr] = rows
     while len(rows) > KEEP_PER_WEIGHT:
         _packs.pop((ptr, rows.pop(0)), None)
     return packed

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import kernels
 from .kernels import linear
 from .layers import RMSNorm
 from .rope import apply_rope
@@ -91,8 +92,12 @@ class MLA(nn.Module):
         if absorb is None:
             absorb = cache is not None and T <= 4
         if absorb and cache is not None and not torch.is_grad_enabled():
-            # under torch.compile the engine refreshes the folded weights eagerly before each step
-            folded = getattr(self, "_folded", None) if torch.compiler.is_compiling() else self.folded_weights()
+            # under torch.compile only the engine's step reads the folded weights (it refreshes them
+            # eagerly right before); another compiled forward takes the unfolded absorbed path
+            if torch.compiler.is_compiling():
+                folded = getattr(self, "_folded", None) if kernels.ENGINE_STEP else None
+            else:
+                folded = self.folded_weights()
             if folded is not None:
                 return self.decode_folded(x, rot, cache, folded)
         q_nope, q_pe, kv, pe = self.project(x, rot)

@@ -29,11 +29,14 @@ Compute: the (token, expert) pairs are sorted by expert so each expert's tokens 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import kernels
 from .kernels import linear
 from .layers import MLP
 
@@ -276,7 +279,8 @@ class MoE(nn.Module):
                               ([self.shared.w2.weight.float()] if self.shared is not None else []), dim=1)
             new = (torch.cat([gate] + shared_in), w_in, w_out)
             old = getattr(self, "_fused", None)
-            if old is not None and all(o.shape == n.shape for o, n in zip(old, new)):
+            if old is not None and all(o.shape == n.shape and o.dtype == n.dtype and o.device == n.device
+                                       for o, n in zip(old, new)):
                 for o, n in zip(old, new):      # in place: a compiled decode step keeps reading these
                     o.copy_(n)
             else:
@@ -285,13 +289,14 @@ class MoE(nn.Module):
         return self._fused
 
     def capacity(self, T: int) -> int:
-        """Rows per expert on the capacity path: twice the mean load, a multiple of 8."""
+        """Rows per expert on the capacity path: twice the mean load rounded up to a multiple of 8."""
         mean = T * self.cfg.num_experts_per_tok / self.cfg.n_routed_experts
-        return max(8, -(-int(2 * mean) // 8) * 8)
+        return max(8, math.ceil(2 * mean / 8) * 8)
 
     def _decode_path(self, x_TD) -> str | None:
-        # inside the compiled step only (the engine refreshes the derived weights eagerly before it)
-        if not (torch.compiler.is_compiling() and not torch.is_grad_enabled() and not self.training
+        # inside the engine's compiled step only (it refreshes the derived weights eagerly before it)
+        if not (torch.compiler.is_compiling() and kernels.ENGINE_STEP and not torch.is_grad_enabled()
+                and not self.training
                 and self.impl is None and x_TD.device.type == "cpu" and x_TD.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu") and getattr(self, "_fused", None) is not None):
             return None

@@ -1,7 +1,8 @@
 // nanoseek::packed_linear in C++: the compiled decode step's fp32 GEMMs on MKL-prepacked weights,
-// without a round trip into Python per call (~5 us each, ~20 calls a step). Same contract as the
-// Python kernel in kernels.py: packs are cached per (weight, row count), at most two row counts per
-// weight, and rebuilt whenever the weight's version counter moves (an in-place update).
+// without a round trip into Python per call (~5 us each, ~20 calls a step). Packs are cached per
+// (weight, row count), at most two row counts per weight, and rebuilt whenever the weight's version
+// counter, data pointer, shape or dtype changes (an in-place update, `param.data = t`, `.to()`).
+// Packs of freed weights are dropped at the next miss or every 4096 calls.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -15,13 +16,22 @@ namespace {
 struct Pack {
   c10::weak_intrusive_ptr<c10::TensorImpl> weight;  // keeps the address from being reused while cached
   uint32_t version;
+  const void* data;
+  std::vector<int64_t> sizes;
+  at::ScalarType dtype;
   int64_t rows;
   at::Tensor packed;
+
+  bool matches(const at::Tensor& w, int64_t r, uint32_t v) const {
+    return rows == r && version == v && data == w.data_ptr() && dtype == w.scalar_type() &&
+           sizes == w.sizes().vec() && !weight.expired();
+  }
 };
 
 std::mutex mu;
 std::unordered_map<const c10::TensorImpl*, std::vector<Pack>> packs;
 int64_t n_packs = 0;
+int64_t n_calls = 0;
 
 at::Tensor pack(const at::Tensor& w, int64_t rows) {
   static auto op = c10::Dispatcher::singleton()
@@ -49,9 +59,10 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w) {
   at::Tensor packed;
   {
     std::lock_guard<std::mutex> lock(mu);
+    if (++n_calls % 4096 == 0) sweep();
     auto& v = packs[w.unsafeGetTensorImpl()];
     for (auto& p : v)
-      if (p.rows == rows && p.version == version && !p.weight.expired()) packed = p.packed;
+      if (p.matches(w, rows, version)) packed = p.packed;
     if (!packed.defined()) {
       sweep();
       auto& mine = packs[w.unsafeGetTensorImpl()];
@@ -59,7 +70,8 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w) {
         if (p->rows == rows) { mine.erase(p); break; }
       packed = pack(w, rows);
       ++n_packs;
-      mine.push_back(Pack{c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), version, rows, packed});
+      mine.push_back(Pack{c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), version, w.data_ptr(),
+                          w.sizes().vec(), w.scalar_type(), rows, packed});
       if (mine.size() > 2) mine.erase(mine.begin());
     }
   }

@@ -63,10 +63,14 @@ def cos_sin_scale(cfg: ModelConfig) -> float:
 
 
 def rope_freqs(positions: torch.Tensor, freqs: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """positions (..., T) int -> rotations scale * [cos(pos w_j), sin(pos w_j)], shape (..., T, R/2, 2) fp32.
-    (Real-valued rather than complex: torch.compile generates fused code only for real tensors.)"""
+    """positions (..., T) int -> rotations scale * [cos(pos w_j), sin(pos w_j)], shape (..., T, R/2, 2) fp32
+    (real-valued: torch.compile generates fused code only for real tensors). Eagerly they come from
+    torch.polar, whose cos/sin differ from torch.cos/sin in the last bit for ~5% of angles: keeping it
+    keeps trained models bit-identical to earlier versions."""
     ang = positions.to(torch.float32).unsqueeze(-1) * freqs
-    return torch.stack([ang.cos(), ang.sin()], dim=-1) * scale
+    if torch.compiler.is_compiling():
+        return torch.stack([ang.cos(), ang.sin()], dim=-1) * scale
+    return torch.view_as_real(torch.polar(torch.full_like(ang, scale), ang))
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ class Transformer(nn.Module):
         return self
 
     def rope(self, positions: torch.Tensor) -> torch.Tensor:
-        """Complex rotations for these positions, shared by every layer of one forward."""
+        """Rotations [cos, sin] (..., T, R/2, 2) for these positions, shared by every layer of one forward."""
         return rope_freqs(positions, self.inv_freq, self.rope_scale)
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
