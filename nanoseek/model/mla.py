@@ -39,7 +39,7 @@ from torch import nn
 from ..config import ModelConfig
 from . import kernels
 from .kernels import linear
-from .layers import RMSNorm
+from .layers import RMSNorm, store_derived
 from .rope import apply_rope
 
 
@@ -132,14 +132,8 @@ class MLA(nn.Module):
             w_out = torch.einsum("dhv,hvc->dhc", self.wo.weight.float().view(-1, H, V), w[:, N:]).reshape(-1, H * C)
             w_down = torch.cat([self.wq_a.weight, self.wkv_a.weight]) if hasattr(self, "wq_a") else self.wkv_a.weight
             dt = q_b.dtype
-            new = (w_down.to(dt, copy=True), w_q.to(dt), w_out.to(dt))   # copy: never alias a parameter
-            old = getattr(self, "_folded", None)
-            if old is not None and all(o.shape == n.shape and o.dtype == n.dtype and o.device == n.device
-                                       for o, n in zip(old, new)):
-                for o, n in zip(old, new):     # in place: a compiled decode step keeps reading these
-                    o.copy_(n)
-            else:
-                self._folded = new
+            # copy: never alias a parameter
+            store_derived(self, "_folded", (w_down.to(dt, copy=True), w_q.to(dt), w_out.to(dt)))
         self._folded_key = key
         return self._folded
 

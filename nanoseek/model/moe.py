@@ -38,11 +38,12 @@ from torch import nn
 from ..config import ModelConfig
 from . import kernels
 from .kernels import linear
-from .layers import MLP
+from .layers import MLP, store_derived
 
 
-def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: ModelConfig):
-    """Gate scores -> (weights (T,K) fp32, expert ids (T,K), scores (T,E) fp32)."""
+def _gate_choice(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: ModelConfig, rank: bool = False):
+    """Gate scores (T,E) fp32 and the selection scores with the dropped groups at -inf. rank=True
+    picks the top groups by rank counting (`_top_mask`) instead of topk: same result, fusable."""
     logits = logits_TE.float()
     scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
     choice = scores if bias_E is None else scores + bias_E
@@ -51,17 +52,30 @@ def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: ModelConfig
     if cfg.topk_method != "greedy" and G > 1 and cfg.topk_group < G:
         grouped = choice.view(T, G, E // G)
         if cfg.topk_method == "noaux_tc":
-            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            group_score = (grouped * _top_mask(grouped, 2)).sum(dim=-1) if rank else \
+                grouped.topk(2, dim=-1).values.sum(dim=-1)
         else:
             group_score = grouped.amax(dim=-1)
-        keep = group_score.topk(cfg.topk_group, dim=-1).indices
-        dropped = torch.ones(T, G, dtype=torch.bool, device=choice.device).scatter_(1, keep, False)
+        if rank:
+            dropped = ~_top_mask(group_score, cfg.topk_group)
+        else:
+            keep = group_score.topk(cfg.topk_group, dim=-1).indices
+            dropped = torch.ones(T, G, dtype=torch.bool, device=choice.device).scatter_(1, keep, False)
         choice = choice.masked_fill(dropped.unsqueeze(-1).expand(T, G, E // G).reshape(T, E), float("-inf"))
-    idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
-    weights = scores.gather(1, idx)
+    return scores, choice
+
+
+def _scale(weights: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * cfg.routed_scaling_factor, idx, scores
+    return weights * cfg.routed_scaling_factor
+
+
+def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: ModelConfig):
+    """Gate scores -> (weights (T,K) fp32, expert ids (T,K), scores (T,E) fp32)."""
+    scores, choice = _gate_choice(logits_TE, bias_E, cfg)
+    idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+    return _scale(scores.gather(1, idx), cfg), idx, scores
 
 
 def _top_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -78,23 +92,8 @@ def _top_mask(x: torch.Tensor, k: int) -> torch.Tensor:
 def route_dense(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: ModelConfig):
     """`route` without topk, for the compiled decode step: -> routing weights (T,E) fp32, zero off
     the route. Same selection and weights as `route` (up to float ties)."""
-    logits = logits_TE.float()
-    scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-    choice = scores if bias_E is None else scores + bias_E
-    T, E = choice.shape
-    G = cfg.n_group
-    if cfg.topk_method != "greedy" and G > 1 and cfg.topk_group < G:
-        grouped = choice.view(T, G, E // G)
-        if cfg.topk_method == "noaux_tc":
-            group_score = (grouped * _top_mask(grouped, 2)).sum(dim=-1)
-        else:
-            group_score = grouped.amax(dim=-1)
-        keep = _top_mask(group_score, cfg.topk_group)                               # T, G
-        choice = choice.masked_fill(~keep.unsqueeze(-1).expand(T, G, E // G).reshape(T, E), float("-inf"))
-    weights = scores * _top_mask(choice, cfg.num_experts_per_tok)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * cfg.routed_scaling_factor
+    scores, choice = _gate_choice(logits_TE, bias_E, cfg, rank=True)
+    return _scale(scores * _top_mask(choice, cfg.num_experts_per_tok), cfg)
 
 
 class Gate(nn.Module):
@@ -277,14 +276,7 @@ class MoE(nn.Module):
             w_in = torch.cat([gate, self.experts.w13.float().reshape(E * F2, D)] + shared_in)
             w_out = torch.cat([self.experts.w2.float().permute(1, 0, 2).reshape(D, -1)] +
                               ([self.shared.w2.weight.float()] if self.shared is not None else []), dim=1)
-            new = (torch.cat([gate] + shared_in), w_in, w_out)
-            old = getattr(self, "_fused", None)
-            if old is not None and all(o.shape == n.shape and o.dtype == n.dtype and o.device == n.device
-                                       for o, n in zip(old, new)):
-                for o, n in zip(old, new):      # in place: a compiled decode step keeps reading these
-                    o.copy_(n)
-            else:
-                self._fused = new
+            store_derived(self, "_fused", (torch.cat([gate] + shared_in), w_in, w_out))
         self._fused_key = key
         return self._fused
 
