@@ -22,7 +22,8 @@ def test_fast_paths_equal_per_token_reference(impl, T):
         assert (moe(x) - moe_reference(moe, x)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("path,capacity", [("dense", None), ("capacity", None), ("capacity", 1), ("sorted", None)])
+@pytest.mark.parametrize("path,capacity", [("dense", None), ("capacity", None), ("capacity", 1), ("sorted", None),
+                                           ("gather", None)])
 def test_compiled_decode_paths_equal_reference(path, capacity, monkeypatch):
     """The compiled-decode MoE paths (fused dense GEMMs; capacity-padded bmm, and its exact dense
     fallback when an expert overflows; the sorted-experts op) against the per-token reference,
@@ -33,8 +34,8 @@ def test_compiled_decode_paths_equal_reference(path, capacity, monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(kernels, "ENGINE_STEP", True)     # as inside the engine's compiled step
     moe = _moe().eval()
-    T = 12
-    limits = {"dense": (T, T), "capacity": (0, T), "sorted": (0, 0)}[path]
+    T = 1 if path == "gather" else 12          # 1 row: the in-graph gather path, whatever the limits
+    limits = {"dense": (T, T), "capacity": (0, T), "sorted": (0, 0), "gather": (T, T)}[path]
     monkeypatch.setattr(moe, "DENSE_MAX_TOKENS", limits[0], raising=False)
     monkeypatch.setattr(moe, "CAPACITY_MAX_TOKENS", limits[1], raising=False)
     if capacity is not None:                        # every expert overflows: the torch.cond fallback runs
@@ -49,7 +50,7 @@ def test_compiled_decode_paths_equal_reference(path, capacity, monkeypatch):
             assert (f(x) - moe_reference(moe, x)).abs().max() < 1e-5
             moe.experts.w2.mul_(-1.5)
             moe.shared.w13.weight.mul_(0.5)
-    assert set(ran) == ({path} if path != "sorted" else set())        # the path under test did run
+    assert set(ran) == ({path} if path in ("dense", "capacity") else set())   # the path under test did run
 
 
 @pytest.mark.parametrize("kw", [{}, dict(n_group=1, topk_group=1),
