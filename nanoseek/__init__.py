@@ -10,4 +10,11 @@ def from_pretrained(path, dtype=None, device=None):
     return _load(path, dtype=dtype, device=device)
 
 
-__all__ = ["ModelConfig", "load_preset", "from_pretrained", "__version__"]
+def save_pretrained(model, path, dtype=None, tokenizer=None, **kw):
+    """Write a nanoseek `Transformer` as an HF-format directory (config.json + safetensors [+ tokenizer])
+    that transformers and `from_pretrained` load."""
+    from .checkpoint.hf import save_pretrained as _save
+    return _save(model, path, dtype=dtype, tokenizer=tokenizer, **kw)
+
+
+__all__ = ["ModelConfig", "load_preset", "from_pretrained", "save_pretrained", "__version__"]

@@ -42,21 +42,30 @@ def autodetect_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def compute_dtype(device: torch.device, requested: str | torch.dtype | None = None) -> torch.dtype:
-    """The dtype matmuls run in (autocast). Master weights stay fp32 whatever this returns.
-
-    Default: bf16 on CUDA with bf16 support; fp32 on CPU. Measured: on the host this was developed on
-    (Xeon with avx512_bf16 but no AMX) a 1024^2 bf16 matmul runs at 0.53x fp32 and bf16 autocast
-    pretrains `small` at 0.75x and `mini` at ~0.5x of fp32. The project notes report ~4x for bf16
-    matmuls on AMX hosts, but at our presets' sizes small bf16 bmm/softmax kernels and the per-forward
-    weight casts still cost. Override with --dtype bfloat16 or NANOSEEK_DTYPE (measure first).
-    """
+def compute_dtype(device: torch.device, requested: str | torch.dtype | None = None, hidden: int = 256,
+                  tokens: int = 2048) -> torch.dtype:
+    """The dtype training and prefill matmuls run in (autocast). Master weights stay fp32 whatever this
+    returns. An explicit choice (--dtype, NANOSEEK_DTYPE) wins. Otherwise bf16 on CUDA with bf16
+    support; on a CPU, whichever of fp32 and bf16 autocast runs an MLP block of this width faster
+    here - measured once per host (`nanoseek.calibrate`), because the answer differs between CPUs
+    (bf16 2.1x faster on one AMD EPYC, 0.75x on a Xeon without AMX)."""
     requested = requested or os.environ.get("NANOSEEK_DTYPE")
     if requested:
         return parse_dtype(requested)
+    from .calibrate import train_dtype
+    return train_dtype(device, hidden, tokens)
+
+
+def decode_dtypes(device: torch.device, requested: str | torch.dtype | None = None) -> tuple[torch.dtype, ...]:
+    """The dtypes the inference runner may compute a decode step's GEMMs in, each GEMM taking the
+    fastest one measured here: just the requested one when given (--dtype, NANOSEEK_DTYPE), else
+    fp32 and bf16 on a CPU, bf16 on CUDA."""
+    requested = requested or os.environ.get("NANOSEEK_DTYPE")
+    if requested:
+        return (parse_dtype(requested),)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.float32
+        return (torch.bfloat16,) if torch.cuda.is_bf16_supported() else (torch.float32,)
+    return (torch.float32, torch.bfloat16) if device.type == "cpu" else (torch.float32,)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+import nanoseek
+
 os.environ.setdefault("NANOSEEK_NO_PROGRESS", "1")
 torch.set_num_threads(2)
 
@@ -60,5 +62,5 @@ def model_dir(tmp_path_factory):
     tok = Tokenizer.train(CHAT_TEXTS, vocab_size=300)
     model = Transformer(load_preset("tiny", vocab_size=tok.vocab_size)).init_weights(0)
     path = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(path, tokenizer=tok)
+    nanoseek.save_pretrained(model, path, tokenizer=tok)
     return path

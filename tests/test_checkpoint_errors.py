@@ -12,7 +12,7 @@ from nanoseek.model import Transformer
 
 @pytest.fixture
 def saved(tmp_path):
-    randomize(Transformer(random_cfg())).save_pretrained(tmp_path)
+    nanoseek.save_pretrained(randomize(Transformer(random_cfg())), tmp_path)
     return tmp_path
 
 

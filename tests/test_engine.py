@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+import nanoseek
+
 from conftest import randomize, random_cfg
 from nanoseek.common import UserError
 from nanoseek.inference import LLM, SamplingParams
@@ -44,7 +46,7 @@ def test_greedy_equals_hf_generate(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = random_cfg(num_nextn_predict_layers=0)
     torch.manual_seed(1)
-    randomize(Transformer(cfg)).save_pretrained(tmp_path)
+    nanoseek.save_pretrained(randomize(Transformer(cfg)), tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     llm = LLM(str(tmp_path), max_batch=8, max_len=64)
     for p in prompts(3):
@@ -133,20 +135,19 @@ def test_speculative_greedy_identical(model):
 
 
 def test_compiled_decode_equals_eager_and_sees_weight_updates(monkeypatch):
-    """The torch.compile'd decode step (padded rows, dynamic attention span) gives the eager
+    """The runner's torch.compile'd decode step (padded rows, dynamic attention span) gives the eager
     engine's greedy tokens, and reads the new weights after an in-place update (an optimizer step):
-    folded MLA weights, fused MoE weights and MKL-packed weights must all follow."""
-    from nanoseek.model.moe import MoE
-    monkeypatch.setattr(MoE, "DENSE_MAX_TOKENS", 4)      # batch 4: fused dense MoE; batch 8: capacity path
-    monkeypatch.setattr(MoE, "CAPACITY_MAX_TOKENS", 8)
+    folded MLA weights, fused MoE weights and packed weights must all follow."""
+    from nanoseek.inference.runner import moe as rmoe
+    monkeypatch.setattr(rmoe, "DENSE_MAX_TOKENS", 4)      # batch 4: fused dense MoE; batch 8: capacity path
     torch.manual_seed(0)
     m = randomize(Transformer(random_cfg(rope_factor=1.0, max_position_embeddings=64))).eval()
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)   # span 32 -> 64
-    compiled = LLM(m, max_batch=8, max_len=64, compile=True)
-    assert compiled.engine._compiled_bucket(3) == 4          # 3 rows run padded to 4
-    for ps in (prompts(3), prompts(7), prompts(3)):   # the last reuses batch 4's graph and packs after updates
+    compiled = LLM(m, max_batch=8, max_len=64, compile=True, autocast_dtype="float32")
+    assert compiled.engine.runner.bucket(3) == 4          # 3 rows run padded to 4
+    for ps in (prompts(3), prompts(7), prompts(3)):   # the last reuses batch 4's graph after updates
         fast = compiled.generate(ps, sp)           # first: it alone must notice the weight update
-        eager = LLM(m, max_batch=8, max_len=64).generate(ps, sp)
+        eager = LLM(m, max_batch=8, max_len=64, compile=False, autocast_dtype="float32").generate(ps, sp)
         for a, b in zip(eager, fast):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
             assert max(abs(x - y) for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)) < 1e-4
@@ -156,7 +157,9 @@ def test_compiled_decode_equals_eager_and_sees_weight_updates(monkeypatch):
                 w = layer.ffn.experts.w13 if hasattr(layer.ffn, "experts") else layer.ffn.w13.weight
                 w.mul_(1.5)
             m.head.weight.mul_(-1.0)
-    assert compiled.engine.stats["decode_tokens"] > 0 and not compiled.engine._compile_failed
+    runner = compiled.engine.runner
+    assert runner.stats["compiled_steps"] > 0 and runner.stats["eager_steps"] == 0 and not runner._failed
+    assert set(runner._compiled) == {4, 8}
 
 
 def test_step_after_the_last_sequence_is_finished_from_outside(model):

@@ -52,7 +52,7 @@ def test_nanoseek_save_hf_load(tmp_path, shape):
     cfg = random_cfg(**SHAPES[shape])
     torch.manual_seed(shape)
     ours = randomize(Transformer(cfg), seed=shape).eval()
-    ours.save_pretrained(tmp_path, max_shard_bytes=40_000)      # force several shards + index
+    nanoseek.save_pretrained(ours, tmp_path, max_shard_bytes=40_000)      # force several shards + index
     assert (tmp_path / "model.safetensors.index.json").exists()
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 23))
@@ -82,7 +82,7 @@ def test_fused_expert_names_load(tmp_path):
 
 def test_bf16_load_keeps_router_bias_fp32(tmp_path):
     cfg = random_cfg()
-    randomize(Transformer(cfg)).save_pretrained(tmp_path)
+    nanoseek.save_pretrained(randomize(Transformer(cfg)), tmp_path)
     m = nanoseek.from_pretrained(tmp_path, dtype="bfloat16")
     assert m.layers[-1].ffn.gate.bias.dtype == torch.float32
     assert m.layers[-1].ffn.experts.w13.dtype == torch.bfloat16

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from nanoseek import save_pretrained
 from nanoseek.common import UserError
 from nanoseek.config import load_preset
 from nanoseek.inference import LLM, SamplingParams
@@ -42,7 +43,7 @@ def test_generate_errors_exit_2(model_dir, tmp_path):
     r = nanoseek("generate", tmp_path / "missing", "--prompt", "Hello")
     assert r.returncode == 2
     assert "not found" in r.stderr and "Traceback" not in r.stderr
-    Transformer(load_preset("tiny", vocab_size=300)).init_weights(0).save_pretrained(tmp_path / "no-tok")
+    save_pretrained(Transformer(load_preset("tiny", vocab_size=300)).init_weights(0), tmp_path / "no-tok")
     with pytest.raises(UserError, match="no usable tokenizer"):
         main_generate([str(tmp_path / "no-tok"), "--prompt", "Hello"])
     with pytest.raises(UserError, match="temperature"):

@@ -3,7 +3,7 @@ import torch
 
 from conftest import randomize, random_cfg
 from nanoseek.model import Transformer
-from nanoseek.model.moe import moe_reference, route, route_dense
+from nanoseek.model.moe import moe_reference, route
 
 
 def _moe(**kw):
@@ -20,49 +20,6 @@ def test_fast_paths_equal_per_token_reference(impl, T):
     x = torch.randn(T, moe.cfg.hidden_size)
     with torch.no_grad():
         assert (moe(x) - moe_reference(moe, x)).abs().max() < 1e-5
-
-
-@pytest.mark.parametrize("path,capacity", [("dense", None), ("capacity", None), ("capacity", 1), ("sorted", None),
-                                           ("gather", None)])
-def test_compiled_decode_paths_equal_reference(path, capacity, monkeypatch):
-    """The compiled-decode MoE paths (fused dense GEMMs; capacity-padded bmm, and its exact dense
-    fallback when an expert overflows; the sorted-experts op) against the per-token reference,
-    including after an in-place weight update (the derived weights are refreshed)."""
-    import torch._dynamo
-
-    from nanoseek.model import kernels
-    torch._dynamo.reset()
-    monkeypatch.setattr(kernels, "ENGINE_STEP", True)     # as inside the engine's compiled step
-    moe = _moe().eval()
-    T = 1 if path == "gather" else 12          # 1 row: the in-graph gather path, whatever the limits
-    limits = {"dense": (T, T), "capacity": (0, T), "sorted": (0, 0), "gather": (T, T)}[path]
-    monkeypatch.setattr(moe, "DENSE_MAX_TOKENS", limits[0], raising=False)
-    monkeypatch.setattr(moe, "CAPACITY_MAX_TOKENS", limits[1], raising=False)
-    if capacity is not None:                        # every expert overflows: the torch.cond fallback runs
-        monkeypatch.setattr(moe, "capacity", lambda T: capacity)
-    ran, decode = [], moe._decode
-    monkeypatch.setattr(moe, "_decode", lambda x_TD, p: ran.append(p) or decode(x_TD, p))
-    f = torch.compile(moe, fullgraph=True, dynamic=False)
-    x = torch.randn(T, moe.cfg.hidden_size)
-    with torch.no_grad():
-        for _ in range(2):
-            moe.fused_weights()
-            assert (f(x) - moe_reference(moe, x)).abs().max() < 1e-5
-            moe.experts.w2.mul_(-1.5)
-            moe.shared.w13.weight.mul_(0.5)
-    assert set(ran) == ({path} if path in ("dense", "capacity") else set())   # the path under test did run
-
-
-@pytest.mark.parametrize("kw", [{}, dict(n_group=1, topk_group=1),
-                                dict(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False),
-                                dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1)])
-def test_topk_free_routing_equals_route(kw):
-    """route_dense (rank counting, for the compiled decode step) selects and weights like route (topk)."""
-    moe = _moe(**kw)
-    logits = torch.randn(50, moe.cfg.n_routed_experts)
-    w, idx, _ = route(logits, moe.gate.bias, moe.cfg)
-    want = torch.zeros_like(logits).scatter_(1, idx, w)
-    assert torch.allclose(route_dense(logits, moe.gate.bias, moe.cfg), want, atol=1e-6)
 
 
 def test_loop_path_gradients_match_reference():

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import nanoseek
+
 from nanoseek.common import UserError
 
 
@@ -31,7 +33,7 @@ def teacher(base, tmp_path_factory):
              for p in task.problems(80, seed=0, split="train")]
     sft_train(model, tok, encode_conversations(tok, convs, 64), SFTConfig(epochs=12, batch_size=16, lr=3e-3))
     out = tmp_path_factory.mktemp("teacher")
-    model.save_pretrained(out, tokenizer=tok)
+    nanoseek.save_pretrained(model, out, tokenizer=tok)
     return out
 
 

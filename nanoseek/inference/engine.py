@@ -5,10 +5,12 @@
     step()                           -> one prefill step (if requests wait and slots are free) or one
                                         decode step for every running sequence; returns sequences that
                                         got tokens this step
-The engine owns the cache and the scheduling and calls the model; it never copies weights, so the
-module a GRPO optimizer updates is the module that samples the next rollouts.
+The engine owns the cache and the scheduling. Prefill runs the model itself; decode steps run through
+its `DecodeRunner` (runner/), which derives decode weights from the model (folded MLA, fused MoE,
+packed GEMMs), compiles the step when that pays, and re-derives them after the model's parameters
+change: the module a GRPO optimizer updates is the module that samples the next rollouts.
 
-Decode uses absorbed MLA (queries mapped into the latent space, attention over [c_KV ; k_pe] only).
+Decode attends over the latent cache only ([c_KV ; k_pe] per token, queries mapped into the latent space).
 Running sequences sit in cache slots 0..B-1; a finished one is replaced by the last (one row copy).
 Greedy requests can use MTP speculative decoding (speculative.py) when the model has MTP weights.
 """
@@ -16,48 +18,26 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 
-from ..common import UserError
-from ..model import Transformer, kernels
-from ..model.moe import MoE
+from ..common import UserError, compute_dtype, decode_dtypes
+from ..model import Transformer
 from .cache import LatentCache
+from .runner import DecodeRunner
 from .sampling import SamplingParams, logprobs_topk, sample
-
-
-@dataclass
-class Sequence:
-    request_id: str
-    index: int                       # which of the request's n samples
-    prompt_ids: list[int]
-    params: SamplingParams
-    generator: torch.Generator | None
-    slot: int = -1
-    length: int = 0                  # tokens in the main cache
-    pending: int | None = None       # sampled, emitted, not yet in the cache
-    out_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[dict[int, float]] = field(default_factory=list)
-    finish_reason: str | None = None
-    hidden: torch.Tensor | None = None   # speculative: main hidden states of positions [mtp_len, length)
-    mtp_len: int = 0                     # positions already in the MTP cache
-    stop_text: bool = False              # finished by a stop string (text truncated by the caller)
-
-
-@dataclass
-class _Request:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
+from .sequence import Sequence, Request
+from .speculative import speculative_step
 
 
 class Engine:
     def __init__(self, model: Transformer, max_batch: int = 64, max_len: int | None = None,
                  cache_dtype: torch.dtype | None = None, autocast_dtype: torch.dtype | None = None,
                  speculative: bool = False, seed: int = 0, stop_token_ids: list[int] | None = None,
-                 compile: bool = False):
+                 compile: bool | str = "auto"):
+        """autocast_dtype: the compute dtype (None: measured per host - prefill in the faster of fp32
+        and bf16 autocast, each decode GEMM in its fastest kernel; see `nanoseek.calibrate`).
+        compile: the decode step's torch.compile policy (True / False / "auto", see runner/)."""
         cfg = model.cfg
         self.model = model
         self.device = model.device
@@ -69,31 +49,23 @@ class Engine:
         self.cache = LatentCache(n_layers, max_batch, self.max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                                  cache_dtype or autocast_dtype or pdtype, self.device,
                                  compute_dtype=autocast_dtype or pdtype)
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = autocast_dtype or compute_dtype(self.device, None, cfg.hidden_size, 256)
+        if autocast_dtype is None and pdtype != torch.float32:
+            self.autocast_dtype = pdtype          # weights loaded in bf16/fp16 compute in that dtype
+        self.runner = DecodeRunner(model, self.cache, decode_dtypes(self.device, autocast_dtype or
+                                                                    (pdtype if pdtype != torch.float32 else None)),
+                                   compile=compile, max_batch=max_batch)
         self.eos_ids = set(stop_token_ids if stop_token_ids is not None else [cfg.eos_token_id])
-        self.waiting: deque[_Request] = deque()
+        self.waiting: deque[Request] = deque()
         self.running: list[Sequence] = []
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self._ids = itertools.count()
-        # compile=True: decode steps run as one torch.compile'd graph: rows padded to a power of two
-        # (one compilation per batch bucket, ~5-20 s each on 2 CPU cores), attention over the live cache
-        # length rounded up to 32 (a dynamic dimension: no recompiles as sequences grow), MKL-prepacked
-        # linears and the fused dense MoE for small batches, the sorted MoE paths as one opaque op.
-        # cpp_wrapper: inductor writes the code that calls the step's ~100 kernels in C++ instead of
-        # Python (measured +9% tokens/s at batch 8, +5% at 64; compiles take ~15 s longer)
-        self._compiled = torch.compile(self._decode_graph, dynamic=None, fullgraph=True,
-                                       options={"cpp_wrapper": True}) if compile else None
-        if compile and self.device.type == "cpu":
-            kernels.load_native()
-        self._compile_failed: set[int] = set()     # buckets that could not compile run eagerly
-        self._weights_key: list | None = None      # parameter versions the derived weights were built from
-        self._param_slots = [(m._parameters, n) for m in model.modules() for n, p in m._parameters.items()
-                             if p is not None]
-        self._spans: dict[int, torch.Tensor] = {}   # attention span S -> an empty (S,) tensor, S marked dynamic
-        if compile:   # one compilation per bucket (1, 2, 4, ... max_batch), plus room for other engines
-            import torch._dynamo as dynamo
-            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 4 * (max_batch.bit_length() + 1))
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "spec_drafts": 0, "spec_accepted": 0}
+
+    def sync_weights(self) -> None:
+        """The model's parameters changed (an optimizer step, a load): rebuild the decode weights now.
+        A version check before every decode step catches a missing call; this makes it explicit."""
+        self.runner.sync_weights()
 
     # ---------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -108,7 +80,7 @@ class Engine:
         V = self.model.cfg.vocab_size
         if any(not 0 <= t < V for t in prompt_ids):
             raise UserError(f"prompt token ids must be in [0, {V})")
-        self.waiting.append(_Request(rid, list(prompt_ids), params))
+        self.waiting.append(Request(rid, list(prompt_ids), params))
         return rid
 
     def has_work(self) -> bool:
@@ -133,7 +105,6 @@ class Engine:
         if self.waiting and self.waiting[0].params.n <= self.max_batch - len(self.running):
             out = self._prefill()
         elif self.speculative and self.running and all(s.params.greedy for s in self.running):
-            from .speculative import speculative_step
             out = speculative_step(self)
         else:
             out = self._decode()
@@ -148,7 +119,7 @@ class Engine:
             return self.model.hidden(ids, self.cache.positions, self.cache)
 
     def _autocast(self):
-        if self.autocast_dtype is None:
+        if self.autocast_dtype == torch.float32:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
@@ -195,88 +166,17 @@ class Engine:
         self._emit(seqs, self._logits(last)[src])
         return seqs
 
-    def _decode_graph(self, ids: torch.Tensor, starts: torch.Tensor, span: torch.Tensor):
-        """The compiled step: logits (B,V) fp32, plus the greedy token and its logit (fused in-graph)."""
-        self.cache.begin(starts, 1, 0, span=span.shape[0])
-        logits = self.model.logits(self.model.hidden(ids, self.cache.positions, self.cache)[:, 0]).float()
-        best, tokens = logits.max(dim=-1)
-        return logits, tokens, best
-
-    def _compiled_bucket(self, B: int) -> int | None:
-        """Padded batch size (a power of two) for the compiled step, or None to run eagerly."""
-        if self._compiled is None or self.speculative:
-            return None
-        Bp = 1 << (B - 1).bit_length()
-        return Bp if Bp <= self.max_batch and Bp not in self._compile_failed else None
-
-    def _refresh_derived_weights(self) -> None:
-        """Recompute the folded MLA / fused MoE weights (in place) if any parameter changed since the
-        last step (an optimizer step, a load, a replaced Parameter): one identity/version/address check
-        per parameter slot of the modules of construction time (a swapped-in submodule is not seen)."""
-        key = [(id(p), p._version, p.data_ptr()) for d, name in self._param_slots for p in (d[name],)]
-        if key == self._weights_key:
-            return
-        fused = self.device.type == "cpu" and self.autocast_dtype is None and \
-            self.model.embed.weight.dtype == torch.float32          # where the fused MoE paths can run
-        for layer in self.model.layers:
-            layer.attn.folded_weights()
-            if fused and isinstance(layer.ffn, MoE):
-                layer.ffn.fused_weights()
-        self._weights_key = key
-
-    def _compiled_logits(self, pending: list[int], lengths: list[int]):
-        """(logits (B,V), greedy tokens, their log-probs) from the compiled step, or None
-        where the step runs eagerly."""
-        B = len(pending)
-        Bp = self._compiled_bucket(B)
-        if Bp is None:
-            return None
-        # rows B..Bp-1 are free cache slots: their dummy token lands at position 0 and is overwritten
-        # by the next prefill that takes the slot. Dummies copy real rows' tokens so that they route
-        # like real tokens (identical dummies would all pick the same experts and overflow the MoE's
-        # capacity path)
-        ids = torch.tensor(pending + [pending[i % B] for i in range(Bp - B)], device=self.device).view(Bp, 1)
-        starts = torch.tensor(lengths + [0] * (Bp - B), device=self.device)
-        # the attention span (live cache length rounded up to 32) is the graph's one dynamic
-        # dimension, passed as the length of an empty tensor; the batch stays static (buckets)
-        S = min(self.max_len, (max(lengths) + 32) // 32 * 32)
-        span = self._spans.get(S)
-        if span is None:
-            span = self._spans[S] = torch.empty(S, device=self.device)
-            torch._dynamo.mark_dynamic(span, 0)
-        torch._dynamo.mark_static(ids, 0)
-        torch._dynamo.mark_static(starts, 0)
-        self._refresh_derived_weights()
-        try:
-            with torch.no_grad(), self._autocast():
-                kernels.ENGINE_STEP = True
-                try:
-                    logits, tokens, best = self._compiled(ids, starts, span)
-                finally:
-                    kernels.ENGINE_STEP = False
-        except Exception as e:          # a bucket torch cannot compile (limits, backend): run eagerly
-            import warnings
-            warnings.warn(f"compiled decode failed for batch {Bp} ({type(e).__name__}); using eager")
-            self._compile_failed.add(Bp)
-            return None
-        # the log-prob's logsumexp runs eagerly: inductor's exp is ~2.5x slower than ATen's here
-        # (measured 0.24 ms in-graph vs 0.12 ms eager for 64 x 4096 logits)
-        logits = logits[:B]
-        return logits, tokens[:B], best[:B] - torch.logsumexp(logits, dim=-1)
-
     def _decode(self) -> list[Sequence]:
         seqs = self.running
         pending, lengths = [s.pending for s in seqs], [s.length for s in seqs]
-        out, greedy = self._compiled_logits(pending, lengths), None
-        if out is not None:
-            logits, greedy = out[0], out[1:]
+        if self.speculative:       # plain steps of a speculative engine keep the main hidden states
+            h = self._forward(torch.tensor(pending, device=self.device).view(-1, 1),
+                              torch.tensor(lengths, device=self.device))
+            for i, s in enumerate(seqs):
+                s.hidden = torch.cat([s.hidden, h[i, :1]]) if s.hidden is not None else h[i, :1]
+            logits, greedy = self._logits(h[:, 0]), None
         else:
-            ids = torch.tensor(pending, device=self.device).view(-1, 1)
-            h = self._forward(ids, torch.tensor(lengths, device=self.device))
-            if self.speculative:
-                for i, s in enumerate(seqs):
-                    s.hidden = torch.cat([s.hidden, h[i, :1]]) if s.hidden is not None else h[i, :1]
-            logits = self._logits(h[:, 0])
+            logits, *greedy = self.runner.decode(pending, lengths)
         for s in seqs:
             s.length += 1
         self._emit(seqs, logits, greedy)

@@ -43,7 +43,11 @@ class LLM:
     def __init__(self, model: str | Transformer, tokenizer=None, dtype: str | torch.dtype | None = None,
                  device: str | None = None, max_batch: int = 64, max_len: int | None = None,
                  kv_cache_dtype: str | None = None, speculative: bool = False, seed: int = 0,
-                 autocast_dtype: str | torch.dtype | None = None, compile: bool = False):
+                 autocast_dtype: str | torch.dtype | None = None, compile: bool | str = "auto"):
+        """dtype: the weights' dtype (default: as saved). autocast_dtype: the compute dtype (default:
+        measured per host, see `nanoseek.calibrate`). compile: the decode step's torch.compile policy -
+        "auto" (compile a batch size once decoding it eagerly has taken as long as compiling it is
+        expected to), True (on first use; `llm.engine.runner.warmup()` compiles up front) or False."""
         if isinstance(model, Transformer):
             self.model = model
         else:

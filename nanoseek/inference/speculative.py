@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from .engine import Engine, Sequence
+from .sequence import Sequence
 
 
 @torch.no_grad()
-def speculative_step(eng: Engine) -> list[Sequence]:
+def speculative_step(eng) -> list[Sequence]:
     model, dev = eng.model, eng.device
     seqs = eng.running
     B = len(seqs)
@@ -68,5 +68,5 @@ def speculative_step(eng: Engine) -> list[Sequence]:
     return list(seqs)
 
 
-def acceptance_rate(eng: Engine) -> float:
+def acceptance_rate(eng) -> float:
     return eng.stats["spec_accepted"] / max(1, eng.stats["spec_drafts"])

@@ -5,8 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import linear
-
 
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 (as HF and DeepSeek PR #969 do)."""
@@ -31,19 +29,5 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(inter, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.w13.weight).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.w2.weight)
-
-
-def store_derived(module: nn.Module, attr: str, new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Keep inference-only tensors derived from parameters (folded MLA, fused MoE weights) on
-    `module.attr`. When the old ones match in shape, dtype and device, the new values are copied into
-    them in place: a compiled decode step keeps reading the same tensors."""
-    old = getattr(module, attr, None)
-    if old is not None and all(o.shape == n.shape and o.dtype == n.dtype and o.device == n.device
-                               for o, n in zip(old, new)):
-        for o, n in zip(old, new):
-            o.copy_(n)
-    else:
-        setattr(module, attr, new)
-    return getattr(module, attr)
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)

@@ -20,13 +20,9 @@ Two equal ways to attend (tested against each other):
             with W_UV afterwards. Nothing per-head is ever materialised for cached tokens.
 tau includes YaRN's mscale^2 on the whole logit (nope and rope parts alike).
 
-Folded decode (inference only, V2 paper App. C). W_UK can be folded into the query projection and
-W_UV into W_O ahead of time: q_lat_h = (W_UK_h^T W_UQ_nope_h) c_Q and out = sum_h (W_O_h W_UV_h) o_lat_h.
-Together with one fused down-projection of h (q_a and kv_a share their input) a decode step then
-runs 3 matmuls and no per-head einsums. The folded matrices are (C+R)/(N+R) times the size of W_UQ,
-so this pays only when C is small (our presets); for V3 (C=512) it would add ~7B parameters, and the
-unfolded absorbed path is used. Folded weights are recomputed whenever a parameter changes version
-(an optimizer step), so GRPO's engine never reads stale weights.
+Folding W_UK into the query projection and W_UV into W_O ahead of time (V2 paper App. C) is an
+inference-only transformation of the weights: the decode runner (`nanoseek/inference/runner/`)
+derives those weights from this module, owns them, and is tested against the paths here.
 """
 from __future__ import annotations
 
@@ -37,9 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from . import kernels
-from .kernels import linear
-from .layers import RMSNorm, store_derived
+from .layers import RMSNorm
 from .rope import apply_rope
 
 
@@ -91,15 +85,6 @@ class MLA(nn.Module):
         T = x.shape[1]
         if absorb is None:
             absorb = cache is not None and T <= 4
-        if absorb and cache is not None and not torch.is_grad_enabled():
-            # under torch.compile only the engine's step reads the folded weights (it refreshes them
-            # eagerly right before); another compiled forward takes the unfolded absorbed path
-            if torch.compiler.is_compiling():
-                folded = getattr(self, "_folded", None) if kernels.ENGINE_STEP else None
-            else:
-                folded = self.folded_weights()
-            if folded is not None:
-                return self.decode_folded(x, rot, cache, folded)
         q_nope, q_pe, kv, pe = self.project(x, rot)
         if cache is not None:
             kvpe, mask = cache.update(self.layer_id, kv, pe)
@@ -113,45 +98,6 @@ class MLA(nn.Module):
         return self.wo(o)
 
     # ---------------------------------------------------------------------------------------------
-    def folded_weights(self):
-        """(W_down (Q+C+R, D), W_q (H*(C+R), Q), W_out (D, H*C)) or None when folding would not pay."""
-        q_b = self.wq_b.weight if hasattr(self, "wq_a") else self.wq.weight
-        H, N, R, C, V = self.n_heads, self.nope, self.rope_dim, self.kv_rank, self.v_dim
-        if C + R > 2 * (N + R):
-            return None
-        params = [q_b, self.wkv_a.weight, self.wkv_b.weight, self.wo.weight] + \
-            ([self.wq_a.weight] if hasattr(self, "wq_a") else [])
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if getattr(self, "_folded_key", None) == key:
-            return self._folded
-        with torch.no_grad(), torch.autocast(q_b.device.type, enabled=False):   # fold in fp32 always
-            w = self._wkv_b_heads(torch.float32)                                   # H,N+V,C
-            qb = q_b.float().view(H, N + R, -1)                                    # H,N+R,Q
-            q_lat = torch.einsum("hnc,hnq->hcq", w[:, :N], qb[:, :N])              # W_UK_h^T W_UQ_nope_h
-            w_q = torch.cat([q_lat, qb[:, N:]], dim=1).reshape(H * (C + R), -1)
-            w_out = torch.einsum("dhv,hvc->dhc", self.wo.weight.float().view(-1, H, V), w[:, N:]).reshape(-1, H * C)
-            w_down = torch.cat([self.wq_a.weight, self.wkv_a.weight]) if hasattr(self, "wq_a") else self.wkv_a.weight
-            dt = q_b.dtype
-            # copy: never alias a parameter
-            store_derived(self, "_folded", (w_down.to(dt, copy=True), w_q.to(dt), w_out.to(dt)))
-        self._folded_key = key
-        return self._folded
-
-    def decode_folded(self, x, rot, cache, folded):
-        B, T, _ = x.shape
-        H, C, R = self.n_heads, self.kv_rank, self.rope_dim
-        w_down, w_q, w_out = folded
-        a = linear(x, w_down)
-        if hasattr(self, "wq_a"):
-            c_q, a = self.q_norm(a[..., : w_down.shape[0] - C - R]), a[..., w_down.shape[0] - C - R:]
-        else:
-            c_q = x
-        q = linear(c_q, w_q).view(B, T, H, C + R)
-        q = torch.cat([q[..., :C], apply_rope(q[..., C:], rot)], dim=-1)
-        kvpe, mask = cache.update(self.layer_id, self.kv_norm(a[..., :C]), apply_rope(a[..., C:], rot))
-        o_lat = self._latent_attention(q, kvpe, mask)                              # B,T*H,C
-        return linear(o_lat.reshape(B, T, H * C), w_out)
-
     def _wkv_b_heads(self, dtype):
         """wkv_b as (H, N+V, C): per head, W_UK rows then W_UV rows."""
         return self.wkv_b.weight.to(dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_rank)

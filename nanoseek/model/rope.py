@@ -63,26 +63,17 @@ def cos_sin_scale(cfg: ModelConfig) -> float:
 
 
 def rope_freqs(positions: torch.Tensor, freqs: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """positions (..., T) int -> rotations scale * [cos(pos w_j), sin(pos w_j)], shape (..., T, R/2, 2) fp32
-    (real-valued: torch.compile generates fused code only for real tensors). Eagerly they come from
-    torch.polar, whose cos/sin differ from torch.cos/sin in the last bit for ~5% of angles: keeping it
-    keeps trained models bit-identical to earlier versions."""
+    """positions (..., T) int -> rotations scale * [cos(pos w_j), sin(pos w_j)], shape (..., T, R/2, 2) fp32."""
     ang = positions.to(torch.float32).unsqueeze(-1) * freqs
-    if torch.compiler.is_compiling():
-        return torch.stack([ang.cos(), ang.sin()], dim=-1) * scale
-    return torch.view_as_real(torch.polar(torch.full_like(ang, scale), ang))
+    return torch.stack([ang.cos(), ang.sin()], dim=-1) * scale
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (a, b) of the last dim by the angle in rot: (a cos - b sin, a sin + b cos),
-    the complex product (a + ib)(cos + i sin) of the official code. x (B, T, [H,] R); rot (B or 1, T, R/2, 2).
-    Eagerly that product is one complex multiply; under torch.compile it is written out in real
-    arithmetic, which inductor fuses (it does not generate code for complex tensors)."""
+    the complex product (a + ib)(cos + i sin) of the official code, written in real arithmetic (which
+    torch.compile fuses; it generates no code for complex tensors). x (B, T, [H,] R); rot (B or 1, T, R/2, 2)."""
     if x.dim() == 4:  # per-head tensor: broadcast over heads
         rot = rot.unsqueeze(-3)
-    if not torch.compiler.is_compiling():
-        xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
-        return torch.view_as_real(xc * torch.view_as_complex(rot)).flatten(-2).to(x.dtype)
     a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = rot.unbind(-1)
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)

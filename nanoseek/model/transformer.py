@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .kernels import linear
 from .layers import MLP, RMSNorm
 from .mla import MLA
 from .moe import MoE
@@ -86,7 +85,7 @@ class Transformer(nn.Module):
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return linear(self.norm(h), self.head.weight)
+        return self.head(self.norm(h))
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         return self.logits(self.hidden(ids, positions, cache))
@@ -111,14 +110,8 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def num_params(self, include_mtp: bool = False) -> int:
-        n = sum(p.numel() for name, p in self.named_parameters() if include_mtp or not name.startswith("mtp."))
-        return n
+        return sum(p.numel() for name, p in self.named_parameters() if include_mtp or not name.startswith("mtp."))
 
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
-
-    def save_pretrained(self, path, dtype: torch.dtype | None = None, **kw):
-        """HF format (config.json + safetensors), loadable by transformers and `nanoseek.from_pretrained`."""
-        from ..checkpoint.hf import save_pretrained  # the checkpoint layer sits above the model
-        return save_pretrained(self, path, dtype=dtype, **kw)

@@ -45,7 +45,7 @@ class DistillConfig:
 
 
 def distill(cfg: DistillConfig, teacher=None, tok=None, student=None) -> dict:
-    from ..checkpoint.hf import from_pretrained
+    from ..checkpoint.hf import from_pretrained, save_pretrained
     from ..config import load_preset
     from ..model import Transformer
     from ..tokenizer import Tokenizer
@@ -91,7 +91,7 @@ def distill(cfg: DistillConfig, teacher=None, tok=None, student=None) -> dict:
     held_out = task.problems(cfg.eval_n, seed=cfg.eval_seed, split="test")
     s_eval = evaluate(EngineSampler(student, tok, max_len=cfg.max_new_tokens + 256), tok, held_out, cfg.max_new_tokens)
     t_eval = evaluate(t_sampler, tok, held_out, cfg.max_new_tokens)
-    student.save_pretrained(out / "final", tokenizer=tok)
+    save_pretrained(student, out / "final", tokenizer=tok)
     summary = {"teacher_accuracy": t_eval["accuracy"], "student_accuracy": s_eval["accuracy"],
                "ratio": s_eval["accuracy"] / max(1e-9, t_eval["accuracy"]), "teacher_params": teacher.num_params(),
                "student_params": student.num_params(), "traces": len(rows), "sampling": sample_stats,

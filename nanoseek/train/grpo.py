@@ -70,7 +70,8 @@ class GRPOConfig:
     eval_seed: int = field(default=12345, metadata={"help": "seed of the held-out problems"})
     seed: int = field(default=0, metadata={"help": "seed"})
     dtype: str | None = field(default=None, metadata={"help": "training matmul dtype (default: fastest here)"})
-    rollout_dtype: str | None = field(default="float32", metadata={"help": "engine autocast dtype ('none' = params)"})
+    rollout_dtype: str | None = field(default=None, metadata={"help": "rollout compute dtype (default: the fastest "
+                                                                      "measured on this host; float32 / bfloat16)"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda"})
     max_batch: int = field(default=256, metadata={"help": "engine batch slots"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = all)"})
@@ -283,10 +284,11 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
                "think_rate_before": evals[0]["think_rate"], "think_rate_after": final_eval["think_rate"],
                "length_before": evals[0]["mean_length"], "length_after": final_eval["mean_length"],
                "seconds": round(time.perf_counter() - t_start, 1), "steps": cfg.steps}
-    if cfg.save_final and hasattr(model, "save_pretrained"):
+    if cfg.save_final:
         final = out / "final"
         if isinstance(policy, EngineSampler):
-            model.save_pretrained(final, tokenizer=tok)
+            from ..checkpoint.hf import save_pretrained
+            save_pretrained(model, final, tokenizer=tok)
         else:
             model.save_pretrained(final)
             tok.save(final)
@@ -323,6 +325,7 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
             gn = clip_grad_norm(policy.model, cfg.grad_clip)
             if math.isfinite(gn):
                 opt.step()
+                policy.sync_weights()         # the sampler's derived decode weights follow the step
             opt.zero_grad(set_to_none=True)
             st.update({"loss": loss.item(), "grad_norm": gn, "entropy": float(ent.mean()) if ent.numel() else 0.0})
             for k, v in st.items():

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import args as argparse_dc
+from ..checkpoint.hf import save_pretrained
 from ..checkpoint.state import load_latest, save_checkpoint
 from ..common import (UserError, autocast, autodetect_device, compute_dtype, print0, progress, rng_state,
                       seed_everything, set_rng_state, set_threads)
@@ -312,7 +313,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     bar.close()
     checkpoint(step)
     final = out / "final"
-    model.eval().save_pretrained(final, tokenizer=tok)
+    save_pretrained(model.eval(), final, tokenizer=tok)
     records = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
     summary = {"steps": step, "final_loss": records[-1].get("loss") if records else None,
                "first_loss": records[0].get("loss") if records else None,

@@ -34,9 +34,8 @@ class EngineSampler:
         from ..inference.engine import Engine
 
         self.model, self.tok = model, tok
-        rd = None if rollout_dtype in (None, "none") else parse_dtype(rollout_dtype)
-        self.engine = Engine(model, max_batch=max_batch, max_len=max_len, seed=seed,
-                             autocast_dtype=None if rd in (None, torch.float32) else rd,
+        rd = None if rollout_dtype in (None, "none", "auto") else parse_dtype(rollout_dtype)
+        self.engine = Engine(model, max_batch=max_batch, max_len=max_len, seed=seed, autocast_dtype=rd,
                              stop_token_ids=[tok.eos_id])
 
     def rollout(self, prompts: list[list[int]], params: SamplingParams) -> list[list[dict]]:
@@ -52,6 +51,10 @@ class EngineSampler:
 
     def reseed(self, seed: int) -> None:
         self.engine.gen.manual_seed(seed)
+
+    def sync_weights(self) -> None:
+        """The trainer stepped the model: rebuild the engine's derived decode weights."""
+        self.engine.sync_weights()
 
 
 class HFSampler:
@@ -80,6 +83,9 @@ class HFSampler:
 
     def reseed(self, seed: int) -> None:
         torch.manual_seed(seed)
+
+    def sync_weights(self) -> None:
+        """generate() reads the model's parameters directly: nothing to rebuild."""
 
 
 @torch.no_grad()

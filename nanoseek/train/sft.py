@@ -135,7 +135,7 @@ def main(argv=None) -> None:
     cfg = argparse_dc.parse(SFTConfig, argv, prog="nanoseek sft", description=__doc__.splitlines()[0])
     if not cfg.data or not cfg.model:
         raise UserError("--data (chat JSONL) and --model (model directory) are required")
-    from ..checkpoint.hf import from_pretrained
+    from ..checkpoint.hf import from_pretrained, save_pretrained
     from ..tokenizer import Tokenizer
 
     set_threads(cfg.threads or None)
@@ -147,6 +147,6 @@ def main(argv=None) -> None:
     print0(f"sft: {len(examples):,} conversations, {sum(sum(m) for _, m in examples):,} supervised tokens")
     summary = sft_train(model, tok, examples, cfg)
     out = Path(cfg.out)
-    model.save_pretrained(out / "final", tokenizer=tok)
+    save_pretrained(model, out / "final", tokenizer=tok)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print0(f"done: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; model in {out / 'final'}")

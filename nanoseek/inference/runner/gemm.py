@@ -1,0 +1,106 @@
+"""The decode step's GEMM kernels, on weights the runner packs ahead of time.
+
+A decode step multiplies a few rows (the batch) by every weight matrix. Which kernel is fastest
+depends on the host and on the shape; measured on one 2-core Xeon with AMX (us per call):
+
+    rows x K x N        fp32 F.linear   fp32 MKL-packed   bf16 F.linear   bf16 oneDNN-packed
+    8 x 256 x 4096          149              70               85               43
+    8 x 256 x 208            10              10               27               25
+    64 x 1024 x 256         147             117               59               41
+
+so small GEMMs want fp32 (bf16 calls carry ~20 us of fixed cost there) and large ones bf16, while
+on an AMD host without AMX the MKL packs did not pay at all. The runner therefore picks a kernel
+per (weight, row count) by timing the candidates (`nanoseek.calibrate`, cached per host).
+
+    KINDS      fp32     F.linear in fp32
+               mkl      fp32 on an MKL-packed weight (`torch.ops.mkl`); a pack serves one row count
+               bf16     F.linear in bf16
+               onednn   bf16 on a oneDNN-blocked weight (`torch.ops.mkldnn`); one pack serves all
+    pack(w, kind, rows)        the packed tensor for that kernel (None for the plain kinds)
+    linear(x, w, packed, kind) y = x @ w.T in the kernel's dtype; the caller casts around it
+
+Nothing here holds state: the runner makes the packs (in `sync_weights`), owns them and passes them
+to the step as ordinary inputs. `nanoseek::packed_linear` is an opaque op so that inductor calls the
+kernel as is (its own lowering of the packed ops wants weights frozen into the graph, which an
+engine that shares its model with a trainer cannot use).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...calibrate import best_time, remember
+
+KINDS = ("fp32", "mkl", "bf16", "onednn")
+DTYPE = {"fp32": torch.float32, "mkl": torch.float32, "bf16": torch.bfloat16, "onednn": torch.bfloat16}
+PACKED = {"mkl": 0, "onednn": 1}          # the op's `kind` argument
+
+HAS_MKL = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def available(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> list[str]:
+    """The kernels this device offers for these compute dtypes (plain ones first)."""
+    kinds = [k for k in ("fp32", "bf16") if DTYPE[k] in dtypes]
+    if device.type == "cpu":
+        if HAS_MKL and torch.float32 in dtypes:
+            kinds.append("mkl")
+        if HAS_ONEDNN and torch.bfloat16 in dtypes and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            kinds.append("onednn")
+    return kinds
+
+
+def pack(w: torch.Tensor, kind: str, rows: int) -> torch.Tensor | None:
+    """w (N, K) in the kernel's dtype -> its packed form (a tensor in MKL's / oneDNN's own layout)."""
+    if kind == "mkl":
+        return torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), rows)
+    if kind == "onednn":
+        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
+    return None
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """x (..., K) @ w.T with the given kernel; x and w must already be in the kernel's dtype."""
+    if packed is None:
+        return F.linear(x, w)
+    return torch.ops.nanoseek.packed_linear(x, packed, w, PACKED[kind])
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, w: torch.Tensor, kind: int) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if kind == 0:
+        y = torch.ops.mkl._mkl_linear(x2, packed, w, None, x2.shape[0])
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "")
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+# A function definition registered with the dispatcher (like `def`, not state). torch.library.Library
+# rather than @custom_op: ~3 us per call instead of ~11, and a decode step makes ~20 of them.
+_lib = torch.library.Library("nanoseek", "FRAGMENT")
+_lib.define("packed_linear(Tensor x, Tensor packed, Tensor w, int kind) -> Tensor")
+_lib.impl("packed_linear", _packed_linear, "CompositeExplicitAutograd")   # also for the packs' MkldnnCPU key
+
+
+@torch.library.register_fake("nanoseek::packed_linear")
+def _(x, packed, w, kind):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def fastest(device: torch.device, rows: int, K: int, N: int, kinds: list[str]) -> str:
+    """The fastest of `kinds` for a (rows x K) @ (K x N) product on this host: timed once on random
+    weights (the best of up to 10 calls each), then read from the calibration cache."""
+    if len(kinds) == 1:
+        return kinds[0]
+
+    def measure():
+        g = torch.Generator().manual_seed(0)
+        w32, x32 = torch.randn(N, K, generator=g), torch.randn(rows, K, generator=g)
+        times = {}
+        for kind in kinds:
+            w, x = w32.to(DTYPE[kind]), x32.to(DTYPE[kind])
+            packed = pack(w, kind, rows)
+            times[kind] = best_time(lambda: linear(x, w, packed, kind), budget_s=0.01, reps=10)
+        return min(times, key=times.get)
+
+    return remember(device, f"gemm|{','.join(sorted(kinds))}|{rows}x{K}x{N}", measure)

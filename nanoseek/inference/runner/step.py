@@ -1,0 +1,78 @@
+"""The decode step's forward: `Transformer.hidden` + `logits` for a few new tokens per row against the
+latent cache, over the runner's derived weights (weights.py) and GEMM kernels (gemm.py).
+
+    logits = decode_logits(model, W, plan, cache, ids)      ids (B, T) -> (B, T, V) fp32
+
+`W` maps names to tensors (the GEMM weights in their kernels' dtypes, their packs, the expert stacks);
+`plan` maps each GEMM to its kernel. The residual stream stays fp32; each GEMM casts its input to its
+kernel's dtype and its output back. Norms, embedding, router bias and RoPE are the model's own
+(read live); folded attention and the MoE decode paths are the runner's; layers whose attention does
+not fold (V3-sized kv_lora_rank) run the model's absorbed attention. Everything here is plain torch,
+so the same function runs eagerly or under torch.compile (runner/__init__.py), and is tested against
+the model's own forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...model.layers import MLP
+from ...model.moe import MoE
+from ...model.rope import apply_rope
+from . import gemm
+from .moe import moe_decode
+
+
+def decode_logits(model, W: dict, plan: dict, cache, ids: torch.Tensor, blocks=None) -> torch.Tensor:
+    """ids (B, T) at positions `cache.positions` (the caller ran `cache.begin`) -> logits (B, T, V) fp32.
+    `blocks`: (index, Block) pairs to run instead of the main layers (the MTP draft)."""
+    h = decode_hidden(model, W, plan, cache, model.embed(ids).float(), blocks)
+    return decode_head(model, W, plan, h)
+
+
+def decode_hidden(model, W: dict, plan: dict, cache, x: torch.Tensor, blocks=None) -> torch.Tensor:
+    """Embedded inputs x (B, T, D) -> hidden states (B, T, D) fp32 before the final norm."""
+    rot = model.rope(cache.positions)
+    lin = _linear(W, plan)
+    for i, layer in blocks if blocks is not None else enumerate(model.layers):
+        h = layer.attn_norm(x)
+        if f"attn{i}.q" in plan:
+            x = x + folded_attention(layer.attn, i, lin, cache, h, rot)
+        else:
+            x = x + layer.attn(h, rot, cache, absorb=True).float()
+        h = layer.ffn_norm(x)
+        if isinstance(layer.ffn, MoE):
+            x = x + moe_decode(layer.ffn, i, h.reshape(-1, h.shape[-1]), lin, W).view(h.shape)
+        elif isinstance(layer.ffn, MLP):
+            gate, up = lin(f"mlp{i}.w13", h).chunk(2, dim=-1)
+            x = x + lin(f"mlp{i}.w2", F.silu(gate) * up)
+    return x
+
+
+def decode_head(model, W: dict, plan: dict, h: torch.Tensor) -> torch.Tensor:
+    return _linear(W, plan)("head", model.norm(h))
+
+
+def folded_attention(attn, i: int, lin, cache, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """MLA with W_UK folded into the query projection and W_UV into W_O (weights.py): three GEMMs,
+    attention over the cached [c_KV ; k_pe] as one shared key/value head."""
+    B, T, _ = x.shape
+    H, C, R = attn.n_heads, attn.kv_rank, attn.rope_dim
+    a = lin(f"attn{i}.down", x)                                     # B,T,(Q +) C + R
+    if hasattr(attn, "wq_a"):
+        Q = a.shape[-1] - C - R
+        c_q, a = attn.q_norm(a[..., :Q]), a[..., Q:]
+    else:
+        c_q = x
+    q = lin(f"attn{i}.q", c_q).view(B, T, H, C + R)
+    q = torch.cat([q[..., :C], apply_rope(q[..., C:], rot)], dim=-1)
+    kvpe, mask = cache.update(attn.layer_id, attn.kv_norm(a[..., :C]), apply_rope(a[..., C:], rot))
+    o_lat = attn._latent_attention(q, kvpe, mask)                  # B,T*H,C
+    return lin(f"attn{i}.out", o_lat.reshape(B, T, H * C))
+
+
+def _linear(W: dict, plan: dict):
+    def lin(name: str, x: torch.Tensor) -> torch.Tensor:
+        kind = plan[name]
+        return gemm.linear(x.to(gemm.DTYPE[kind]), W[name], W.get(name + ".pack"), kind).float()
+    return lin

@@ -1,0 +1,34 @@
+"""What the engine tracks per running sample (`Sequence`) and per queued request."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingParams
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    index: int                       # which of the request's n samples
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    slot: int = -1
+    length: int = 0                  # tokens in the main cache
+    pending: int | None = None       # sampled, emitted, not yet in the cache
+    out_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    hidden: torch.Tensor | None = None   # speculative: main hidden states of positions [mtp_len, length)
+    mtp_len: int = 0                     # positions already in the MTP cache
+    stop_text: bool = False              # finished by a stop string (text truncated by the caller)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams

@@ -1,0 +1,205 @@
+"""The decode runner (nanoseek/inference/runner/) against the model it is derived from."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import randomize, random_cfg
+from nanoseek.inference.cache import LatentCache
+from nanoseek.inference.runner import DecodeRunner, gemm
+from nanoseek.inference.runner import moe as rmoe
+from nanoseek.inference.runner.step import _linear, decode_logits
+from nanoseek.inference.runner.weights import DecodeWeights
+from nanoseek.model import Transformer
+from nanoseek.model.moe import moe_reference, route
+
+CPU = torch.device("cpu")
+FP32 = ["fp32", "mkl"] if gemm.HAS_MKL else ["fp32"]
+ALL = gemm.available(CPU, (torch.float32, torch.bfloat16))
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return randomize(Transformer(random_cfg(**kw))).eval()
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_gemm_kernels_equal_linear(kind):
+    torch.manual_seed(0)
+    w32 = torch.randn(96, 48)
+    dt = gemm.DTYPE[kind]
+    w = w32.to(dt)
+    for rows in (1, 8):
+        x = torch.randn(rows, 48)
+        packed = gemm.pack(w, kind, rows)
+        assert (packed is None) == (kind not in gemm.PACKED)
+        y = gemm.linear(x.to(dt), w, packed, kind)
+        tol = 1e-5 if dt == torch.float32 else 2e-2
+        torch.testing.assert_close(y.float(), F.linear(x.to(dt), w).float(), rtol=tol, atol=tol)
+    x3 = torch.randn(2, 4, 48).to(dt)                       # leading dims are flattened and restored
+    y3 = gemm.linear(x3, w, gemm.pack(w, kind, 8), kind)
+    assert y3.shape == (2, 4, 96)
+
+
+def test_kernel_choice_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = gemm.best_time
+    monkeypatch.setattr(gemm, "best_time", lambda fn, **kw: calls.append(1) or real(fn, **kw))
+    kinds = ["fp32", "bf16"]
+    first = gemm.fastest(CPU, 8, 64, 96, kinds)
+    assert first in kinds and len(calls) == 2 and (tmp_path / "calibration.json").exists()
+    assert gemm.fastest(CPU, 8, 64, 96, kinds) == first and len(calls) == 2      # from the cache
+    assert gemm.fastest(CPU, 8, 64, 96, ["fp32"]) == "fp32"                     # one candidate: no timing
+
+
+@pytest.mark.parametrize("kw", [{}, dict(n_group=1, topk_group=1),
+                                dict(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False),
+                                dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1)])
+def test_topk_free_routing_equals_route(kw):
+    """route_dense (rank counting, fusable) selects and weights like route (topk)."""
+    moe = _model(**kw).layers[-1].ffn
+    logits = torch.randn(50, moe.cfg.n_routed_experts)
+    w, idx, _ = route(logits, moe.gate.bias, moe.cfg)
+    want = torch.zeros_like(logits).scatter_(1, idx, w)
+    assert torch.allclose(rmoe.route_dense(logits, moe.gate.bias, moe.cfg), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("path,overflow,compiled", [("dense", False, True), ("capacity", False, True),
+                                                    ("capacity", True, True), ("gather", False, False),
+                                                    ("capacity", True, False), ("dense", False, False)])
+def test_moe_decode_paths_equal_reference(path, overflow, compiled, monkeypatch):
+    """Every MoE decode path (eager and compiled; capacity with every expert overflowing, so that the
+    torch.cond fallback runs) equals the per-token reference, also after an in-place weight update."""
+    torch._dynamo.reset()
+    model = _model()
+    i = len(model.layers) - 1
+    moe = model.layers[i].ffn
+    T = 1 if path == "gather" else 12
+    if overflow:
+        monkeypatch.setattr(rmoe, "capacity", lambda moe, T: 1)
+    W = DecodeWeights(model, CPU, FP32)
+    plan = W.plan(T)
+    ran = []
+    if not compiled:      # (a side effect inside torch.cond would not compile)
+        real = rmoe.capacity_experts
+        monkeypatch.setattr(rmoe, "capacity_experts", lambda *a: ran.append(1) or real(*a))
+
+    def f(x, tensors):
+        return rmoe.moe_decode(moe, i, x, _linear(tensors, plan), tensors, path)
+    if compiled:
+        f = torch.compile(f, fullgraph=True, dynamic=False)
+    x = torch.randn(T, moe.cfg.hidden_size)
+    with torch.no_grad():
+        for _ in range(2):
+            W.sync()
+            assert (f(x, W.tensors(T)) - moe_reference(moe, x)).abs().max() < 1e-5
+            moe.experts.w2.mul_(-1.5)
+            moe.shared.w13.weight.mul_(0.5)
+    # the path under test ran (compiled: with every expert overflowing, capacity 1 would drop pairs and
+    # differ from the reference; without, capacity 16 >= 12 rows cannot overflow)
+    assert compiled or bool(ran) == (path == "capacity" and not overflow)
+
+
+def _prefill_then_step(model, runner_dtypes, prompt_len=6):
+    """Prefill with the model, then one decode step through the runner's step (eager): its logits and
+    the model's full-recompute logits for the same token."""
+    cfg = model.cfg
+    ids = torch.randint(0, cfg.vocab_size, (3, prompt_len + 1))
+    cache = LatentCache(cfg.num_hidden_layers, 3, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim, torch.float32)
+    runner = DecodeRunner(model, cache, runner_dtypes, compile=False, max_batch=4)
+    with torch.no_grad():
+        cache.begin(torch.zeros(3, dtype=torch.long), prompt_len)
+        model.hidden(ids[:, :prompt_len], cache.positions, cache)
+        logits, tokens, logps = runner.decode(ids[:, prompt_len].tolist(), [prompt_len] * 3)
+        full = model(ids)[:, -1]
+    return logits, full, tokens, logps
+
+
+@pytest.mark.parametrize("kw", [{}, dict(q_lora_rank=0), dict(kv_lora_rank=64)])
+def test_decode_step_equals_model_forward(kw):
+    """Folded attention (small kv_lora_rank, with and without q-LoRA) and the model's own absorbed
+    attention (large kv_lora_rank: folding does not pay) both give the model's logits."""
+    model = _model(**kw)
+    logits, full, tokens, logps = _prefill_then_step(model, (torch.float32,))
+    assert (logits - full).abs().max() < 1e-4
+    assert torch.equal(tokens, full.argmax(-1))
+    torch.testing.assert_close(logps, full.log_softmax(-1).max(-1).values, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_step_in_mixed_precision_is_close():
+    """With every kernel allowed (bf16 GEMMs where faster here) the step stays close to fp32."""
+    model = _model()
+    logits, full, _, _ = _prefill_then_step(model, (torch.float32, torch.bfloat16))
+    assert (logits - full).abs().max() < 0.05 * full.abs().max()
+
+
+def test_runner_follows_optimizer_steps():
+    """Derived weights follow in-place updates: through the per-step version check without an explicit
+    sync, and through sync_weights() with the check off. With both removed the step reads stale weights
+    (so this test fails if either mechanism breaks)."""
+    model = _model()
+    cfg = model.cfg
+    ids = torch.randint(0, cfg.vocab_size, (2, 5))
+    cache = LatentCache(cfg.num_hidden_layers, 2, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim, torch.float32)
+    runner = DecodeRunner(model, cache, (torch.float32,), compile=False, max_batch=2)
+
+    def step():
+        with torch.no_grad():
+            cache.begin(torch.zeros(2, dtype=torch.long), 4)
+            model.hidden(ids[:, :4], cache.positions, cache)
+            return runner.decode(ids[:, 4].tolist(), [4, 4])[0], model(ids)[:, -1]
+
+    def update():
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.attn.wkv_b.weight.mul_(1.3)
+                (layer.ffn.experts.w13 if hasattr(layer.ffn, "experts") else layer.ffn.w13.weight).mul_(1.3)
+            model.head.weight.mul_(-1.0)
+
+    got, want = step()
+    assert (got - want).abs().max() < 1e-4
+    update()                                             # 1. no sync: the version check notices
+    got, want = step()
+    assert (got - want).abs().max() < 1e-4
+    runner.check_versions = False
+    update()                                             # 2. check off, explicit sync
+    runner.sync_weights()
+    got, want = step()
+    assert (got - want).abs().max() < 1e-4
+    update()                                             # 3. neither: stale
+    got, want = step()
+    assert (got - want).abs().max() > 1e-2
+
+
+def test_two_runners_in_one_process_share_nothing():
+    """Two engines on two different models, interleaved: each matches its own model."""
+    from nanoseek.inference import LLM, SamplingParams
+    a, b = _model(), _model(num_attention_heads=2)
+    with torch.no_grad():
+        b.head.weight.mul_(-1)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    la, lb = LLM(a, max_batch=4, max_len=32, compile=False), LLM(b, max_batch=4, max_len=32, compile=False)
+    p = {"prompt_token_ids": [3, 4, 5, 6]}
+    ra1, rb1, ra2 = la.generate(p, sp), lb.generate(p, sp), la.generate(p, sp)
+    assert ra1[0].outputs[0].token_ids == ra2[0].outputs[0].token_ids
+    ref = LLM(b, max_batch=1, max_len=32, compile=False).generate(p, sp)
+    assert rb1[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+    wa, wb = la.engine.runner.weights.tensors(1), lb.engine.runner.weights.tensors(1)
+    assert not {t.data_ptr() for t in wa.values()} & {t.data_ptr() for t in wb.values()}
+
+
+def test_auto_compile_waits_until_it_pays(monkeypatch):
+    """compile="auto": a bucket is compiled only once its eager time reaches the expected compile time."""
+    model = _model()
+    cfg = model.cfg
+    cache = LatentCache(cfg.num_hidden_layers, 2, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim, torch.float32)
+    runner = DecodeRunner(model, cache, (torch.float32,), compile="auto", max_batch=2)
+    monkeypatch.setattr(runner, "_expected_compile_s", lambda Bp: 1e9)
+    with torch.no_grad():
+        cache.begin(torch.zeros(2, dtype=torch.long), 3)
+        model.hidden(torch.ones(2, 3, dtype=torch.long), cache.positions, cache)
+        runner.decode([1, 2], [3, 3])
+        assert runner.stats["eager_steps"] == 1 and not runner._compiled
+        monkeypatch.setattr(runner, "_expected_compile_s", lambda Bp: 0.0)
+        runner.decode([1, 2], [4, 4])
+    assert runner._compiled == {2} and runner.stats["compiled_steps"] == 1
