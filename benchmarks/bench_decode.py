@@ -1,16 +1,26 @@
-"""Decode throughput and cache size: nanoseek's engine vs HF transformers' generate, same weights, one run.
+"""Decode throughput and cache size: nanoseek's engine vs HF transformers' generate (and llama.cpp when
+given), same weights, one run.
 
 Model: the issue's 8.5M-param DeepseekV3 (hidden 256, 4 layers, 16 experts top-4, vocab 4096), random
-weights, built by transformers and saved, then loaded by nanoseek from the same directory. Greedy,
-prompt 32 tokens, 128 new tokens (no EOS on either side, so both generate exactly 128; HF with
-min_new_tokens would instead suppress EOS and pick the runner-up token). Also prefill tokens/s,
-and the KV-cache bytes per token each side actually allocates. `nanoseek_compiled` is the same engine
-with `compile=True` (a static-shape torch.compile'd decode step); its compile time is excluded and
-reported.
+weights, built by transformers and saved, then loaded by each contender from the same directory.
+Greedy, prompt 32 tokens, 128 new tokens (no EOS on either side, so both generate exactly 128). Each
+figure is generated tokens / wall time of the whole call, prefill included (as `generate` measures).
 
-    .venv/bin/python benchmarks/bench_decode.py --batches 1 8 64
+Contenders, interleaved, best of --repeat each:
+  hf_fp32, hf_bf16      `generate` in fp32 and in bf16; the peer is the faster of the two on this host
+  nanoseek              the default `LLM(model_dir)`: precision and kernels measured on this host, the
+                        decode step compiled up front for this batch size as `nanoseek serve` does
+                        (compile time excluded, reported)
+  nanoseek_fp32         `LLM(model_dir, autocast_dtype="float32")`, compiled: greedy tokens == HF fp32
+  nanoseek_eager        the default precision without compiling
+  llama.cpp f32 / bf16  `llama-batched-bench` on the same weights converted to GGUF (--llama-cpp DIR,
+                        see llama_cpp_bench.py); run after the others, in its own process
+
+    .venv/bin/python benchmarks/bench_decode.py --batches 1 8 64 --repeat 3 [--llama-cpp DIR]
 """
 import argparse
+import platform
+import subprocess
 import tempfile
 import time
 
@@ -28,92 +38,119 @@ def hf_cache_bytes(past) -> int:
     return total
 
 
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--dtype", default="float32", help="nanoseek weights dtype (HF stays fp32)")
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--no-compile", action="store_true", help="skip the compiled engine")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--llama-cpp", default=None, help="llama.cpp checkout with a llama-batched-bench build "
+                    "(default: $LLAMA_CPP_DIR; none: skip)")
     args = ap.parse_args()
+    import llama_cpp_bench as llama_cpp
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import __version__ as hf_version
 
-    import nanoseek
     from nanoseek.inference import LLM, SamplingParams
 
+    llama_root = llama_cpp.find(args.llama_cpp)
     torch.manual_seed(0)
     cfg = DeepseekV3Config(vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
                            num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, num_key_value_heads=8,
                            n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
                            q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                            max_position_embeddings=1024, tie_word_embeddings=False)
-    hf = DeepseekV3ForCausalLM(cfg).eval()
+    hf = {"hf_fp32": DeepseekV3ForCausalLM(cfg).eval()}
     d = tempfile.mkdtemp()
-    hf.save_pretrained(d)
-    ours = nanoseek.from_pretrained(d, dtype=args.dtype)
-    res = {"params": sum(p.numel() for p in hf.parameters()), "new_tokens": args.new, "prompt": args.prompt,
-           "nanoseek_dtype": args.dtype, "decode_tok_s": {}, "prefill_tok_s": {}, "greedy_identical": {}}
+    hf["hf_fp32"].save_pretrained(d)
+    hf["hf_bf16"] = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
+    res = {"host": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "transformers": hf_version, "params": sum(p.numel() for p in hf["hf_fp32"].parameters()),
+           "new_tokens": args.new, "prompt": args.prompt, "decode_tok_s": {}, "prefill_tok_s": {},
+           "greedy_identical_fp32_vs_hf_fp32": {}, "compile_s": {}, "plan": {}}
+    max_len = args.prompt + args.new + 8
     for B in args.batches:
         prompts = torch.randint(0, 4096, (B, args.prompt))
-        llm = LLM(ours, max_batch=max(B, 1), max_len=args.prompt + args.new + 8)
-        sp = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
         reqs = [{"prompt_token_ids": p.tolist()} for p in prompts]
-        warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-        llm.generate(reqs[:B], warm)
-        fast = None if args.no_compile else LLM(ours, max_batch=max(B, 1), max_len=args.prompt + args.new + 8,
-                                                 compile=True)
-        if fast is not None:
+        sp = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
+        ours = {"nanoseek": LLM(d, max_batch=B, max_len=max_len),
+                "nanoseek_fp32": LLM(d, max_batch=B, max_len=max_len, autocast_dtype="float32"),
+                "nanoseek_eager": LLM(d, max_batch=B, max_len=max_len, compile=False)}
+        res["compile_s"][B] = {}
+        for name, llm in ours.items():
             t = time.perf_counter()
-            fast.generate(reqs[:B], warm)                                      # compiles this batch's bucket
-            res.setdefault("compile_s", {})[B] = round(time.perf_counter() - t, 1)
-        with torch.no_grad():
-            hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=4, do_sample=False,
-                        eos_token_id=None)
-        best = {"hf": float("inf"), "nanoseek": float("inf")}
-        if fast is not None:
-            best["nanoseek_compiled"] = float("inf")
-        for _ in range(args.repeat):
+            llm.engine.runner.warmup([llm.engine.runner.bucket(B)])           # what `serve` does at start-up
+            if name != "nanoseek_eager":
+                res["compile_s"][B][name] = round(time.perf_counter() - t, 1)
+            llm.generate(reqs, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        runner = ours["nanoseek"].engine.runner
+        plan = runner.plan(runner.bucket(B))
+        res["plan"][B] = {k: sum(1 for n, v in plan.items() if v == k and not n.endswith(".path")) for k in
+                          sorted(set(v for n, v in plan.items() if not n.endswith(".path")))}
+        for m in hf.values():
             with torch.no_grad():
+                m.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=4, do_sample=False,
+                           eos_token_id=None)
+        best = {k: float("inf") for k in list(hf) + list(ours)}
+        outs = {}
+        for _ in range(args.repeat):
+            for name, m in hf.items():
+                with torch.no_grad():
+                    t = time.perf_counter()
+                    g = m.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new,
+                                   eos_token_id=None, do_sample=False, return_dict_in_generate=True)
+                    best[name] = min(best[name], time.perf_counter() - t)
+                outs[name] = g
+            for name, llm in ours.items():
                 t = time.perf_counter()
-                g = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new,
-                                eos_token_id=None, do_sample=False, return_dict_in_generate=True)
-                best["hf"] = min(best["hf"], time.perf_counter() - t)
-            t = time.perf_counter()
-            outs = llm.generate(reqs, sp)
-            best["nanoseek"] = min(best["nanoseek"], time.perf_counter() - t)
-            if fast is not None:
-                t = time.perf_counter()
-                fouts = fast.generate(reqs, sp)
-                best["nanoseek_compiled"] = min(best["nanoseek_compiled"], time.perf_counter() - t)
-        ref = [g.sequences[i, args.prompt:].tolist() for i in range(B)]
-        res["greedy_identical"][B] = f"{sum(o.outputs[0].token_ids == r for o, r in zip(outs, ref))}/{B}"
-        if fast is not None:
-            res.setdefault("compiled_identical_to_eager", {})[B] = all(
-                a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(outs, fouts))
-        res["decode_tok_s"][B] = {k: round(B * args.new / v, 1) for k, v in best.items()}
-        res["decode_tok_s"][B]["speedup"] = round(best["hf"] / best["nanoseek"], 2)
-        if fast is not None:
-            res["decode_tok_s"][B]["speedup_compiled"] = round(best["hf"] / best["nanoseek_compiled"], 2)
+                outs[name] = llm.generate(reqs, sp)
+                best[name] = min(best[name], time.perf_counter() - t)
+        ref = [outs["hf_fp32"].sequences[i, args.prompt:].tolist() for i in range(B)]
+        same = sum(o.outputs[0].token_ids == r for o, r in zip(outs["nanoseek_fp32"], ref))
+        res["greedy_identical_fp32_vs_hf_fp32"][B] = f"{same}/{B}"
+        tok_s = {k: round(B * args.new / v, 1) for k, v in best.items()}
+        peer = max(tok_s["hf_fp32"], tok_s["hf_bf16"])
+        tok_s["speedup"] = round(tok_s["nanoseek"] / peer, 2)
+        tok_s["speedup_fp32"] = round(tok_s["nanoseek_fp32"] / peer, 2)
+        tok_s["speedup_eager"] = round(tok_s["nanoseek_eager"] / peer, 2)
+        res["decode_tok_s"][B] = tok_s
         if B == args.batches[-1]:
             n_tok = B * (args.prompt + args.new)
-            res["hf_cache_bytes_per_token"] = round(hf_cache_bytes(g.past_key_values) / n_tok, 1)
-            res["nanoseek_cache_bytes_per_token"] = llm.engine.cache.bytes_per_token()
-            res["latent_formula_bytes_per_token"] = (64 + 16) * 4 * ours.embed.weight.element_size()
+            res["hf_cache_bytes_per_token"] = round(hf_cache_bytes(outs["hf_fp32"].past_key_values) / n_tok, 1)
+            res["nanoseek_cache_bytes_per_token"] = ours["nanoseek"].engine.cache.bytes_per_token()
+            res["latent_formula_bytes_per_token"] = (64 + 16) * 4 * 4
         # prefill: one forward over B prompts
-        with torch.no_grad():
-            t = time.perf_counter()
-            hf(prompts)
-            hf_pf = time.perf_counter() - t
-        eng = llm.engine
+        pf = {}
+        for name, m in hf.items():
+            with torch.no_grad():
+                t = time.perf_counter()
+                m(prompts)
+                pf[name] = B * args.prompt / (time.perf_counter() - t)
+        eng = ours["nanoseek"].engine
         for r in reqs:
             eng.add_request(r["prompt_token_ids"], SamplingParams(temperature=0, max_tokens=1))
         t = time.perf_counter()
         eng.step()
-        our_pf = time.perf_counter() - t
+        pf["nanoseek"] = B * args.prompt / (time.perf_counter() - t)
         while eng.has_work():
             eng.step()
-        res["prefill_tok_s"][B] = {"hf": round(B * args.prompt / hf_pf, 1), "nanoseek": round(B * args.prompt / our_pf, 1)}
+        res["prefill_tok_s"][B] = {k: round(v, 1) for k, v in pf.items()}
+        del ours
+    if llama_root is not None:
+        lc = llama_cpp.run(llama_root, d, 4096, args.batches, args.prompt, args.new, threads=torch.get_num_threads())
+        res["llama_cpp"] = lc
+        for B in args.batches:
+            best_lc = max(lc[dt][B]["gen_tok_s"] for dt in lc)
+            res["decode_tok_s"][B]["llama_cpp_best"] = best_lc
+            res["decode_tok_s"][B]["vs_llama_cpp"] = round(res["decode_tok_s"][B]["nanoseek"] / best_lc, 2)
     report("bench_decode", res)
 
 

@@ -177,15 +177,8 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict, name: str = "custom") -> "ModelConfig":
         d = dict(d)
         official = "dim" in d and "hidden_size" not in d
-        if official and "mscale" in d:  # official `mscale` is the softmax correction (HF mscale_all_dim)
-            d["mscale_all_dim"] = d["mscale"]
-        for official_name, hf in _OFFICIAL_NAMES.items():
-            if official_name in d and hf not in d:
-                d[hf] = d.pop(official_name)
-        if "max_seq_len" in d:  # official ModelArgs: RoPE table length
-            d.setdefault("max_position_embeddings", d.pop("max_seq_len"))
-        if "score_func" in d:
-            d.setdefault("scoring_func", d.pop("score_func"))
+        if official:
+            d = _from_official(d)
         out: dict = {}
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
@@ -238,6 +231,39 @@ class ModelConfig:
 
 _FLAT_ROPE = ("rope_theta", "rope_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
               "mscale", "mscale_all_dim")
+
+def _from_official(d: dict) -> dict:
+    """DeepSeek's own inference config (`inference/configs/config_*.json`, `ModelArgs` names) -> HF names.
+    Fields a file omits take the official `ModelArgs` defaults, not V3's; the gate follows the official
+    `Gate`: a selection bias (noaux_tc) only at dim 7168, group score max without it, weights
+    renormalised only for sigmoid scores; YaRN only when max_seq_len exceeds original_seq_len; no MTP
+    (the official inference code builds none)."""
+    d = {**_OFFICIAL_DEFAULTS, **d}
+    d["mscale_all_dim"] = d["mscale"]   # official `mscale` is the softmax correction (HF mscale_all_dim)
+    for official_name, hf in _OFFICIAL_NAMES.items():
+        if official_name in d:
+            d[hf] = d.pop(official_name)
+    d["max_position_embeddings"] = d.pop("max_seq_len")
+    d["scoring_func"] = d.pop("score_func")
+    if d["hidden_size"] == 7168:
+        d["topk_method"] = "noaux_tc"
+    else:
+        d["topk_method"] = "group_limited_greedy" if d["n_group"] > 1 else "greedy"
+    d["norm_topk_prob"] = d["scoring_func"] == "sigmoid"
+    if d["max_position_embeddings"] <= d["original_max_position_embeddings"]:
+        d["rope_factor"] = 1.0
+    return d
+
+
+# official DeepSeek inference `ModelArgs` (inference/model.py) defaults, in its own names
+_OFFICIAL_DEFAULTS = {
+    "max_seq_len": 4096 * 4, "vocab_size": 102400, "dim": 2048, "inter_dim": 10944, "moe_inter_dim": 1408,
+    "n_layers": 27, "n_dense_layers": 1, "n_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
+    "n_activated_experts": 6, "n_expert_groups": 1, "n_limited_groups": 1, "score_func": "softmax",
+    "route_scale": 1.0, "q_lora_rank": 0, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "original_seq_len": 4096, "rope_theta": 10000.0, "rope_factor": 40.0, "beta_fast": 32,
+    "beta_slow": 1, "mscale": 1.0, "num_nextn_predict_layers": 0,
+}
 
 # official DeepSeek inference `ModelArgs` name -> HF / nanoseek name
 _OFFICIAL_NAMES = {

@@ -83,6 +83,7 @@ def main(argv=None) -> None:
     print(f"  activated per token        {info['activated_params']:>20,}  ({_human(info['activated_params'])})")
     print(f"  MTP params                 {info['mtp_params']:>20,}  ({_human(info['mtp_params'])})")
     print(f"  latent KV cache / token    {info['kv_cache_bytes_per_token']:>20,} B (bf16)")
-    print(f"  naive K/V cache / token    {info['naive_kv_cache_bytes_per_token']:>20,} B (what HF allocates)")
+    print(f"  per-head K/V cache / token {info['naive_kv_cache_bytes_per_token']:>20,} B (bf16, if every head's "
+          "K and V were cached as in plain MHA; transformers 5.x caches the latent too)")
     for k, v in info["breakdown"].items():
         print(f"    {k:<24} {v:>20,}  ({_human(v)})")

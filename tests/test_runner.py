@@ -75,24 +75,26 @@ def test_moe_decode_paths_equal_reference(path, overflow, compiled, monkeypatch)
     i = len(model.layers) - 1
     moe = model.layers[i].ffn
     T = 1 if path == "gather" else 12
-    if overflow:
-        monkeypatch.setattr(rmoe, "capacity", lambda moe, T: 1)
+    monkeypatch.setattr(rmoe, "DENSE_MAX_TOKENS", 16 if path == "dense" else 0)
     W = DecodeWeights(model, CPU, FP32)
     plan = W.plan(T)
+    assert plan[f"moe{i}.path"] == path
+    if overflow:                      # (after planning: the plan sizes its measurements by the capacity)
+        monkeypatch.setattr(rmoe, "capacity", lambda moe, T: 1)
     ran = []
     if not compiled:      # (a side effect inside torch.cond would not compile)
         real = rmoe.capacity_experts
         monkeypatch.setattr(rmoe, "capacity_experts", lambda *a: ran.append(1) or real(*a))
 
     def f(x, tensors):
-        return rmoe.moe_decode(moe, i, x, _linear(tensors, plan), tensors, path)
+        return rmoe.moe_decode(moe, i, x, _linear(tensors, plan), tensors, plan[f"moe{i}.path"])
     if compiled:
         f = torch.compile(f, fullgraph=True, dynamic=False)
     x = torch.randn(T, moe.cfg.hidden_size)
     with torch.no_grad():
         for _ in range(2):
             W.sync()
-            assert (f(x, W.tensors(T)) - moe_reference(moe, x)).abs().max() < 1e-5
+            assert (f(x, W.tensors(T, plan)) - moe_reference(moe, x)).abs().max() < 1e-5
             moe.experts.w2.mul_(-1.5)
             moe.shared.w13.weight.mul_(0.5)
     # the path under test ran (compiled: with every expert overflowing, capacity 1 would drop pairs and
@@ -184,7 +186,8 @@ def test_two_runners_in_one_process_share_nothing():
     assert ra1[0].outputs[0].token_ids == ra2[0].outputs[0].token_ids
     ref = LLM(b, max_batch=1, max_len=32, compile=False).generate(p, sp)
     assert rb1[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
-    wa, wb = la.engine.runner.weights.tensors(1), lb.engine.runner.weights.tensors(1)
+    ra, rb = la.engine.runner, lb.engine.runner
+    wa, wb = ra.weights.tensors(1, ra.plan(1)), rb.weights.tensors(1, rb.plan(1))
     assert not {t.data_ptr() for t in wa.values()} & {t.data_ptr() for t in wb.values()}
 
 

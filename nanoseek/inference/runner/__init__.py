@@ -56,8 +56,12 @@ class DecodeRunner:
         self.compile = compile
         self.check_versions = True   # the safety net behind sync_weights()
         self._plans: dict[int, dict[str, str]] = {}
+        # cpp_wrapper: inductor writes the code that calls the step's ~100 kernels in C++ rather than
+        # Python (measured +9% tokens/s at batch 8, +5% at 64), the packed GEMMs then in C++ too
         self._graph = torch.compile(self._step, fullgraph=True, dynamic=None,
                                     options={"cpp_wrapper": cpp_wrapper}) if compile else None
+        if compile and any(k in gemm.PACKED for k in self.kinds):
+            gemm.load_native()
         self._compiled: set[int] = set()
         self._failed: set[int] = set()
         self._eager_s: dict[int, float] = {}
@@ -98,7 +102,7 @@ class DecodeRunner:
         ids = torch.tensor(pending, device=self.device).view(B, 1)
         starts = torch.tensor(lengths, device=self.device)
         with torch.no_grad():
-            logits, tokens, best = self._step(ids, starts, None, self.weights.tensors(Bp), plan)
+            logits, tokens, best = self._step(ids, starts, None, self.weights.tensors(Bp, plan), plan)
         self.stats["eager_steps"] += 1
         self._eager_s[Bp] = self._eager_s.get(Bp, 0.0) + time.perf_counter() - t
         return logits, tokens, best - torch.logsumexp(logits, dim=-1)
@@ -156,7 +160,7 @@ class DecodeRunner:
         t = time.perf_counter()
         try:
             with torch.no_grad():
-                logits, tokens, best = self._graph(ids, starts, span, self.weights.tensors(Bp), plan)
+                logits, tokens, best = self._graph(ids, starts, span, self.weights.tensors(Bp, plan), plan)
         except Exception as e:          # a bucket torch cannot compile (limits, backend): run eagerly
             warnings.warn(f"compiled decode failed for batch {Bp} ({type(e).__name__}: {str(e)[:200]}); "
                           "using eager")

@@ -87,6 +87,26 @@ def _(x, packed, w, kind):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
+def load_native() -> bool:
+    """Build (once per machine, ~40 s, cached by torch) and load packed_linear.cpp, the same kernel in
+    C++: from a compiled step's C++ wrapper it then never enters Python. False, with a warning, where it
+    cannot be built (no compiler or ninja): the Python kernel above does the same work, slower."""
+    import warnings
+    from pathlib import Path
+
+    if torch._C._dispatch_has_kernel_for_dispatch_key("nanoseek::packed_linear", "CPU"):
+        return True                    # loaded already (the dispatcher is the only record of it)
+    try:
+        from torch.utils.cpp_extension import load
+        load("nanoseek_runner_gemm", [str(Path(__file__).with_name("packed_linear.cpp"))],
+             extra_cflags=["-O2"], is_python_module=False)
+    except Exception as e:
+        warnings.warn(f"nanoseek: C++ packed linear not built ({type(e).__name__}: {str(e)[:200]}); "
+                      "using the Python kernel")
+        return False
+    return True
+
+
 def fastest(device: torch.device, rows: int, K: int, N: int, kinds: list[str]) -> str:
     """The fastest of `kinds` for a (rows x K) @ (K x N) product on this host: timed once on random
     weights (the best of up to 10 calls each), then read from the calibration cache."""

@@ -61,15 +61,14 @@ def choose_path(moe: MoE, T: int, has_dense: bool) -> str:
     return "dense" if has_dense and T <= DENSE_MAX_TOKENS else "capacity"
 
 
-def moe_decode(moe: MoE, i: int, x_TD: torch.Tensor, linear, W: dict, path: str | None = None) -> torch.Tensor:
-    """x (T, D) fp32 -> (T, D) fp32. `linear(name, x)` runs the runner's GEMM `moe{i}.name`; W holds the
-    expert stacks `moe{i}.w13` (E, 2F, D) and `moe{i}.w2` (E, D, F)."""
+def moe_decode(moe: MoE, i: int, x_TD: torch.Tensor, linear, W: dict, path: str) -> torch.Tensor:
+    """x (T, D) fp32 -> (T, D) fp32 by `path` (see choose_path). `linear(name, x)` runs the runner's GEMM
+    `name`; W holds the expert stacks `moe{i}.w13` (E, 2F, D) and `moe{i}.w2` (E, D, F)."""
     T, cfg = x_TD.shape[0], moe.cfg
     E = cfg.n_routed_experts
-    path = path or choose_path(moe, T, f"moe{i}.dense_in" in W)
     logits = linear(f"moe{i}.router", x_TD)                                   # T, E fp32
     if path == "dense":
-        F2 = W[f"moe{i}.w13"].shape[1]
+        F2 = 2 * cfg.moe_intermediate_size
         dense_w = route_dense(logits, moe.gate.bias, cfg)
         h = linear(f"moe{i}.dense_in", x_TD)                                   # T, E*2F (+ 2Fs)
         gate, up = h[:, : E * F2].view(T, E, 2, F2 // 2).unbind(2)

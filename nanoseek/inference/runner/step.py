@@ -42,7 +42,7 @@ def decode_hidden(model, W: dict, plan: dict, cache, x: torch.Tensor, blocks=Non
             x = x + layer.attn(h, rot, cache, absorb=True).float()
         h = layer.ffn_norm(x)
         if isinstance(layer.ffn, MoE):
-            x = x + moe_decode(layer.ffn, i, h.reshape(-1, h.shape[-1]), lin, W).view(h.shape)
+            x = x + moe_decode(layer.ffn, i, h.reshape(-1, h.shape[-1]), lin, W, plan[f"moe{i}.path"]).view(h.shape)
         elif isinstance(layer.ffn, MLP):
             gate, up = lin(f"mlp{i}.w13", h).chunk(2, dim=-1)
             x = x + lin(f"mlp{i}.w2", F.silu(gate) * up)

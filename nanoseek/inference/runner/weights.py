@@ -32,9 +32,7 @@ from ...model import Transformer
 from ...model.layers import MLP
 from ...model.moe import MoE
 from . import gemm
-
-
-PLAN_ROWS = 8
+from .moe import capacity, choose_path
 
 
 @dataclass
@@ -43,16 +41,11 @@ class Gemm:
     and packs the chosen kernels read."""
     name: str
     source: object                                   # () -> (N, K) fp32 tensor from the model
-    dtype: torch.dtype | None = None                 # the compute dtype, chosen once
-    experts_of: int | None = None                    # part of MoE layer i's experts: their dtype
+    only: str | None = None                          # a fixed kernel (the router: fp32)
     kinds: dict[int, str] = field(default_factory=dict)                  # rows -> kernel
     weights: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
     packs: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)   # (kind, rows or 0) -> pack
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        w = next(iter(self.weights.values()), None)
-        return tuple(w.shape) if w is not None else tuple(self.source().shape)
+    shape: tuple[int, int] | None = None
 
 
 def folding_pays(attn) -> bool:
@@ -64,10 +57,10 @@ class DecodeWeights:
                  dense_moe_max_bytes: int = 256 << 20):
         self.model, self.device, self.kinds = model, device, kinds
         self.gemms: dict[str, Gemm] = {}
-        self.stacks: dict[str, torch.Tensor] = {}    # expert stacks for the batched-matmul MoE paths
-        self.expert_dtype: dict[int, torch.dtype] = {}   # per MoE layer, for every path (see plan)
+        self.stacks: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}   # MoE layer, dtype
         self.folded = [folding_pays(layer.attn) for layer in model.layers]
         self._key = None
+        self._tensors: dict[int, dict] = {}
         for i, layer in enumerate(model.layers):
             attn = layer.attn
             if self.folded[i]:
@@ -79,11 +72,11 @@ class DecodeWeights:
                 E, F2, D = ffn.experts.w13.shape
                 self._add(f"moe{i}.router", lambda m=ffn: m.gate.weight.float(), only="fp32")
                 if ffn.shared is not None:
-                    self._add(f"moe{i}.shared_in", lambda m=ffn: m.shared.w13.weight.float(), experts_of=i)
-                    self._add(f"moe{i}.shared_out", lambda m=ffn: m.shared.w2.weight.float(), experts_of=i)
+                    self._add(f"moe{i}.shared_in", lambda m=ffn: m.shared.w13.weight.float())
+                    self._add(f"moe{i}.shared_out", lambda m=ffn: m.shared.w2.weight.float())
                 if (E * F2 * D * 2) * 4 <= dense_moe_max_bytes:
-                    self._add(f"moe{i}.dense_in", lambda m=ffn: _dense_in(m), experts_of=i)
-                    self._add(f"moe{i}.dense_out", lambda m=ffn: _dense_out(m), experts_of=i)
+                    self._add(f"moe{i}.dense_in", lambda m=ffn: _dense_in(m))
+                    self._add(f"moe{i}.dense_out", lambda m=ffn: _dense_out(m))
             elif isinstance(ffn, MLP):
                 self._add(f"mlp{i}.w13", lambda m=ffn: m.w13.weight.float())
                 self._add(f"mlp{i}.w2", lambda m=ffn: m.w2.weight.float())
@@ -91,66 +84,97 @@ class DecodeWeights:
         self._params = [(m._parameters, n) for m in model.modules() for n, p in m._parameters.items()
                         if p is not None]
 
-    def _add(self, name: str, source, only: str | None = None, experts_of: int | None = None) -> None:
-        self.gemms[name] = Gemm(name, source, experts_of=experts_of)
-        if only:
-            self.gemms[name].kinds = {0: only}
-            self.gemms[name].dtype = gemm.DTYPE[only]
+    def _add(self, name: str, source, only: str | None = None) -> None:
+        self.gemms[name] = Gemm(name, source, only)
 
     # ---------------------------------------------------------------------------------------------
     def plan(self, rows: int) -> dict[str, str]:
-        """Choose (by measurement, cached per host) the kernel of every GEMM for steps of `rows` rows,
-        and make the copies and packs it needs. Returns {gemm name: kernel}.
-        A GEMM's dtype is chosen once, at PLAN_ROWS rows, and only the kernel within that dtype per row
-        count; all of a MoE layer's experts (fused GEMMs, shared expert, the stacks the batched-matmul
-        paths read) share the dtype measured for its fused [gate; up] GEMM. A request's tokens then do
-        not depend on what else is in the batch, beyond fp32 rounding."""
+        """Choose (by measurement, cached per host) how a step of `rows` rows runs, and make the copies
+        and packs that needs: {GEMM name: kernel, "moe{i}.path": gather/dense/capacity,
+        "moe{i}.experts": the kernel of the expert stacks' batched matmuls}.
+
+        Each GEMM takes the fastest kernel at this row count; the batched expert matmuls take the
+        faster plain dtype for a GEMM of the same work (one row for gather's per-pair products, E x
+        capacity rows for the capacity path). So in mixed precision a request's tokens can depend on
+        the batch it shares (as in other engines); with one dtype (--dtype float32) they do not,
+        beyond fp32 rounding."""
+        plan, used = {}, ["head"]
+        plain = [k for k in self.kinds if k not in gemm.PACKED]
         for i, layer in enumerate(self.model.layers):
-            if isinstance(layer.ffn, MoE) and i not in self.expert_dtype:
-                E, F2, D = layer.ffn.experts.w13.shape
-                self.expert_dtype[i] = gemm.DTYPE[gemm.fastest(self.device, PLAN_ROWS, D, E * F2, self.kinds)]
-        plan = {}
-        for g in self.gemms.values():
+            if self.folded[i]:
+                used += [f"attn{i}.down", f"attn{i}.q", f"attn{i}.out"]
+            if isinstance(layer.ffn, MLP):
+                used += [f"mlp{i}.w13", f"mlp{i}.w2"]
+            if not isinstance(layer.ffn, MoE):
+                continue
+            moe = layer.ffn
+            path = choose_path(moe, rows, f"moe{i}.dense_in" in self.gemms)
+            plan[f"moe{i}.path"] = path
+            used.append(f"moe{i}.router")
+            if path == "dense":
+                used += [f"moe{i}.dense_in", f"moe{i}.dense_out"]
+                continue
+            used += [f"moe{i}.shared_in", f"moe{i}.shared_out"] if moe.shared is not None else []
+            E, F2, D = moe.experts.w13.shape
+            proxy = 1 if path == "gather" else E * capacity(moe, rows)
+            kind = gemm.fastest(self.device, proxy, D, F2, plain)
+            plan[f"moe{i}.experts"] = kind
+            self.stacks.setdefault((i, gemm.DTYPE[kind]), None)
+        for name in used:
+            g = self.gemms[name]
             if rows not in g.kinds:
+                if g.shape is None:
+                    g.shape = tuple(g.source().shape)
                 N, K = g.shape
-                if g.dtype is None and g.experts_of is not None:
-                    g.dtype = self.expert_dtype[g.experts_of]
-                elif g.dtype is None:
-                    g.dtype = gemm.DTYPE[gemm.fastest(self.device, PLAN_ROWS, K, N, self.kinds)]
-                same = [k for k in self.kinds if gemm.DTYPE[k] == g.dtype]
-                g.kinds[rows] = g.kinds.get(0) or gemm.fastest(self.device, rows, K, N, same)
-            plan[g.name] = g.kinds[rows]
+                g.kinds[rows] = g.only or gemm.fastest(self.device, rows, K, N, self.kinds)
+            plan[name] = g.kinds[rows]
         self.sync(only_missing=True)
         return plan
 
-    def tensors(self, rows: int) -> dict[str, torch.Tensor]:
-        """The step's inputs for `rows` rows: each GEMM's weight in its kernel's dtype and its pack."""
-        out = dict(self.stacks)
-        for g in self.gemms.values():
-            kind = g.kinds[rows]
-            out[g.name] = g.weights[gemm.DTYPE[kind]]
+    def tensors(self, rows: int, plan: dict[str, str]) -> dict[str, torch.Tensor]:
+        """The step's inputs for a planned row count: each GEMM's weight in its kernel's dtype and its
+        pack, and the expert stacks (built once per sync)."""
+        hit = self._tensors.get(rows)
+        if hit is not None:
+            return hit
+        out = self._tensors[rows] = {}
+        for name, kind in plan.items():
+            if name.endswith(".path"):
+                continue
+            if name.endswith(".experts"):
+                i = int(name[3:-len(".experts")])
+                out[f"moe{i}.w13"], out[f"moe{i}.w2"] = self.stacks[(i, gemm.DTYPE[kind])]
+                continue
+            g = self.gemms[name]
+            out[name] = g.weights[gemm.DTYPE[kind]]
             pk = g.packs.get(_pack_key(kind, rows))
             if pk is not None:
-                out[g.name + ".pack"] = pk
+                out[name + ".pack"] = pk
         return out
 
     def stale(self) -> bool:
-        return self._version() != self._key
+        """Has any parameter changed since the last sync (in place, `.data` swapped, or replaced)?"""
+        key = self._key
+        return key is None or not all(d[name] is p and p._version == v and p.data_ptr() == ptr
+                                      for (d, name), (p, v, ptr) in zip(self._params, key))
 
     def _version(self):
-        return [(id(p), p._version, p.data_ptr()) for d, name in self._params for p in (d[name],)]
+        return [(p, p._version, p.data_ptr()) for d, name in self._params for p in (d[name],)]
 
     @torch.no_grad()
     def sync(self, only_missing: bool = False) -> None:
-        """Recompute every derived tensor from the model's parameters (in place where it exists), or
-        with `only_missing` just create what a new plan needs."""
+        """Recompute every derived tensor from the model's parameters, or with `only_missing` (and
+        unchanged parameters) just create what a new plan needs."""
+        full = not only_missing or self.stale()
         key = self._version()
-        full = not only_missing or key != self._key
+        self._tensors = {}
         with torch.autocast(self.device.type, enabled=False):
             for g in self.gemms.values():
                 dtypes = {gemm.DTYPE[k] for k in g.kinds.values()}
                 if not full and dtypes <= set(g.weights) and \
                         all(_pack_key(k, r) in g.packs for r, k in g.kinds.items() if k in gemm.PACKED):
+                    continue
+                if not dtypes:
                     continue
                 w32 = g.source().to(self.device)
                 for dt in dtypes:
@@ -158,18 +182,19 @@ class DecodeWeights:
                 for rows, kind in g.kinds.items():
                     if kind in gemm.PACKED:
                         g.packs[_pack_key(kind, rows)] = gemm.pack(g.weights[gemm.DTYPE[kind]], kind, max(rows, 1))
-            for i, layer in enumerate(self.model.layers):
-                if i in self.expert_dtype:
-                    ex = layer.ffn.experts
-                    _store(self.stacks, f"moe{i}.w13", ex.w13.detach(), self.expert_dtype[i])
-                    _store(self.stacks, f"moe{i}.w2", ex.w2.detach(), self.expert_dtype[i])
+            for (i, dt), old in self.stacks.items():
+                if full or old is None:
+                    ex = self.model.layers[i].ffn.experts
+                    self.stacks[(i, dt)] = (_cast(ex.w13.detach(), dt), _cast(ex.w2.detach(), dt))
         self._key = key
 
     def nbytes(self) -> int:
-        """Memory the derived tensors take (copies, packs and stacks; aliases of parameters excluded)."""
+        """Memory the derived tensors take (copies, packs and stacks; parameters themselves excluded)."""
         params = {p.data_ptr() for p in self.model.parameters()}
         seen, total = set(), 0
-        for t in [*self.stacks.values()] + [t for g in self.gemms.values() for t in (*g.weights.values(),)]:
+        tensors = [t for pair in self.stacks.values() if pair for t in pair] + \
+            [t for g in self.gemms.values() for t in g.weights.values()]
+        for t in tensors:
             if t.data_ptr() not in params and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
@@ -180,11 +205,15 @@ def _pack_key(kind: str, rows: int) -> tuple[str, int]:
     return (kind, rows if kind == "mkl" else 0)    # MKL packs are made for one row count
 
 
+def _cast(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """src in `dtype`: the parameter itself where it already is (live, no copy), else a copy. Derived
+    tensors are always assigned afresh, never written into: the step receives them as inputs on
+    every call, so nothing holds on to the old ones."""
+    return src if src.dtype == dtype and src.is_contiguous() else src.to(dtype).contiguous()
+
+
 def _store(d: dict, key, src: torch.Tensor, dtype: torch.dtype) -> None:
-    """d[key] = src in `dtype`: the parameter itself where it already is (live, no copy), else a copy.
-    Always a fresh assignment, never a write into an old tensor: the step receives its tensors as
-    inputs on every call, so nothing holds on to the old ones."""
-    d[key] = src if src.dtype == dtype and src.is_contiguous() else src.to(dtype).contiguous()
+    d[key] = _cast(src, dtype)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,0 +1,44 @@
+"""Host calibration (nanoseek/calibrate.py): measured once, cached per host, overridable."""
+import json
+
+import torch
+
+from nanoseek import calibrate
+from nanoseek.common import compute_dtype, decode_dtypes
+
+CPU = torch.device("cpu")
+
+
+def test_training_dtype_is_measured_once_then_cached(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("NANOSEEK_DTYPE", raising=False)
+    calls = []
+    real = calibrate.best_time
+    monkeypatch.setattr(calibrate, "best_time", lambda fn, **kw: calls.append(1) or real(fn, **kw))
+    first = compute_dtype(CPU, None, hidden=64, tokens=256)
+    assert first in (torch.float32, torch.bfloat16) and calls
+    said = capsys.readouterr().err
+    assert "training matmuls in" in said and "overrides" in said        # the choice is printed once...
+    n = len(calls)
+    assert compute_dtype(CPU, None, hidden=64, tokens=256) == first and len(calls) == n   # ...then cached
+    assert capsys.readouterr().err == ""
+    entry = json.loads((tmp_path / "calibration.json").read_text())[calibrate.host_key(CPU)]
+    assert entry["train|256x64"]["dtype"] == str(first).removeprefix("torch.")
+
+
+def test_explicit_dtype_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("NANOSEEK_DTYPE", "bfloat16")
+    assert compute_dtype(CPU) == torch.bfloat16 and decode_dtypes(CPU) == (torch.bfloat16,)
+    assert compute_dtype(CPU, "float32") == torch.float32 and decode_dtypes(CPU, "fp32") == (torch.float32,)
+    assert not (tmp_path / "calibration.json").exists()           # nothing was measured
+    monkeypatch.delenv("NANOSEEK_DTYPE")
+    assert decode_dtypes(CPU) == (torch.float32, torch.bfloat16)
+
+
+def test_unwritable_cache_still_answers(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(blocker / "sub"))      # a path under a file: cannot be created
+    monkeypatch.delenv("NANOSEEK_DTYPE", raising=False)
+    assert compute_dtype(CPU, None, hidden=32, tokens=64) in (torch.float32, torch.bfloat16)
