@@ -101,9 +101,12 @@ def run_nanoseek(model_dir, prompts, answers, steps, G, max_new):
     from nanoseek.train.optim import build_optimizer
     from nanoseek.train.rollout import EngineSampler
 
+    from nanoseek.common import compute_dtype
+
     tok = Tokenizer.load(model_dir)
     model = nanoseek.from_pretrained(model_dir)
-    cfg = GRPOConfig(group_size=G, max_new_tokens=max_new, lr=1e-5, beta=0.0, loss_type="dapo", dtype="float32")
+    cfg = GRPOConfig(group_size=G, max_new_tokens=max_new, lr=1e-5, beta=0.0, loss_type="dapo")   # default dtypes
+    dtype = compute_dtype(torch.device("cpu"), None, model.cfg.hidden_size, len(prompts) // (steps + 1) * G * max_new)
     sampler = EngineSampler(model, tok, max_batch=256, max_len=max_new + 64)
     opt = build_optimizer(model, cfg.lr, 0.0)
     sp = SamplingParams(n=G, temperature=1.0, max_tokens=max_new)
@@ -121,13 +124,15 @@ def run_nanoseek(model_dir, prompts, answers, steps, G, max_new):
         r = reward(texts, [a for a in batch_a for _ in range(G)])
         adv = group_advantages(torch.tensor(r), G, "group")
         bids, mask, adv = build_batch([i for i in ids for _ in range(G)], comps, adv, tok.eos_id, False, "cpu")
-        train_on_batch(sampler, None, opt, bids, mask, adv, cfg, torch.device("cpu"), torch.float32)
+        train_on_batch(sampler, None, opt, bids, mask, adv, cfg, torch.device("cpu"), dtype)
         times.append(time.perf_counter() - t)
         tokens.append(sum(len(c["ids"]) for c in comps))
         if s:                                   # after the warm-up step
             split["rollout_s"] += t_roll - t
             split["update_s"] += time.perf_counter() - t_roll
-    return sum(tokens[1:]) / sum(times[1:]), times, {k: round(v / steps, 2) for k, v in split.items()}
+    split = {k: round(v / steps, 2) for k, v in split.items()}
+    split.update(train_dtype=str(dtype).removeprefix("torch."), compiled_buckets=sorted(sampler.engine.runner._compiled))
+    return sum(tokens[1:]) / sum(times[1:]), times, split
 
 
 def main():

@@ -1,13 +1,14 @@
 """Training throughput: nanoseek vs HF transformers' DeepseekV3ForCausalLM, same config, same batch, one run.
 
-Both do forward + backward + AdamW on the same random tokens. HF runs fp32 eager (its default);
-nanoseek runs fp32 and bf16 autocast (fp32 master weights either way), without and with the MTP loss.
-Blocks of steps alternate between the contenders so drift in machine speed hits all of them.
+Both do forward + backward + AdamW on the same random tokens. HF runs fp32 eager (its default) and
+bf16 autocast; nanoseek runs its default (the dtype `nanoseek.calibrate` measured faster on this host,
+what `nanoseek pretrain` uses without --dtype), fp32 and bf16 autocast (fp32 master weights always),
+without and with the MTP loss. Blocks of steps alternate between the contenders so drift in machine
+speed hits all of them.
 
     .venv/bin/python benchmarks/bench_train.py --preset small --batch 8 --seq 256
 """
 import argparse
-import platform
 import time
 
 import torch
@@ -26,6 +27,9 @@ def main():
     torch.set_num_threads(torch.get_num_threads())
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+    from bench_decode import cpu_model
+
+    from nanoseek.common import compute_dtype
     from nanoseek.config import load_preset
     from nanoseek.model import Transformer
     from nanoseek.model.moe import update_bias
@@ -41,8 +45,11 @@ def main():
     B, T = args.batch, args.seq
     batch = torch.randint(0, cfg.vocab_size, (B, T + 1))
 
-    def hf_step():
-        out = hf(batch[:, :-1], labels=batch[:, :-1])
+    default = compute_dtype(torch.device("cpu"), None, cfg.hidden_size, B * T)
+
+    def hf_step(dtype=torch.float32):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = hf(batch[:, :-1], labels=batch[:, :-1])
         out.loss.backward()
         hf_opt.step()
         hf_opt.zero_grad()
@@ -60,6 +67,8 @@ def main():
 
     contenders = {
         "hf_fp32": hf_step,
+        "hf_bf16": lambda: hf_step(torch.bfloat16),
+        "nanoseek_default": lambda: our_step(default, False),
         "nanoseek_fp32": lambda: our_step(torch.float32, False),
         "nanoseek_bf16": lambda: our_step(torch.bfloat16, False),
         "nanoseek_bf16_mtp": lambda: our_step(torch.bfloat16, True),
@@ -75,9 +84,10 @@ def main():
                 f()
             times[k].append((time.perf_counter() - t) / args.steps)
     tok_s = {k: round(B * T / min(v), 1) for k, v in times.items()}
-    res = {"preset": args.preset, "params": ours.num_params(), "batch": B, "seq": T, "tokens_per_s": tok_s,
-           "speedup_vs_hf": {k: round(v / tok_s["hf_fp32"], 2) for k, v in tok_s.items()},
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
+    res = {"preset": args.preset, "params": ours.num_params(), "batch": B, "seq": T,
+           "default_dtype": str(default).removeprefix("torch."), "tokens_per_s": tok_s,
+           "speedup_vs_hf_fp32": {k: round(v / tok_s["hf_fp32"], 2) for k, v in tok_s.items()},
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "host": cpu_model()}
     report("bench_train", res)
 
 

@@ -124,14 +124,23 @@ def test_fp8_cache_close_to_full_precision(model):
         assert abs(x.outputs[0].logprobs[1] - y.outputs[0].logprobs[1]) < 0.05
 
 
-def test_speculative_greedy_identical(model):
+@pytest.mark.parametrize("compile", [False, True])
+def test_speculative_greedy_identical(model, compile):
+    """MTP speculative decoding (eager, and as the runner's compiled verify+draft step) emits plain
+    greedy decoding's tokens, also when a sampled request shares the first steps (plain steps, then
+    the MTP cache catches up)."""
     ps = prompts(4)
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    a = LLM(model, max_batch=8, max_len=64).generate(ps, sp)
-    spec = LLM(model, max_batch=8, max_len=64, speculative=True)
+    a = LLM(model, max_batch=8, max_len=64, compile=False).generate(ps, sp)
+    spec = LLM(model, max_batch=8, max_len=64, speculative=True, compile=compile)
     b = spec.generate(ps, sp)
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
     assert spec.engine.stats["spec_drafts"] > 0
+    sampled = SamplingParams(temperature=1.0, max_tokens=3, seed=1, ignore_eos=True)
+    c = spec.generate(ps + [prompts(1)[0]], [sp] * 4 + [sampled])
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in c[:4]]
+    if compile:
+        assert ("spec", 4) in spec.engine.runner._compiled
 
 
 def test_compiled_decode_equals_eager_and_sees_weight_updates(monkeypatch):
@@ -159,7 +168,7 @@ def test_compiled_decode_equals_eager_and_sees_weight_updates(monkeypatch):
             m.head.weight.mul_(-1.0)
     runner = compiled.engine.runner
     assert runner.stats["compiled_steps"] > 0 and runner.stats["eager_steps"] == 0 and not runner._failed
-    assert set(runner._compiled) == {4, 8}
+    assert runner._compiled == {("decode", 4), ("decode", 8)}
 
 
 def test_step_after_the_last_sequence_is_finished_from_outside(model):

@@ -197,12 +197,12 @@ def test_auto_compile_waits_until_it_pays(monkeypatch):
     cfg = model.cfg
     cache = LatentCache(cfg.num_hidden_layers, 2, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim, torch.float32)
     runner = DecodeRunner(model, cache, (torch.float32,), compile="auto", max_batch=2)
-    monkeypatch.setattr(runner, "_expected_compile_s", lambda Bp: 1e9)
+    monkeypatch.setattr(runner, "_expected_compile_s", lambda kind, Bp: 1e9)
     with torch.no_grad():
         cache.begin(torch.zeros(2, dtype=torch.long), 3)
         model.hidden(torch.ones(2, 3, dtype=torch.long), cache.positions, cache)
         runner.decode([1, 2], [3, 3])
         assert runner.stats["eager_steps"] == 1 and not runner._compiled
-        monkeypatch.setattr(runner, "_expected_compile_s", lambda Bp: 0.0)
+        monkeypatch.setattr(runner, "_expected_compile_s", lambda kind, Bp: 0.0)
         runner.decode([1, 2], [4, 4])
-    assert runner._compiled == {2} and runner.stats["compiled_steps"] == 1
+    assert runner._compiled == {("decode", 2)} and runner.stats["compiled_steps"] == 1

@@ -54,6 +54,8 @@ def _add_flags(ap: argparse.ArgumentParser, temperature: float, top_p: float, ma
     ap.add_argument("--max-len", type=int, default=None, help="context length (default: min(2048, the model's))")
     ap.add_argument("--dtype", default=None, help="weight dtype: float32, bfloat16, float16 (default: as saved)")
     ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    ap.add_argument("--no-compile", action="store_true", help="never torch.compile the decode step (default: "
+                    "compile a batch size once decoding it has taken as long as compiling it would)")
 
 
 def _load(args):
@@ -61,7 +63,8 @@ def _load(args):
 
     params = SamplingParams(n=getattr(args, "n", 1), temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
-    return load_llm(args.model_dir, max_len=args.max_len, dtype=args.dtype, device=args.device), params
+    return load_llm(args.model_dir, max_len=args.max_len, dtype=args.dtype, device=args.device,
+                    compile=False if args.no_compile else "auto"), params
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,6 +166,10 @@ def main_chat(argv: list[str] | None = None) -> None:
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     if interactive:
+        if not args.no_compile and llm.engine.runner.compile:     # one reply at a time: batch 1 only
+            print("nanoseek chat: compiling the decode step (the first time on this machine ~20 s, then cached; "
+                  "--no-compile skips)", file=sys.stderr)
+            llm.engine.runner.warmup([1], desc="compiling decode")
         print("nanoseek chat: type a message; /reset clears the history, /exit (or Ctrl-D) leaves", file=sys.stderr)
     for turn in range(sys.maxsize):
         try:

@@ -174,6 +174,7 @@ class Engine:
                               torch.tensor(lengths, device=self.device))
             for i, s in enumerate(seqs):
                 s.hidden = torch.cat([s.hidden, h[i, :1]]) if s.hidden is not None else h[i, :1]
+                s.draft = None             # the MTP cache now lags: the next speculative step catches up
             logits, greedy = self._logits(h[:, 0]), None
         else:
             logits, *greedy = self.runner.decode(pending, lengths)

@@ -24,6 +24,7 @@ class Sequence:
     finish_reason: str | None = None
     hidden: torch.Tensor | None = None   # speculative: main hidden states of positions [mtp_len, length)
     mtp_len: int = 0                     # positions already in the MTP cache
+    draft: int | None = None             # speculative: the MTP module's guess for the token after `pending`
     stop_text: bool = False              # finished by a stop string (text truncated by the caller)
 
 

@@ -264,8 +264,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8", "bfloat16", "float16", "float32"],
                     help="latent cache dtype; fp8 halves the cache of bf16 (default: the compute dtype)")
     ap.add_argument("--speculative", action="store_true", help="MTP speculative decoding for all-greedy batches")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step of small batches "
-                    "(faster steps; each new batch-size bucket compiles once, ~20 s on 2 CPU cores)")
+    ap.add_argument("--no-compile", action="store_true", help="run the decode step eagerly. By default it is "
+                    "compiled at start-up for every batch size up to --max-batch (powers of two; the first time "
+                    "on a machine ~20 s each on 2 CPU cores, seconds once torch has cached them)")
+    ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)   # the default now; kept for old scripts
     ap.add_argument("--dtype", default=None, help="weight dtype: float32, bfloat16, float16 (default: as saved)")
     ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -275,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     from .cli import load_llm                 # cli imports this module's streaming pieces
     llm = load_llm(args.model_dir, need_tokenizer=False, max_batch=args.max_batch, max_len=args.max_len,
                    kv_cache_dtype=args.kv_cache_dtype, speculative=args.speculative, dtype=args.dtype,
-                   device=args.device, compile=args.compile)
+                   device=args.device, compile=False if args.no_compile else "auto")
+    if not args.no_compile:
+        llm.engine.runner.warmup()      # as vLLM captures its graphs: every batch bucket, before serving (CPU)
     name = args.model_name or Path(args.model_dir).resolve().name
     app = build_app(llm, name, args.api_key)
     import uvicorn

@@ -4,14 +4,18 @@ The MTP module was trained to predict token i+2 from (main hidden state h_i, emb
 At decode time that makes it a free one-token draft:
 
     state of a row: main cache holds positions [0, L); token t_L ("pending") is sampled but not cached;
-                    the MTP cache holds positions [0, M), and we keep h_i for i in [M, L).
-    1. draft   MTP over positions [M, L) with inputs (h_i, emb t_{i+1})  -> d = argmax at position L-1
-               (a guess for t_{L+1}); now M = L.
-    2. verify  main model on [t_L, d] at positions L, L+1 (one forward, two tokens)
-               g0 = argmax at L. g0 is exactly what plain greedy decoding would emit next.
-               If g0 == d the draft was right, and the logits at L+1 give g1 = t_{L+2} for free:
-               emit g0, g1 and advance L by 2; otherwise emit g0 and advance by 1 (the cache entry
-               written for d sits past the valid length and is overwritten later).
+                    `draft` is the MTP module's guess for t_{L+1}; the MTP cache holds [0, L).
+    one step (the runner's `speculate`, one compiled graph):
+      verify  main model on [t_L, draft] at positions L, L+1 -> greedy g0, g1. g0 is exactly what plain
+              greedy decoding would emit next; if g0 == draft the draft was right and g1 = t_{L+2} comes
+              for free: emit g0, g1 and advance L by 2, else emit g0 and advance by 1 (the cache entry
+              written for the draft sits past the valid length and is overwritten later).
+      draft   MTP module on the same two positions with inputs (h_L, emb g0), (h_{L+1}, emb g1): the
+              output at the last accepted position is the next draft (the other position's MTP cache
+              entry is past the valid length, like the main one).
+    catch-up: after the prefill (or plain decode steps in a mixed batch) a row's MTP cache lags behind;
+              `catch_up` runs the MTP module eagerly over the positions it has not seen, from the main
+              hidden states the engine kept, and yields the row's first draft.
 Greedy only: with sampling, exactness needs the rejection-sampling correction, which we leave out
 (sampled requests decode normally). Rows accept independently, so rows in one batch advance by 1 or
 2; the cache's per-row start positions and right-padding handle the ragged shapes.
@@ -24,15 +28,13 @@ from .sequence import Sequence
 
 
 @torch.no_grad()
-def speculative_step(eng) -> list[Sequence]:
+def catch_up(eng, seqs: list[Sequence]) -> None:
+    """MTP over each row's unprocessed positions [M, L) (right-padded to the longest) -> its draft."""
     model, dev = eng.model, eng.device
-    seqs = eng.running
     B = len(seqs)
-    # 1. draft: MTP over each row's unprocessed positions [M, L) (right-padded to the longest)
     n_new = [s.hidden.shape[0] for s in seqs]
     T = max(n_new)
-    D = model.cfg.hidden_size
-    h_in = torch.zeros(B, T, D, dtype=seqs[0].hidden.dtype, device=dev)
+    h_in = torch.zeros(B, T, model.cfg.hidden_size, dtype=seqs[0].hidden.dtype, device=dev)
     tok_in = torch.zeros(B, T, dtype=torch.long, device=dev)
     for b, s in enumerate(seqs):
         h_in[b, : n_new[b]] = s.hidden
@@ -43,28 +45,28 @@ def speculative_step(eng) -> list[Sequence]:
     with eng._autocast():
         h_mtp = model.mtp[0](h_in, model.embed(tok_in), rot, eng.cache)
         last = h_mtp[torch.arange(B, device=dev), torch.tensor(n_new, device=dev) - 1]
-        drafts = model.mtp_logits(last, 1).float().argmax(dim=-1)
-    for s in seqs:
-        s.mtp_len = s.length
-    # 2. verify [pending, draft] with the main model
-    ids = torch.stack([torch.tensor([s.pending for s in seqs], device=dev), drafts], dim=1)
-    h = eng._forward(ids, torch.tensor([s.length for s in seqs], device=dev))
-    logits = eng._logits(h)                                                     # (B,2,V)
-    logp = torch.log_softmax(logits, dim=-1)
-    g = logits.argmax(dim=-1)                                                   # (B,2)
-    accepted = (g[:, 0] == drafts).tolist()
-    g, lp = g.tolist(), logp.gather(2, g.unsqueeze(2)).squeeze(2).tolist()
-    eng.stats["spec_drafts"] += B
+        drafts = model.mtp_logits(last, 1).float().argmax(dim=-1).tolist()
+    for s, d in zip(seqs, drafts):
+        s.mtp_len, s.hidden, s.draft = s.length, None, d
+
+
+def speculative_step(eng) -> list[Sequence]:
+    seqs = eng.running
+    lagging = [s for s in seqs if s.draft is None]
+    if lagging:
+        catch_up(eng, lagging)
+    tokens, logp, accepted, drafts = eng.runner.speculate([s.pending for s in seqs], [s.draft for s in seqs],
+                                                          [s.length for s in seqs])
+    tokens, logp, accepted, drafts = tokens.tolist(), logp.tolist(), accepted.tolist(), drafts.tolist()
+    eng.stats["spec_drafts"] += len(seqs)
     for b, s in enumerate(seqs):
         s.length += 1
-        eng._append(s, g[b][0], lp[b][0])
+        eng._append(s, tokens[b][0], logp[b][0])
         if accepted[b] and not s.finish_reason:
             eng.stats["spec_accepted"] += 1
             s.length += 1
-            eng._append(s, g[b][1], lp[b][1])
-            s.hidden = h[b, :2]
-        else:
-            s.hidden = h[b, :1]
+            eng._append(s, tokens[b][1], logp[b][1])
+        s.mtp_len, s.draft = s.length, drafts[b]
     return list(seqs)
 
 

@@ -170,7 +170,6 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
         raise UserError("--group-size must be >= 2: advantages are relative to the group")
     set_threads(cfg.threads or None)
     device = autodetect_device(cfg.device)
-    dtype = compute_dtype(device, cfg.dtype)
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,6 +178,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
         policy, model, tok = load_policy(cfg, device)
     model = policy.model
     model.eval()
+    hidden = getattr(getattr(model, "cfg", None), "hidden_size", None) or model.config.hidden_size
+    dtype = compute_dtype(device, cfg.dtype, hidden, cfg.prompts_per_step * cfg.group_size * cfg.max_new_tokens)
     try:
         reward_fn = build_reward(cfg.reward)
     except ValueError as e:

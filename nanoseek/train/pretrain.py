@@ -213,7 +213,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = autodetect_device(cfg.device)
-    dtype = compute_dtype(device, cfg.dtype)
     seed_everything(cfg.seed)
 
     resumed = load_latest(out / "checkpoints") if cfg.resume else None
@@ -232,6 +231,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if mcfg.max_position_embeddings < cfg.seq_len:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the preset's max_position_embeddings "
                         f"{mcfg.max_position_embeddings}")
+    dtype = compute_dtype(device, cfg.dtype, mcfg.hidden_size, cfg.batch_size * cfg.seq_len)
     model = Transformer(mcfg).init_weights(cfg.seed).to(device).train()
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     loader = PackedLoader(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed, masks=train_masks)

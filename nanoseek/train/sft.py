@@ -95,7 +95,8 @@ def sft_loss(model, ids, mask, teacher=None, kd_alpha: float = 0.0, kd_temperatu
 def sft_train(model, tok, examples, cfg: SFTConfig, teacher=None, kd_alpha: float = 0.0, desc="sft") -> dict:
     """The loop, shared by `nanoseek sft` and distillation. Returns summary metrics."""
     device = model.device
-    dtype = compute_dtype(device, cfg.dtype)
+    dtype = compute_dtype(device, cfg.dtype, getattr(getattr(model, "cfg", None), "hidden_size", 256),
+                          cfg.batch_size * 128)
     model.train()
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     rng = random.Random(cfg.seed)

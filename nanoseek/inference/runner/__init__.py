@@ -37,7 +37,7 @@ import torch
 from ... import calibrate
 from ...common import progress
 from . import gemm
-from .step import decode_logits
+from .step import decode_logits, speculate
 from .weights import DecodeWeights
 
 SPAN_STEP = 32
@@ -55,19 +55,21 @@ class DecodeRunner:
             compile = False          # GPU decode is not compiled yet (CUDA graphs belong to the GPU work)
         self.compile = compile
         self.check_versions = True   # the safety net behind sync_weights()
-        self._plans: dict[int, dict[str, str]] = {}
+        self._plans: dict[tuple[int, bool], dict[str, str]] = {}
+        # one compiled function per kind of step; inside each, one graph per batch bucket.
         # cpp_wrapper: inductor writes the code that calls the step's ~100 kernels in C++ rather than
         # Python (measured +9% tokens/s at batch 8, +5% at 64), the packed GEMMs then in C++ too
-        self._graph = torch.compile(self._step, fullgraph=True, dynamic=None,
-                                    options={"cpp_wrapper": cpp_wrapper}) if compile else None
+        steps = {"decode": self._decode_step, "spec": self._spec_step}
+        self._graphs = {k: torch.compile(f, fullgraph=True, dynamic=None, options={"cpp_wrapper": cpp_wrapper})
+                        for k, f in steps.items()} if compile else {}
         if compile and any(k in gemm.PACKED for k in self.kinds):
             gemm.load_native()
-        self._compiled: set[int] = set()
-        self._failed: set[int] = set()
-        self._eager_s: dict[int, float] = {}
+        self._compiled: set[tuple[str, int]] = set()
+        self._failed: set[tuple[str, int]] = set()
+        self._eager_s: dict[tuple[str, int], float] = {}
         self._spans: dict[int, torch.Tensor] = {}
         self.stats = {"compile_s": {}, "eager_steps": 0, "compiled_steps": 0, "syncs": 0}
-        if compile:   # one graph per bucket (1, 2, 4, ... max_batch), plus room for other runners
+        if compile:   # graphs per bucket (1, 2, 4, ... max_batch) and step kind, plus room for other runners
             import torch._dynamo as dynamo
             dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 4 * (max_batch.bit_length() + 1))
 
@@ -80,99 +82,104 @@ class DecodeRunner:
     def bucket(self, rows: int) -> int:
         return 1 << (rows - 1).bit_length()
 
-    def plan(self, rows: int) -> dict[str, str]:
-        """{GEMM: kernel} for steps of `rows` (a bucket), measured on first use."""
-        if rows not in self._plans:
-            self._plans[rows] = self.weights.plan(rows)
-        return self._plans[rows]
+    def plan(self, rows: int, spec: bool = False) -> dict[str, str]:
+        """{GEMM: kernel, ...} for steps of `rows` rows (see DecodeWeights.plan), measured on first use."""
+        if (rows, spec) not in self._plans:
+            self._plans[(rows, spec)] = self.weights.plan(rows, mtp=spec)
+        return self._plans[(rows, spec)]
 
     def decode(self, pending: list[int], lengths: list[int]):
         """One token per running row (slots 0..B-1): row b's `pending` token at position lengths[b].
         -> (logits (B, V) fp32, greedy tokens (B,), their log-probs (B,))."""
-        if self.check_versions and self.weights.stale():
-            self.sync_weights()
         B = len(pending)
-        Bp = self.bucket(B)
-        plan = self.plan(Bp)
-        if self._should_compile(Bp):
-            out = self._run_compiled(Bp, plan, pending, lengths)
-            if out is not None:
-                return out
-        t = time.perf_counter()
-        ids = torch.tensor(pending, device=self.device).view(B, 1)
-        starts = torch.tensor(lengths, device=self.device)
-        with torch.no_grad():
-            logits, tokens, best = self._step(ids, starts, None, self.weights.tensors(Bp, plan), plan)
-        self.stats["eager_steps"] += 1
-        self._eager_s[Bp] = self._eager_s.get(Bp, 0.0) + time.perf_counter() - t
+        logits, tokens, best = self._run("decode", [[p] for p in pending], lengths, self.bucket(B), 1)
         return logits, tokens, best - torch.logsumexp(logits, dim=-1)
 
-    def warmup(self, buckets: list[int] | None = None, desc: str = "compiling decode") -> None:
+    def speculate(self, pending: list[int], drafts: list[int], lengths: list[int]):
+        """MTP speculative step (speculative.py): verify [pending, draft] at positions L, L+1 and draft
+        the next token. -> (main greedy tokens (B, 2), their log-probs (B, 2), accepted (B,), drafts (B,))."""
+        B = len(pending)
+        logits, tokens, accepted, nxt = self._run("spec", [[p, d] for p, d in zip(pending, drafts)], lengths,
+                                                  self.bucket(2 * B) // 2, 2)
+        logp = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return tokens, logp, accepted, nxt
+
+    def warmup(self, buckets: list[int] | None = None, desc: str = "compiling decode", spec: bool = False) -> None:
         """Compile these batch buckets now (default: all up to max_batch), with a progress bar. The
-        engine must be idle: the dummy step writes position 0 of the first slots' cache rows."""
-        if self._graph is None:
+        engine must be idle: the dummy step writes the first positions of the first slots' cache rows."""
+        if not self._graphs:
             return
         buckets = buckets or [1 << i for i in range(self.max_batch.bit_length()) if 1 << i <= self.max_batch]
+        kind, T = ("spec", 2) if spec else ("decode", 1)
         for Bp in progress(buckets, desc=desc):
-            if Bp not in self._compiled and Bp not in self._failed:
-                self._run_compiled(Bp, self.plan(Bp), [0] * Bp, [0] * Bp)
+            if (kind, Bp) not in self._compiled and (kind, Bp) not in self._failed:
+                self._run(kind, [[0] * T] * Bp, [0] * Bp, Bp, T, force=True)
 
     # ---------------------------------------------------------------------------------------------
-    def _step(self, ids, starts, span, W, plan):
-        """The step (eager, or traced by torch.compile): logits (B, V) fp32 and the greedy token and its
-        logit, fused in-graph."""
+    def _decode_step(self, ids, starts, span, W, plan):
+        """logits (B, V) fp32, and the greedy token and its logit fused in."""
         self.cache.begin(starts, ids.shape[1], 0, span=None if span is None else span.shape[0])
         logits = decode_logits(self.model, W, plan, self.cache, ids)[:, -1]
         best, tokens = logits.max(dim=-1)
         return logits, tokens, best
 
-    def _should_compile(self, Bp: int) -> bool:
-        if self._graph is None or Bp in self._failed or Bp > self.max_batch:
-            return False
-        if self.compile is True or Bp in self._compiled:
-            return True
-        return self._eager_s.get(Bp, 0.0) >= self._expected_compile_s(Bp)
+    def _spec_step(self, ids, starts, span, W, plan):
+        self.cache.begin(starts, ids.shape[1], 0, span=None if span is None else span.shape[0])
+        return speculate(self.model, W, plan, self.cache, ids)
 
-    def _compile_key(self, Bp: int) -> str:
-        c = self.model.cfg
-        return f"decode-compile|{c.hidden_size}x{c.num_hidden_layers}x{c.n_routed_experts}|{','.join(self.kinds)}|B{Bp}"
-
-    def _expected_compile_s(self, Bp: int) -> float:
-        hit = calibrate.lookup(self.device, self._compile_key(Bp))
-        return float(hit) if hit is not None else COLD_COMPILE_S
-
-    def _run_compiled(self, Bp: int, plan: dict, pending: list[int], lengths: list[int]):
-        B = len(pending)
-        # rows B..Bp-1 are free cache slots: their dummy token lands at position 0 and is overwritten
-        # by the next prefill that takes the slot. Dummies copy real rows' tokens so that they route
-        # like real tokens (identical dummies would all pick the same experts and overflow the
-        # capacity path)
-        ids = torch.tensor(pending + [pending[i % B] for i in range(Bp - B)], device=self.device).view(Bp, 1)
-        starts = torch.tensor(lengths + [0] * (Bp - B), device=self.device)
-        S = min(self.cache.max_len, (max(lengths) + SPAN_STEP) // SPAN_STEP * SPAN_STEP)
-        span = self._spans.get(S)
-        if span is None:     # the span is the length of an empty tensor, marked dynamic
-            span = self._spans[S] = torch.empty(S, device=self.device)
-            torch._dynamo.mark_dynamic(span, 0)
-        torch._dynamo.mark_static(ids, 0)
-        torch._dynamo.mark_static(starts, 0)
-        first = Bp not in self._compiled
+    def _run(self, kind: str, ids: list[list[int]], lengths: list[int], Bp: int, T: int, force: bool = False):
+        """Run a step eagerly or compiled (padded to Bp rows), per the compile policy."""
+        if self.check_versions and self.weights.stale():
+            self.sync_weights()
+        B = len(ids)
+        plan = self.plan(Bp * T, spec=kind == "spec")
+        W = self.weights.tensors(Bp * T, plan)
+        fn = self._decode_step if kind == "decode" else self._spec_step
+        key = (kind, Bp)
+        if self._graphs and key not in self._failed and Bp <= self.max_batch and \
+                (force or self.compile is True or key in self._compiled or
+                 self._eager_s.get(key, 0.0) >= self._expected_compile_s(kind, Bp)):
+            # rows B..Bp-1 are free cache slots: their dummy tokens land at positions 0.. and are
+            # overwritten by the next prefill that takes the slot. Dummies copy real rows' tokens so that
+            # they route like real tokens (identical dummies would all pick the same experts and
+            # overflow the capacity path)
+            t_ids = torch.tensor(ids + [ids[i % B] for i in range(Bp - B)], device=self.device)
+            starts = torch.tensor(lengths + [0] * (Bp - B), device=self.device)
+            S = min(self.cache.max_len, (max(lengths) + T - 1 + SPAN_STEP) // SPAN_STEP * SPAN_STEP)
+            span = self._spans.get(S)
+            if span is None:     # the span is the length of an empty tensor, marked dynamic
+                span = self._spans[S] = torch.empty(S, device=self.device)
+                torch._dynamo.mark_dynamic(span, 0)
+            torch._dynamo.mark_static(t_ids, 0)
+            torch._dynamo.mark_static(starts, 0)
+            first = key not in self._compiled
+            t = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    out = self._graphs[kind](t_ids, starts, span, W, plan)
+            except Exception as e:          # a bucket torch cannot compile (limits, backend): run eagerly
+                warnings.warn(f"compiled {kind} step failed for batch {Bp} ({type(e).__name__}: "
+                              f"{str(e)[:200]}); running it eagerly")
+                self._failed.add(key)
+            else:
+                if first:
+                    self._compiled.add(key)
+                    took = round(time.perf_counter() - t, 2)
+                    self.stats["compile_s"][f"{kind}{Bp}"] = took
+                    calibrate.store(self.device, self._compile_key(kind, Bp), took)
+                self.stats["compiled_steps"] += 1
+                return tuple(o[:B] for o in out)
         t = time.perf_counter()
-        try:
-            with torch.no_grad():
-                logits, tokens, best = self._graph(ids, starts, span, self.weights.tensors(Bp, plan), plan)
-        except Exception as e:          # a bucket torch cannot compile (limits, backend): run eagerly
-            warnings.warn(f"compiled decode failed for batch {Bp} ({type(e).__name__}: {str(e)[:200]}); "
-                          "using eager")
-            self._failed.add(Bp)
-            return None
-        if first:
-            self._compiled.add(Bp)
-            took = round(time.perf_counter() - t, 2)
-            self.stats["compile_s"][Bp] = took
-            calibrate.store(self.device, self._compile_key(Bp), took)
-        self.stats["compiled_steps"] += 1
-        # the log-prob's logsumexp runs eagerly: inductor's exp is ~2.5x slower than ATen's here
-        # (measured 0.24 ms in-graph vs 0.12 ms eager for 64 x 4096 logits)
-        logits = logits[:B]
-        return logits, tokens[:B], best[:B] - torch.logsumexp(logits, dim=-1)
+        with torch.no_grad():
+            out = fn(torch.tensor(ids, device=self.device), torch.tensor(lengths, device=self.device), None, W, plan)
+        self.stats["eager_steps"] += 1
+        self._eager_s[key] = self._eager_s.get(key, 0.0) + time.perf_counter() - t
+        return out
+
+    def _compile_key(self, kind: str, Bp: int) -> str:
+        c = self.model.cfg
+        return f"{kind}-compile|{c.hidden_size}x{c.num_hidden_layers}x{c.n_routed_experts}|{','.join(self.kinds)}|B{Bp}"
+
+    def _expected_compile_s(self, kind: str, Bp: int) -> float:
+        hit = calibrate.lookup(self.device, self._compile_key(kind, Bp))
+        return float(hit) if hit is not None else COLD_COMPILE_S

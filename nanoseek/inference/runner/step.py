@@ -49,8 +49,27 @@ def decode_hidden(model, W: dict, plan: dict, cache, x: torch.Tensor, blocks=Non
     return x
 
 
-def decode_head(model, W: dict, plan: dict, h: torch.Tensor) -> torch.Tensor:
-    return _linear(W, plan)("head", model.norm(h))
+def decode_head(model, W: dict, plan: dict, h: torch.Tensor, norm=None) -> torch.Tensor:
+    return _linear(W, plan)("head", (norm or model.norm)(h))
+
+
+def speculate(model, W: dict, plan: dict, cache, ids: torch.Tensor):
+    """One MTP speculative step (speculative.py has the protocol): ids (B, 2) = [pending, draft] at
+    positions L, L+1 (the caller ran `cache.begin`). The main model verifies both; the MTP module then
+    reads the same two positions (main hidden state, embedding of the token the main model chose next)
+    and drafts the token after the last accepted one.
+    -> logits (B, 2, V) fp32, main greedy tokens (B, 2), accepted (B,) bool, next draft (B,)."""
+    L = len(model.layers)
+    h = decode_hidden(model, W, plan, cache, model.embed(ids).float())
+    logits = decode_head(model, W, plan, h)
+    tokens = logits.argmax(dim=-1)
+    accepted = tokens[:, 0] == ids[:, 1]
+    mtp = model.mtp[0]
+    x = torch.cat([mtp.enorm(model.embed(tokens).float()), mtp.hnorm(h)], dim=-1)
+    x = _linear(W, plan)("mtp0.eh", x)
+    hm = decode_hidden(model, W, plan, cache, x, blocks=[(L, mtp.block)])
+    drafts = decode_head(model, W, plan, hm, norm=mtp.norm).argmax(dim=-1)
+    return logits, tokens, accepted, torch.where(accepted, drafts[:, 1], drafts[:, 0])
 
 
 def folded_attention(attn, i: int, lin, cache, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:

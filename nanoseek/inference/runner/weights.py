@@ -58,10 +58,16 @@ class DecodeWeights:
         self.model, self.device, self.kinds = model, device, kinds
         self.gemms: dict[str, Gemm] = {}
         self.stacks: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}   # MoE layer, dtype
-        self.folded = [folding_pays(layer.attn) for layer in model.layers]
+        L = len(model.layers)
+        # the main blocks, then the MTP blocks (indices L.., their cache layers): the speculative step
+        # runs both
+        self.blocks = list(enumerate(model.layers)) + [(L + k, m.block) for k, m in enumerate(model.mtp)]
+        self.folded = {i: folding_pays(layer.attn) for i, layer in self.blocks}
         self._key = None
-        self._tensors: dict[int, dict] = {}
-        for i, layer in enumerate(model.layers):
+        self._tensors: dict[tuple, dict] = {}
+        for k, m in enumerate(model.mtp):
+            self._add(f"mtp{k}.eh", lambda m=m: m.eh_proj.weight.float())
+        for i, layer in self.blocks:
             attn = layer.attn
             if self.folded[i]:
                 self._add(f"attn{i}.down", lambda a=attn: _down(a))
@@ -88,7 +94,7 @@ class DecodeWeights:
         self.gemms[name] = Gemm(name, source, only)
 
     # ---------------------------------------------------------------------------------------------
-    def plan(self, rows: int) -> dict[str, str]:
+    def plan(self, rows: int, mtp: bool = False) -> dict[str, str]:
         """Choose (by measurement, cached per host) how a step of `rows` rows runs, and make the copies
         and packs that needs: {GEMM name: kernel, "moe{i}.path": gather/dense/capacity,
         "moe{i}.experts": the kernel of the expert stacks' batched matmuls}.
@@ -97,10 +103,13 @@ class DecodeWeights:
         faster plain dtype for a GEMM of the same work (one row for gather's per-pair products, E x
         capacity rows for the capacity path). So in mixed precision a request's tokens can depend on
         the batch it shares (as in other engines); with one dtype (--dtype float32) they do not,
-        beyond fp32 rounding."""
+        beyond fp32 rounding. `mtp`: also the MTP blocks (the speculative step)."""
         plan, used = {}, ["head"]
         plain = [k for k in self.kinds if k not in gemm.PACKED]
-        for i, layer in enumerate(self.model.layers):
+        blocks = self.blocks if mtp else self.blocks[: len(self.model.layers)]
+        if mtp:
+            used += [f"mtp{k}.eh" for k in range(len(self.model.mtp))]
+        for i, layer in blocks:
             if self.folded[i]:
                 used += [f"attn{i}.down", f"attn{i}.q", f"attn{i}.out"]
             if isinstance(layer.ffn, MLP):
@@ -119,7 +128,8 @@ class DecodeWeights:
             proxy = 1 if path == "gather" else E * capacity(moe, rows)
             kind = gemm.fastest(self.device, proxy, D, F2, plain)
             plan[f"moe{i}.experts"] = kind
-            self.stacks.setdefault((i, gemm.DTYPE[kind]), None)
+            if self.stacks.get((i, gemm.DTYPE[kind])) is None:
+                self.stacks[(i, gemm.DTYPE[kind])] = None
         for name in used:
             g = self.gemms[name]
             if rows not in g.kinds:
@@ -134,10 +144,11 @@ class DecodeWeights:
     def tensors(self, rows: int, plan: dict[str, str]) -> dict[str, torch.Tensor]:
         """The step's inputs for a planned row count: each GEMM's weight in its kernel's dtype and its
         pack, and the expert stacks (built once per sync)."""
-        hit = self._tensors.get(rows)
+        key = (rows, len(plan))
+        hit = self._tensors.get(key)
         if hit is not None:
             return hit
-        out = self._tensors[rows] = {}
+        out = self._tensors[key] = {}
         for name, kind in plan.items():
             if name.endswith(".path"):
                 continue
@@ -182,9 +193,10 @@ class DecodeWeights:
                 for rows, kind in g.kinds.items():
                     if kind in gemm.PACKED:
                         g.packs[_pack_key(kind, rows)] = gemm.pack(g.weights[gemm.DTYPE[kind]], kind, max(rows, 1))
+            blocks = dict(self.blocks)
             for (i, dt), old in self.stacks.items():
                 if full or old is None:
-                    ex = self.model.layers[i].ffn.experts
+                    ex = blocks[i].ffn.experts
                     self.stacks[(i, dt)] = (_cast(ex.w13.detach(), dt), _cast(ex.w2.detach(), dt))
         self._key = key
 
