@@ -1,7 +1,9 @@
 """MTP speculative decoding and the FP8 latent cache, on a trained model (default: the main job's RL model).
 
 Speculative: greedy, identical tokens to plain decoding is checked, acceptance rate of the MTP draft and
-tokens/s vs plain decoding at batch 1 and 16. FP8 cache: e4m3 + one fp32 scale per token per layer;
+tokens/s vs plain decoding at batch 1 and 16, both with their decode steps compiled up front (as `serve`
+does). In mixed precision (the default where bf16 GEMMs pay) the verify step's two rows per sequence
+may take other kernels than plain decoding's one, so tokens can differ; --dtype float32 makes them equal. FP8 cache: e4m3 + one fp32 scale per token per layer;
 bytes per cached token from the allocated tensors, token agreement with the fp32 cache and the largest
 difference of the generated tokens' log-probs.
 
@@ -19,6 +21,8 @@ def main():
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dtype", default=None, help="compute dtype (default: measured per host; float32 for "
+                    "bit-identical speculative vs plain tokens)")
     args = ap.parse_args()
     import nanoseek
     from nanoseek.data.tasks import get_task
@@ -32,9 +36,13 @@ def main():
     prompts = [{"prompt_token_ids": prompt_ids(tok, p.question)} for p in probs]
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens, logprobs=0)
     res = {"model": args.model, "speculative": {}, "fp8_cache": {}}
+    from bench_decode import cpu_model
+    res["host"] = cpu_model()
     for B in (1, 16):
-        plain = LLM(model, tokenizer=tok, max_batch=B, max_len=256)
-        spec = LLM(model, tokenizer=tok, max_batch=B, max_len=256, speculative=True)
+        plain = LLM(model, tokenizer=tok, max_batch=B, max_len=256, autocast_dtype=args.dtype)
+        spec = LLM(model, tokenizer=tok, max_batch=B, max_len=256, speculative=True, autocast_dtype=args.dtype)
+        plain.engine.runner.warmup([plain.engine.runner.bucket(B)])           # both compiled up front,
+        spec.engine.runner.warmup([spec.engine.runner.bucket(2 * B) // 2], spec=True)   # as `serve` does
         plain.generate(prompts[:B], sp)
         spec.generate(prompts[:B], sp)
         spec.engine.stats.update(spec_drafts=0, spec_accepted=0)

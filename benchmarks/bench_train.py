@@ -2,8 +2,9 @@
 
 Both do forward + backward + AdamW on the same random tokens. HF runs fp32 eager (its default) and
 bf16 autocast; nanoseek runs its default (the dtype `nanoseek.calibrate` measured faster on this host,
-what `nanoseek pretrain` uses without --dtype), fp32 and bf16 autocast (fp32 master weights always),
-without and with the MTP loss. Blocks of steps alternate between the contenders so drift in machine
+what `nanoseek pretrain` uses without --dtype), the same with its blocks compiled (what `pretrain
+--compile auto` switches to when the run is long enough; compile time excluded, reported), fp32 and
+bf16 autocast (fp32 master weights always), without and with the MTP loss. Blocks of steps alternate between the contenders so drift in machine
 speed hits all of them.
 
     .venv/bin/python benchmarks/bench_train.py --preset small --batch 8 --seq 256
@@ -33,6 +34,7 @@ def main():
     from nanoseek.config import load_preset
     from nanoseek.model import Transformer
     from nanoseek.model.moe import update_bias
+    from nanoseek.train.compiled import StepCompiler
     from nanoseek.train.optim import build_optimizer
     from nanoseek.train.pretrain import PretrainConfig, forward_losses
 
@@ -42,6 +44,10 @@ def main():
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
     ours = Transformer(cfg).init_weights(0).train()
     our_opt = build_optimizer(ours, 1e-4)
+    # the same model with its blocks compiled, as `pretrain --compile auto` does for runs long enough
+    compiled = Transformer(cfg).init_weights(0).train()
+    compiled_opt = build_optimizer(compiled, 1e-4)
+    StepCompiler(compiled, "on")
     B, T = args.batch, args.seq
     batch = torch.randint(0, cfg.vocab_size, (B, T + 1))
 
@@ -54,29 +60,34 @@ def main():
         hf_opt.step()
         hf_opt.zero_grad()
 
-    def our_step(dtype, mtp):
+    def our_step(dtype, mtp, model=ours, opt=our_opt):
         pc = PretrainConfig(mtp_lambda=0.3 if mtp else 0.0)
         ctx = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
         with ctx:
-            loss = forward_losses(ours, batch, pc)["total"]
+            loss = forward_losses(model, batch, pc)["total"]
         loss.backward()
-        our_opt.step()
-        our_opt.zero_grad()
-        for m in ours.moe_layers():
+        opt.step()
+        opt.zero_grad()
+        for m in model.moe_layers():
             update_bias(m, 1e-3)
 
     contenders = {
         "hf_fp32": hf_step,
         "hf_bf16": lambda: hf_step(torch.bfloat16),
         "nanoseek_default": lambda: our_step(default, False),
+        "nanoseek_default_compiled": lambda: our_step(default, False, compiled, compiled_opt),
         "nanoseek_fp32": lambda: our_step(torch.float32, False),
         "nanoseek_bf16": lambda: our_step(torch.bfloat16, False),
         "nanoseek_bf16_mtp": lambda: our_step(torch.bfloat16, True),
         "nanoseek_fp32_mtp": lambda: our_step(torch.float32, True),
     }
     times = {k: [] for k in contenders}
-    for f in contenders.values():
-        f()                                    # warm-up
+    compile_s = 0.0
+    for k, f in contenders.items():
+        t = time.perf_counter()
+        f()                                    # warm-up (compiles the compiled contender)
+        if k == "nanoseek_default_compiled":
+            compile_s = time.perf_counter() - t
     for _ in range(args.blocks):
         for k, f in contenders.items():
             t = time.perf_counter()
@@ -85,7 +96,8 @@ def main():
             times[k].append((time.perf_counter() - t) / args.steps)
     tok_s = {k: round(B * T / min(v), 1) for k, v in times.items()}
     res = {"preset": args.preset, "params": ours.num_params(), "batch": B, "seq": T,
-           "default_dtype": str(default).removeprefix("torch."), "tokens_per_s": tok_s,
+           "default_dtype": str(default).removeprefix("torch."), "compile_s": round(compile_s, 1),
+           "tokens_per_s": tok_s,
            "speedup_vs_hf_fp32": {k: round(v / tok_s["hf_fp32"], 2) for k, v in tok_s.items()},
            "torch": torch.__version__, "threads": torch.get_num_threads(), "host": cpu_model()}
     report("bench_train", res)

@@ -65,8 +65,9 @@ def convert(root: Path, model_dir: str, vocab_size: int, outtype: str, work: Pat
         cfg = json.loads((src / "config.json").read_text())
         cfg.update(scoring_func="sigmoid", topk_method="noaux_tc")
         (src / "config.json").write_text(json.dumps(cfg, indent=2))
-        texts = [f"{a}+{b}={a + b} " * 3 for a in range(200) for b in range(0, 200, 7)]
-        Tokenizer.train(texts, vocab_size=min(vocab_size, 2048)).save(src)
+        words = ["the", "model", "expert", "latent", "attention", "token", "cache", "route", "decode", "batch"]
+        texts = [" ".join(words[(i * 7 + j * 3) % 10] + words[(i + j) % 10] for j in range(12)) for i in range(400)]
+        Tokenizer.train(texts, vocab_size=min(vocab_size, 1024)).save(src)     # BPE with merges
     out = work / f"model-{outtype}.gguf"
     script = work / "convert.py"
     script.write_text(CONVERT.format(root=str(root)))

@@ -42,3 +42,24 @@ def test_unwritable_cache_still_answers(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(blocker / "sub"))      # a path under a file: cannot be created
     monkeypatch.delenv("NANOSEEK_DTYPE", raising=False)
     assert compute_dtype(CPU, None, hidden=32, tokens=64) in (torch.float32, torch.bfloat16)
+
+
+def test_training_compile_policy_waits_until_it_pays(monkeypatch):
+    """pretrain --compile auto compiles the blocks only when the remaining steps are expected to save
+    at least twice the (cached or cold) compile time; on/off are unconditional."""
+    from conftest import random_cfg
+    from nanoseek.model import Transformer
+    from nanoseek.train import compiled
+
+    monkeypatch.setattr(compiled.calibrate, "lookup", lambda device, key: 10.0)     # 10 s to compile
+    model = Transformer(random_cfg())
+    short = compiled.StepCompiler(model, "auto", "k")
+    for step in range(1, 6):
+        short.after_step(step, 100, 0.5)          # 95 steps x 0.5 s x 25% = 12 s < 2 x 10 s
+    assert not short.compiled and model.layers[0]._compiled_call_impl is None
+    long = compiled.StepCompiler(model, "auto", "k")
+    for step in range(1, 6):
+        long.after_step(step, 1000, 0.5)          # ~120 s > 20 s
+    assert long.compiled and model.layers[0]._compiled_call_impl is not None
+    assert not compiled.StepCompiler(Transformer(random_cfg()), "off", "k").compiled
+    assert compiled.StepCompiler(Transformer(random_cfg()), "on", "k").compiled

@@ -414,7 +414,7 @@ def test_serve_subprocess(model_dir):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(model_dir), "--port", "0",
                              "--model-name", "tiny", "--max-len", str(MAX_LEN), "--log-level", "warning",
-                             "--device", "cpu"],
+                             "--device", "cpu", "--no-compile"],      # (compiling at start-up: test_runner)
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()                  # "nanoseek serve: model 'tiny' (...) at http://...:PORT/v1"

@@ -19,7 +19,9 @@ the model only counts tokens per expert (`expert_load`) while training. b never 
 
 Compute: the (token, expert) pairs are sorted by expert so each expert's tokens are contiguous
 (the layout expert parallelism's all-to-all and DeepGEMM's grouped kernels use), then
-  "loop"    - one matmul pair per non-empty expert (autograd-safe; fastest on CPU for large T)
+  "padded"  - every expert's segment zero-padded to the busiest one, two batched matmuls (autograd-
+              safe, exact; the training path)
+  "loop"    - one matmul pair per non-empty expert (autograd-safe)
   "grouped" - torch._grouped_mm over the segments (no grad; CPU forward only supports it)
   "dense"   - every expert on every token, weights zero off the route: E/K x the FLOPs but ~6 ops,
               which wins for decode-sized T where per-op overhead dominates.
@@ -144,16 +146,35 @@ def dense_experts(x_TD, weights_TK, idx_TK, w13, w2):
 
 
 def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str):
-    """Pairs sorted by expert, each expert's contiguous segment through its SwiGLU ("grouped":
-    torch._grouped_mm over the segments; "loop": one matmul pair per non-empty expert)."""
+    """Pairs sorted by expert, each expert's contiguous segment through its SwiGLU:
+    "padded"  every segment zero-padded to the longest one: two batched matmuls, autograd through them
+              and the index ops (exact: the padding is as long as the busiest expert needs). For
+              training: 6 GEMM calls per layer instead of 6 per expert; measured 1.4x faster than "loop"
+              on a `small`-preset layer in bf16 and fp32 (forward + backward, 2048 tokens, 2 cores).
+              The padded length is rounded up to a multiple of 32: bf16 GEMMs on CPU (oneDNN) JIT a
+              kernel per new shape (~0.3 s per forward + backward when every step brings new ones),
+              so the shapes must recur. Falls back to "loop" when padding would more than quadruple
+              the work (a very unbalanced router).
+    "grouped" torch._grouped_mm over the segments (no grad on CPU).
+    "loop"    one matmul pair per non-empty expert."""
     T, K = idx_TK.shape
+    E = w13.shape[0]
     flat = idx_TK.flatten()
     order = flat.argsort(stable=True)                       # (T*K,) pairs sorted by expert
     token = order // K
-    counts = torch.bincount(flat, minlength=w13.shape[0])
-    xs = x_TD[token]
+    counts = torch.bincount(flat, minlength=E)
+    # index_select, not x_TD[token]: its backward is an index_add; advanced indexing's backward is an
+    # accumulating index_put, which sorts (measured 5 ms per call on a `small` training step)
+    xs = x_TD.index_select(0, token)
     w13, w2 = w13.to(xs.dtype), w2.to(xs.dtype)
-    if impl == "grouped":
+    C = -(-int(counts.max()) // 32) * 32 if impl == "padded" else 0
+    if impl == "padded" and E * C <= 4 * T * K:
+        rank = torch.arange(T * K, device=flat.device) - (counts.cumsum(0) - counts)[flat[order]]
+        slot = flat[order] * C + rank                                           # row of each pair in (E*C)
+        buf = xs.new_zeros(E * C, xs.shape[1]).index_copy(0, slot, xs).view(E, C, -1)
+        gate, up = torch.bmm(buf, w13.transpose(1, 2)).chunk(2, dim=-1)
+        ys = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2)).reshape(E * C, -1).index_select(0, slot)
+    elif impl == "grouped":
         offs = counts.cumsum(0).to(torch.int32)
         gate, up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
         ys = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offs)
@@ -182,7 +203,7 @@ class MoE(nn.Module):
         self.experts = Experts(cfg)
         self.shared = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
             if cfg.n_shared_experts else None
-        self.impl: str | None = None     # force "loop" / "grouped" / "dense"; None = choose per call
+        self.impl: str | None = None     # force "padded" / "loop" / "grouped" / "dense" / "gather"; None: per call
         # Training-time routing statistics, read and reset by the trainer.
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.last_scores: torch.Tensor | None = None   # (T,E) fp32 with grad, for balance losses
@@ -198,7 +219,7 @@ class MoE(nn.Module):
             return "dense"
         if not grad and n_tokens <= 256 and self.experts.w13.device.type == "cpu":
             return "grouped"
-        return "loop"
+        return "padded"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -73,10 +73,16 @@ class GRPOConfig:
     rollout_dtype: str | None = field(default=None, metadata={"help": "rollout compute dtype (default: the fastest "
                                                                       "measured on this host; float32 / bfloat16)"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda"})
+    compile: str = field(default="auto", metadata={"help": "torch.compile the rollout decode step: auto (once "
+                                                            "decoding a batch size has taken as long as compiling "
+                                                            "it would), on, off", "choices": ["auto", "on", "off"]})
     max_batch: int = field(default=256, metadata={"help": "engine batch slots"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = all)"})
     save_final: bool = field(default=True, metadata={"help": "write OUT/final (HF format)"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots"})
+
+
+COMPILE = {"auto": "auto", "on": True, "off": False}
 
 
 def load_policy(cfg: GRPOConfig, device):
@@ -92,7 +98,7 @@ def load_policy(cfg: GRPOConfig, device):
         model = from_pretrained(path, device=device)
         return EngineSampler(model, tok, max_batch=max(cfg.max_batch, cfg.group_size),
                              max_len=cfg.max_new_tokens + 256, seed=cfg.seed,
-                             rollout_dtype=cfg.rollout_dtype), model, tok
+                             rollout_dtype=cfg.rollout_dtype, compile=COMPILE[cfg.compile]), model, tok
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     return HFSampler(model, tok, device), model, tok
@@ -102,10 +108,12 @@ def load_policy(cfg: GRPOConfig, device):
 # the batch: prompt + completion ids, masks, advantages
 
 def build_batch(prompts: list[list[int]], completions: list[dict], adv: torch.Tensor, pad_id: int,
-                mask_truncated: bool, device):
-    """Rows = prompt + completion; `mask` marks target positions that are completion tokens."""
+                mask_truncated: bool, device, multiple: int = 16):
+    """Rows = prompt + completion; `mask` marks target positions that are completion tokens. The input
+    length (L - 1) is padded to a `multiple` so that update shapes recur from step to step: bf16 GEMMs
+    on CPU JIT a kernel per new shape (measured 0.71 vs 0.40 s per forward + backward)."""
     seqs = [p + c["ids"] for p, c in zip(prompts, completions)]
-    L = max(len(s) for s in seqs)
+    L = -(-(max(len(s) for s in seqs) - 1) // multiple) * multiple + 1
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), L - 1)
     for i, (p, c) in enumerate(zip(prompts, completions)):

@@ -35,6 +35,7 @@ from ..data.corpus import load_documents, synthetic_documents
 from ..data.loader import PackedLoader, document_mask, fixed_batches
 from ..model import Transformer
 from ..model.moe import balance_loss, max_violation, update_bias
+from .compiled import StepCompiler
 from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 
 
@@ -54,6 +55,9 @@ class PretrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "global grad-norm clip (0 = off)"})
     dtype: str | None = field(default=None, metadata={"help": "matmul dtype: float32 | bfloat16 (default: fastest here)"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: autodetect)"})
+    compile: str = field(default="auto", metadata={"help": "torch.compile the blocks: auto (when the run is long "
+                                                            "enough to repay it), on, off (bit-exact reruns)",
+                                                    "choices": ["auto", "on", "off"]})
     seed: int = field(default=0, metadata={"help": "seed for init, data order and the synthetic corpus"})
     data: str | None = field(default=None, metadata={"help": ".txt/.jsonl/.parquet file or directory (default: synthetic)"})
     task: str = field(default="arithmetic", metadata={"help": "synthetic corpus: arithmetic, countdown, equations or mix"})
@@ -259,6 +263,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                          "rng": rng_state(), "step": at, "config": asdict(cfg), "model_config": mcfg.to_dict()},
                         out / "checkpoints", at, keep=cfg.keep)
 
+    compiler = StepCompiler(model, cfg.compile, f"{mcfg.name}|{mcfg.hidden_size}x{mcfg.num_hidden_layers}|"
+                            f"{cfg.batch_size}x{cfg.seq_len}|{str(dtype).removeprefix('torch.')}|mtp{cfg.mtp_lambda > 0}")
     bad_in_a_row, skipped = 0, 0
     bar = progress(total=cfg.max_steps, initial=step, desc="pretrain")
     with metrics_path.open("a") as mf:
@@ -297,6 +303,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             loads = [update_bias(m, gamma) for m in model.moe_layers()]
             step += 1
             dt = time.perf_counter() - t_step
+            compiler.after_step(step, cfg.max_steps, dt)
             rec = {"step": step, **{k: round(v, 5) for k, v in logs.items() if k != "total"}, "lr": lr,
                    "grad_norm": round(grad_norm, 4), "tokens_per_s": round(cfg.batch_size * cfg.seq_len * cfg.grad_accum / dt, 1),
                    "max_violation": [round(max_violation(l), 4) for l in loads], "skipped_steps": skipped}

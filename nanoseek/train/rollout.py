@@ -30,13 +30,13 @@ def prompt_ids(tok, question: str) -> list[int]:
 
 class EngineSampler:
     def __init__(self, model, tok, max_batch: int = 256, max_len: int = 512, seed: int = 0,
-                 rollout_dtype: str | None = None):
+                 rollout_dtype: str | None = None, compile: bool | str = "auto"):
         from ..inference.engine import Engine
 
         self.model, self.tok = model, tok
         rd = None if rollout_dtype in (None, "none", "auto") else parse_dtype(rollout_dtype)
         self.engine = Engine(model, max_batch=max_batch, max_len=max_len, seed=seed, autocast_dtype=rd,
-                             stop_token_ids=[tok.eos_id])
+                             stop_token_ids=[tok.eos_id], compile=compile)
 
     def rollout(self, prompts: list[list[int]], params: SamplingParams) -> list[list[dict]]:
         eng = self.engine

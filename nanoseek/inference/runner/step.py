@@ -53,23 +53,34 @@ def decode_head(model, W: dict, plan: dict, h: torch.Tensor, norm=None) -> torch
     return _linear(W, plan)("head", (norm or model.norm)(h))
 
 
+def greedy(logits: torch.Tensor):
+    """-> (argmax token, its log-prob) along the last dim. The token is the first index holding the max
+    (argmax's tie rule), found with two plain reductions: max-with-index reductions measured 1.4-1.8x
+    slower on CPU (compiled and eager) at 8-64 x 4096 logits."""
+    best = logits.amax(dim=-1, keepdim=True)
+    V = logits.shape[-1]
+    token = torch.where(logits == best, torch.arange(V, device=logits.device), V).amin(dim=-1)
+    lse = best.squeeze(-1) + (logits - best).exp().sum(dim=-1).log()
+    return token, best.squeeze(-1) - lse
+
+
 def speculate(model, W: dict, plan: dict, cache, ids: torch.Tensor):
     """One MTP speculative step (speculative.py has the protocol): ids (B, 2) = [pending, draft] at
     positions L, L+1 (the caller ran `cache.begin`). The main model verifies both; the MTP module then
     reads the same two positions (main hidden state, embedding of the token the main model chose next)
     and drafts the token after the last accepted one.
-    -> logits (B, 2, V) fp32, main greedy tokens (B, 2), accepted (B,) bool, next draft (B,)."""
+    -> main greedy tokens (B, 2), their log-probs, accepted (B,) bool, next draft (B,)."""
     L = len(model.layers)
     h = decode_hidden(model, W, plan, cache, model.embed(ids).float())
     logits = decode_head(model, W, plan, h)
-    tokens = logits.argmax(dim=-1)
+    tokens, logp = greedy(logits)
     accepted = tokens[:, 0] == ids[:, 1]
     mtp = model.mtp[0]
     x = torch.cat([mtp.enorm(model.embed(tokens).float()), mtp.hnorm(h)], dim=-1)
     x = _linear(W, plan)("mtp0.eh", x)
     hm = decode_hidden(model, W, plan, cache, x, blocks=[(L, mtp.block)])
-    drafts = decode_head(model, W, plan, hm, norm=mtp.norm).argmax(dim=-1)
-    return logits, tokens, accepted, torch.where(accepted, drafts[:, 1], drafts[:, 0])
+    drafts = greedy(decode_head(model, W, plan, hm, norm=mtp.norm))[0]
+    return tokens, logp, accepted, torch.where(accepted, drafts[:, 1], drafts[:, 0])
 
 
 def folded_attention(attn, i: int, lin, cache, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:

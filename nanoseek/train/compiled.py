@@ -1,0 +1,70 @@
+"""Compiling the training step from outside the model, when the run is long enough to repay it.
+
+Every transformer block (and MTP block) is `torch.compile`d in place (`nn.Module.compile`): inductor
+fuses the elementwise work around the GEMMs - norms, RoPE, SwiGLU, dtype casts, residual adds, and
+their backward - which an eager CPU step spends a third of its time on. The MoE's data-dependent
+parts (routing, the padded expert layout) stay eager between compiled regions. Measured on the
+`small` preset, 8 x 256 tokens, bf16 autocast, 2 cores: 0.54 -> 0.41 s per step (1.31x), 48 s to
+compile (cold inductor cache).
+
+    compiler = StepCompiler(model, policy="auto", key=...)
+    ... after each optimizer step: compiler.after_step(step, max_steps, seconds_this_step)
+
+policy "on" compiles before the first step, "off" never, "auto" (the default) after a few eager
+steps once the remaining steps are expected to save at least twice the compile time (expected
+saving EXPECTED_GAIN of each step; compile time: the last measured one for this model and shape on
+this host, else COLD_COMPILE_S). Compiled and eager steps round differently in the last bits, so an
+exactly reproducible run (or an exact resume) wants the same policy both times: `--compile off`.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import calibrate
+from ..common import print0
+
+EXPECTED_GAIN = 0.25        # share of an eager step compiling saved (0.54 -> 0.41 s measured above)
+COLD_COMPILE_S = 60.0
+WARM_STEPS = 3
+
+
+class StepCompiler:
+    def __init__(self, model, policy: str = "auto", key: str = ""):
+        if policy not in ("auto", "on", "off"):
+            raise ValueError(f"compile policy {policy!r}: choose auto, on or off")
+        self.model, self.policy, self.key = model, policy, f"train-compile|{key}"
+        self.device = model.device
+        self.compiled = False
+        self._eager_s: list[float] = []
+        self._compiled_at: float | None = None
+        if policy == "on":
+            self.compile()
+
+    def compile(self) -> None:
+        for block in list(self.model.layers) + [m.block for m in self.model.mtp]:
+            block.compile()
+        self.compiled = True
+        self._compiled_at = time.perf_counter()
+
+    def after_step(self, step: int, max_steps: int, seconds: float) -> None:
+        """Call after each step (1-based `step`) with its wall time."""
+        if self.compiled:
+            if self._compiled_at is not None and self._eager_s:   # the first compiled step: it compiled
+                took = max(0.0, seconds - min(self._eager_s))
+                calibrate.store(self.device, self.key, round(took, 1))
+                print0(f"compiled the training step in {took:.0f} s")
+                self._compiled_at = None
+            return
+        if self.policy != "auto":
+            return
+        self._eager_s.append(seconds)
+        if len(self._eager_s) < WARM_STEPS:
+            return
+        expected = calibrate.lookup(self.device, self.key) or COLD_COMPILE_S
+        saving = (max_steps - step) * min(self._eager_s) * EXPECTED_GAIN
+        if saving > 2 * expected:
+            print0(f"compiling the training step (expected {expected:.0f} s, saves ~{saving:.0f} s over the "
+                   f"{max_steps - step} remaining steps; --compile off keeps it eager)")
+            self.compile()
