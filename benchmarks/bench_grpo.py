@@ -92,7 +92,7 @@ def run_trl(model_dir, prompts, answers, steps, G, max_new):
     return sum(n_tokens[1:]) / sum(times[1:]), times, split
 
 
-def run_nanoseek(model_dir, prompts, answers, steps, G, max_new):
+def run_nanoseek(model_dir, prompts, answers, steps, G, max_new, compile="auto"):
     import nanoseek
     from nanoseek.inference.sampling import SamplingParams
     from nanoseek.tokenizer import Tokenizer
@@ -107,7 +107,10 @@ def run_nanoseek(model_dir, prompts, answers, steps, G, max_new):
     model = nanoseek.from_pretrained(model_dir)
     cfg = GRPOConfig(group_size=G, max_new_tokens=max_new, lr=1e-5, beta=0.0, loss_type="dapo")   # default dtypes
     dtype = compute_dtype(torch.device("cpu"), None, model.cfg.hidden_size, len(prompts) // (steps + 1) * G * max_new)
-    sampler = EngineSampler(model, tok, max_batch=256, max_len=max_new + 64)
+    sampler = EngineSampler(model, tok, max_batch=256, max_len=max_new + 64,
+                            compile={"auto": "auto", "warm": True}[compile])
+    if compile == "warm":                        # every rollout bucket compiled up front, as `serve` does
+        sampler.engine.runner.warmup([b for b in (1, 2, 4, 8, 16, 32, 64)])
     opt = build_optimizer(model, cfg.lr, 0.0)
     sp = SamplingParams(n=G, temperature=1.0, max_tokens=max_new)
     per_step = len(prompts) // (steps + 1)
@@ -141,6 +144,9 @@ def main():
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--max-new", type=int, default=64)
+    ap.add_argument("--rollout-compile", default="auto", choices=["auto", "warm"],
+                    help="auto: the default policy (compile a batch size once it has run long enough eagerly); "
+                         "warm: compile every rollout batch size before the first step (what long runs reach)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     n = args.prompts * (args.steps + 1)
@@ -148,10 +154,13 @@ def main():
     prompts = [f"{a}+{b}=" for a, b in pairs]
     answers = [str(a + b) for a, b in pairs]
     model_dir = build_model_dir(prompts + [f"{p}{a}" for p, a in zip(prompts, answers)] * 5)
-    ours, our_times, our_split = run_nanoseek(model_dir, prompts, answers, args.steps, args.G, args.max_new)
+    ours, our_times, our_split = run_nanoseek(model_dir, prompts, answers, args.steps, args.G, args.max_new,
+                                              args.rollout_compile)
     trl, trl_times, trl_split = run_trl(model_dir, prompts, answers, args.steps, args.G, args.max_new)
     import trl as trl_mod
-    report("bench_grpo", {
+    from bench_decode import cpu_model
+    report("bench_grpo" + ("" if args.rollout_compile == "auto" else "_" + args.rollout_compile), {
+        "host": cpu_model(), "rollout_compile": args.rollout_compile,
         "completion_tokens_per_s": {"nanoseek": round(ours, 1), "trl": round(trl, 1)},
         "speedup": round(ours / trl, 2), "trl_version": trl_mod.__version__, "nanoseek_mean_split_s": our_split,
         "trl_mean_split_s": trl_split,

@@ -42,7 +42,8 @@ def main():
         plain = LLM(model, tokenizer=tok, max_batch=B, max_len=256, autocast_dtype=args.dtype)
         spec = LLM(model, tokenizer=tok, max_batch=B, max_len=256, speculative=True, autocast_dtype=args.dtype)
         plain.engine.runner.warmup([plain.engine.runner.bucket(B)])           # both compiled up front,
-        spec.engine.runner.warmup([spec.engine.runner.bucket(2 * B) // 2], spec=True)   # as `serve` does
+        spec.engine.runner.warmup([spec.engine.runner.bucket(B)])                       # as `serve` does
+        spec.engine.runner.warmup([1, 2], spec=True)
         plain.generate(prompts[:B], sp)
         spec.generate(prompts[:B], sp)
         spec.engine.stats.update(spec_drafts=0, spec_accepted=0)

@@ -112,7 +112,7 @@ def _prefill_then_step(model, runner_dtypes, prompt_len=6):
     with torch.no_grad():
         cache.begin(torch.zeros(3, dtype=torch.long), prompt_len)
         model.hidden(ids[:, :prompt_len], cache.positions, cache)
-        logits, tokens, logps = runner.decode(ids[:, prompt_len].tolist(), [prompt_len] * 3)
+        logits, tokens, logps, _ = runner.decode(ids[:, prompt_len].tolist(), [prompt_len] * 3)
         full = model(ids)[:, -1]
     return logits, full, tokens, logps
 

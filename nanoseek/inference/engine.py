@@ -27,7 +27,7 @@ from .cache import LatentCache
 from .runner import DecodeRunner
 from .sampling import SamplingParams, logprobs_topk, sample
 from .sequence import Sequence, Request
-from .speculative import speculative_step
+from .speculative import SPEC_MAX_ROWS, speculative_step
 
 
 class Engine:
@@ -104,7 +104,8 @@ class Engine:
         self.stats["steps"] += 1
         if self.waiting and self.waiting[0].params.n <= self.max_batch - len(self.running):
             out = self._prefill()
-        elif self.speculative and self.running and all(s.params.greedy for s in self.running):
+        elif self.speculative and 0 < len(self.running) <= SPEC_MAX_ROWS and \
+                all(s.params.greedy for s in self.running):
             out = speculative_step(self)
         else:
             out = self._decode()
@@ -168,16 +169,12 @@ class Engine:
 
     def _decode(self) -> list[Sequence]:
         seqs = self.running
-        pending, lengths = [s.pending for s in seqs], [s.length for s in seqs]
+        logits, tokens, logps, h = self.runner.decode([s.pending for s in seqs], [s.length for s in seqs])
         if self.speculative:       # plain steps of a speculative engine keep the main hidden states
-            h = self._forward(torch.tensor(pending, device=self.device).view(-1, 1),
-                              torch.tensor(lengths, device=self.device))
             for i, s in enumerate(seqs):
-                s.hidden = torch.cat([s.hidden, h[i, :1]]) if s.hidden is not None else h[i, :1]
+                s.hidden = torch.cat([s.hidden, h[i: i + 1]]) if s.hidden is not None else h[i: i + 1]
                 s.draft = None             # the MTP cache now lags: the next speculative step catches up
-            logits, greedy = self._logits(h[:, 0]), None
-        else:
-            logits, *greedy = self.runner.decode(pending, lengths)
+        greedy = (tokens, logps)
         for s in seqs:
             s.length += 1
         self._emit(seqs, logits, greedy)

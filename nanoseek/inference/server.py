@@ -278,8 +278,12 @@ def main(argv: list[str] | None = None) -> None:
     llm = load_llm(args.model_dir, need_tokenizer=False, max_batch=args.max_batch, max_len=args.max_len,
                    kv_cache_dtype=args.kv_cache_dtype, speculative=args.speculative, dtype=args.dtype,
                    device=args.device, compile=False if args.no_compile else "auto")
-    if not args.no_compile:
-        llm.engine.runner.warmup()      # as vLLM captures its graphs: every batch bucket, before serving (CPU)
+    if not args.no_compile:             # as vLLM captures its graphs: every batch bucket, before serving (CPU)
+        llm.engine.runner.warmup()
+        if llm.engine.speculative:
+            from .speculative import SPEC_MAX_ROWS
+            llm.engine.runner.warmup([b for b in (1, 2, 4) if b <= SPEC_MAX_ROWS], spec=True,
+                                     desc="compiling speculative decode")
     name = args.model_name or Path(args.model_dir).resolve().name
     app = build_app(llm, name, args.api_key)
     import uvicorn

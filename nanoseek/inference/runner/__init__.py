@@ -37,7 +37,7 @@ import torch
 from ... import calibrate
 from ...common import progress
 from . import gemm
-from .step import decode_logits, greedy, speculate
+from .step import decode_head, decode_hidden, greedy, speculate
 from .weights import DecodeWeights
 
 SPAN_STEP = 32
@@ -92,7 +92,7 @@ class DecodeRunner:
 
     def decode(self, pending: list[int], lengths: list[int]):
         """One token per running row (slots 0..B-1): row b's `pending` token at position lengths[b].
-        -> (logits (B, V) fp32, greedy tokens (B,), their log-probs (B,))."""
+        -> (logits (B, V) fp32, greedy tokens (B,), their log-probs (B,), hidden states (B, D))."""
         return self._run("decode", pending, lengths, self.bucket(len(pending)), 1)
 
     def speculate(self, pending: list[int], drafts: list[int], lengths: list[int]):
@@ -108,16 +108,18 @@ class DecodeRunner:
             return
         buckets = buckets or [1 << i for i in range(self.max_batch.bit_length()) if 1 << i <= self.max_batch]
         kind, T = ("spec", 2) if spec else ("decode", 1)
-        for Bp in progress(buckets, desc=desc):
+        for Bp in progress([b for b in buckets if b <= self.max_batch], desc=desc):
             if (kind, Bp) not in self._compiled and (kind, Bp) not in self._failed:
                 self._run(kind, [0] * (T * Bp), [0] * Bp, Bp, T, force=True)
 
     # ---------------------------------------------------------------------------------------------
     def _decode_step(self, ids, starts, span, W, plan):
-        """logits (B, V) fp32, and the greedy token and its log-prob fused in."""
+        """logits (B, V) fp32, the greedy token and its log-prob fused in, and the hidden state before the
+        final norm (B, D) (a speculative engine's MTP draft reads it)."""
         self.cache.begin(starts, ids.shape[1], 0, span=None if span is None else span.shape[0])
-        logits = decode_logits(self.model, W, plan, self.cache, ids)[:, -1]
-        return (logits, *greedy(logits))
+        h = decode_hidden(self.model, W, plan, self.cache, self.model.embed(ids).float())[:, -1]
+        logits = decode_head(self.model, W, plan, h)
+        return (logits, *greedy(logits), h)
 
     def _spec_step(self, ids, starts, span, W, plan):
         self.cache.begin(starts, ids.shape[1], 0, span=None if span is None else span.shape[0])

@@ -79,8 +79,9 @@ def speculate(model, W: dict, plan: dict, cache, ids: torch.Tensor):
     x = torch.cat([mtp.enorm(model.embed(tokens).float()), mtp.hnorm(h)], dim=-1)
     x = _linear(W, plan)("mtp0.eh", x)
     hm = decode_hidden(model, W, plan, cache, x, blocks=[(L, mtp.block)])
-    drafts = greedy(decode_head(model, W, plan, hm, norm=mtp.norm))[0]
-    return tokens, logp, accepted, torch.where(accepted, drafts[:, 1], drafts[:, 0])
+    last = torch.where(accepted.unsqueeze(-1), hm[:, 1], hm[:, 0])          # the last accepted position
+    drafts = greedy(decode_head(model, W, plan, last, norm=mtp.norm))[0]
+    return tokens, logp, accepted, drafts
 
 
 def folded_attention(attn, i: int, lin, cache, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
