@@ -56,18 +56,15 @@ def main():
                     "(default: $LLAMA_CPP_DIR; none: skip)")
     args = ap.parse_args()
     import llama_cpp_bench as llama_cpp
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from bench_model import hf_config
+    from transformers import DeepseekV3ForCausalLM
     from transformers import __version__ as hf_version
 
     from nanoseek.inference import LLM, SamplingParams
 
     llama_root = llama_cpp.find(args.llama_cpp)
     torch.manual_seed(0)
-    cfg = DeepseekV3Config(vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-                           num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, num_key_value_heads=8,
-                           n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-                           q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-                           max_position_embeddings=1024, tie_word_embeddings=False)
+    cfg = hf_config()
     hf = {"hf_fp32": DeepseekV3ForCausalLM(cfg).eval()}
     d = tempfile.mkdtemp()
     hf["hf_fp32"].save_pretrained(d)

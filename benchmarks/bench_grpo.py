@@ -21,17 +21,14 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 
 def build_model_dir(vocab_texts):
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from bench_model import hf_config
+    from transformers import DeepseekV3ForCausalLM
 
     from nanoseek.tokenizer import Tokenizer
 
     tok = Tokenizer.train(vocab_texts, vocab_size=300)
-    cfg = DeepseekV3Config(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-                           num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, num_key_value_heads=8,
-                           n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-                           q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-                           max_position_embeddings=512, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                           pad_token_id=tok.eos_id)
+    cfg = hf_config(vocab_size=tok.vocab_size, max_position_embeddings=512,
+                    bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
     torch.manual_seed(0)
     d = tempfile.mkdtemp()
     DeepseekV3ForCausalLM(cfg).save_pretrained(d)

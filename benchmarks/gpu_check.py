@@ -9,12 +9,14 @@ Each part is time-boxed and reports its error instead of stopping the run.
 """
 import json
 import os
+import sys
 import tempfile
 import time
 import traceback
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))       # bench_model.py beside it
 OUT = os.environ.get("OUT", ".")
 res = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
        "torch": torch.__version__}
@@ -33,16 +35,13 @@ def part(name):
     return wrap
 
 
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+from bench_model import hf_config  # noqa: E402
+from transformers import DeepseekV3ForCausalLM  # noqa: E402
 
 from nanoseek.inference import LLM, SamplingParams  # noqa: E402
 
 torch.manual_seed(0)
-cfg = DeepseekV3Config(vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-                       num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, num_key_value_heads=8,
-                       n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-                       q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-                       max_position_embeddings=1024, tie_word_embeddings=False)
+cfg = hf_config()
 D = tempfile.mkdtemp()
 DeepseekV3ForCausalLM(cfg).save_pretrained(D)
 
