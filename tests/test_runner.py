@@ -7,7 +7,7 @@ from conftest import randomize, random_cfg
 from nanoseek.inference.cache import LatentCache
 from nanoseek.inference.runner import DecodeRunner, gemm
 from nanoseek.inference.runner import moe as rmoe
-from nanoseek.inference.runner.step import _linear, decode_logits
+from nanoseek.inference.runner.step import _linear
 from nanoseek.inference.runner.weights import DecodeWeights
 from nanoseek.model import Transformer
 from nanoseek.model.moe import moe_reference, route

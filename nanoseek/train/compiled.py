@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 
 from .. import calibrate
 from ..common import print0

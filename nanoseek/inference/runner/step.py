@@ -1,7 +1,9 @@
 """The decode step's forward: `Transformer.hidden` + `logits` for a few new tokens per row against the
 latent cache, over the runner's derived weights (weights.py) and GEMM kernels (gemm.py).
 
-    logits = decode_logits(model, W, plan, cache, ids)      ids (B, T) -> (B, T, V) fp32
+    h = decode_hidden(model, W, plan, cache, model.embed(ids).float())   ids (B, T) -> (B, T, D) fp32
+    logits = decode_head(model, W, plan, h)                              -> (B, T, V) fp32
+    speculate(model, W, plan, cache, ids)                                the MTP verify + draft step
 
 `W` maps names to tensors (the GEMM weights in their kernels' dtypes, their packs, the expert stacks);
 `plan` maps each GEMM to its kernel. The residual stream stays fp32; each GEMM casts its input to its
@@ -23,15 +25,10 @@ from . import gemm
 from .moe import moe_decode
 
 
-def decode_logits(model, W: dict, plan: dict, cache, ids: torch.Tensor, blocks=None) -> torch.Tensor:
-    """ids (B, T) at positions `cache.positions` (the caller ran `cache.begin`) -> logits (B, T, V) fp32.
-    `blocks`: (index, Block) pairs to run instead of the main layers (the MTP draft)."""
-    h = decode_hidden(model, W, plan, cache, model.embed(ids).float(), blocks)
-    return decode_head(model, W, plan, h)
-
-
 def decode_hidden(model, W: dict, plan: dict, cache, x: torch.Tensor, blocks=None) -> torch.Tensor:
-    """Embedded inputs x (B, T, D) -> hidden states (B, T, D) fp32 before the final norm."""
+    """Embedded inputs x (B, T, D) at positions `cache.positions` (the caller ran `cache.begin`) ->
+    hidden states (B, T, D) fp32 before the final norm. `blocks`: (index, Block) pairs to run instead
+    of the main layers (the MTP module's block)."""
     rot = model.rope(cache.positions)
     lin = _linear(W, plan)
     for i, layer in blocks if blocks is not None else enumerate(model.layers):
