@@ -8,7 +8,8 @@ nano-vllm's model_runner owns CUDA graphs around its model and gpt-fast compiles
 from outside:
 
     runner = DecodeRunner(model, cache, dtypes=(torch.float32, torch.bfloat16), compile="auto")
-    logits, tokens, logps = runner.decode(pending_tokens, lengths)   # one token per running row
+    logits, tokens, logps, h = runner.decode(pending_tokens, lengths)   # one token per running row
+    tokens2, logps2, accepted, drafts = runner.speculate(pending, drafts, lengths)   # MTP, speculative.py
     runner.sync_weights()            # after an optimizer step (GRPO calls it); a cheap version check
                                      # before every step catches a missing call
 
@@ -16,7 +17,10 @@ from outside:
     step.py     the forward over them (eager or compiled), tested against the model's forward
     moe.py      the MoE decode paths (gather / fused dense / capacity)
     gemm.py     the GEMM kernels (fp32, MKL-packed fp32, bf16, oneDNN-packed bf16), chosen per GEMM
-                shape by measurement (`nanoseek.calibrate`, cached per host)
+                shape by measurement (`nanoseek.calibrate`, cached per host); packed_linear.cpp
+
+On CUDA the same step runs eagerly in bf16 (plain GEMMs; compiling it and CUDA graphs belong to
+the GPU work).
 
 Compilation. Rows are padded to a power of two (a graph per batch bucket); the attention span (live
 cache length rounded up to 32) is the graph's one dynamic dimension, so sequences grow without

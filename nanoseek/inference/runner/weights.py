@@ -14,13 +14,15 @@ The model stores what training needs; a decode step wants the same maths laid ou
       [gate; up] stacked into one (E 2F + 2Fs, D) matrix and every down projection into one
       (D, E F + Fs) matrix (`dense_in` / `dense_out`): E/K x the routed FLOPs in two well-shaped
       GEMMs, which wins while a step is bound by reading weights.
-  Each GEMM in the kernel's dtype, plus its packed form (runner/gemm.py) where the kernel wants one.
+  Each GEMM in the kernel's dtype, plus its packed form (runner/gemm.py) where the kernel wants one,
+  and the expert stacks in the dtype the batched-matmul MoE paths run in. `plan(rows)` decides which
+  of these a batch size needs (measured, runner/gemm.py) and only those are built.
 
-`DecodeWeights.sync()` recomputes everything from the model's current parameters (where a kernel
-reads a parameter as it is, in its dtype and layout, it reads the parameter itself); `stale()` is the cheap check (identity,
-version counter and address of every parameter) the runner runs before each step as a safety net
-behind the explicit `sync_weights()` a trainer calls after its optimizer step. Writes through
-`p.data` bypass the version counter and are seen only by an explicit sync.
+`sync()` recomputes everything from the model's current parameters (where a kernel reads a parameter
+as it is, in its dtype and layout, it reads the parameter itself); `stale()` is the cheap check
+(identity, version counter and address of every parameter) the runner runs before each step as a
+safety net behind the explicit `sync_weights()` a trainer calls after its optimizer step. Writes
+through `p.data` bypass the version counter and are seen only by an explicit sync.
 """
 from __future__ import annotations
 
@@ -144,7 +146,7 @@ class DecodeWeights:
     def tensors(self, rows: int, plan: dict[str, str]) -> dict[str, torch.Tensor]:
         """The step's inputs for a planned row count: each GEMM's weight in its kernel's dtype and its
         pack, and the expert stacks (built once per sync)."""
-        key = (rows, len(plan))
+        key = (rows, "mtp0.eh" in plan)               # a decode plan, or a speculative one with the MTP block
         hit = self._tensors.get(key)
         if hit is not None:
             return hit
