@@ -101,6 +101,8 @@ def test_context_limit_and_bad_requests(model):
         SamplingParams(temperature=-1)
     with pytest.raises(UserError, match="vocab|\\[0"):
         llm.generate({"prompt_token_ids": [100000]}, GREEDY)
+    with pytest.raises(UserError, match="compile"):
+        LLM(model, compile="yes")
 
 
 def test_cache_holds_only_the_latent(model):

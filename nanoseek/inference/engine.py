@@ -38,6 +38,8 @@ class Engine:
         """autocast_dtype: the compute dtype (None: measured per host - prefill in the faster of fp32
         and bf16 autocast, each decode GEMM in its fastest kernel; see `nanoseek.calibrate`).
         compile: the decode step's torch.compile policy (True / False / "auto", see runner/)."""
+        if compile not in (True, False, "auto"):
+            raise UserError(f"compile={compile!r}: use True, False or 'auto' (compile a batch size once it pays)")
         cfg = model.cfg
         self.model = model
         self.device = model.device
