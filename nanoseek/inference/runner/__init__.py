@@ -72,6 +72,7 @@ class DecodeRunner:
         self._checked: set[tuple[str, int]] = set()     # graphs whose guards passed since the last sync
         self._failed: set[tuple[str, int]] = set()
         self._eager_s: dict[tuple[str, int], float] = {}
+        self._expected_s: dict[tuple[str, int], float] = {}   # expected compile time, read from disk once
         self._spans: dict[int, torch.Tensor] = {}
         self.stats = {"compile_s": {}, "eager_steps": 0, "compiled_steps": 0, "syncs": 0}
         if compile:   # graphs per bucket (1, 2, 4, ... max_batch) and step kind, plus room for other runners
@@ -191,5 +192,9 @@ class DecodeRunner:
         return f"{kind}-compile|{c.hidden_size}x{c.num_hidden_layers}x{c.n_routed_experts}|{','.join(self.kinds)}|B{Bp}"
 
     def _expected_compile_s(self, kind: str, Bp: int) -> float:
-        hit = calibrate.lookup(self.device, self._compile_key(kind, Bp))
-        return float(hit) if hit is not None else COLD_COMPILE_S
+        """The last measured compile time of this graph on this host (COLD_COMPILE_S before the first),
+        looked up once: the eager steps that consult it are a hot path."""
+        if (kind, Bp) not in self._expected_s:
+            hit = calibrate.lookup(self.device, self._compile_key(kind, Bp))
+            self._expected_s[(kind, Bp)] = float(hit) if hit is not None else COLD_COMPILE_S
+        return self._expected_s[(kind, Bp)]
