@@ -148,16 +148,18 @@ def train_dtype(device: torch.device, hidden: int, tokens: int = 2048) -> torch.
     return best
 
 
-def remember(device: torch.device, key: str, measure, describe=None):
-    """The cached result for `key` on this host, or `measure()` (stored, and announced with
-    `describe(result)` when given). For measurements other modules own (the decode GEMM kernels)."""
+def remember(device: torch.device, key: str, measure) -> tuple[object, bool]:
+    """(the cached result for `key` on this host, False), or (`measure()`, True) after storing it. For
+    measurements other modules own (the decode GEMM kernels), which announce them themselves."""
     host = host_key(device)
     hit = _lookup(host, key)
     if hit is not None:
-        return hit
+        return hit, False
     value = measure()
     _store(host, key, value)
-    if describe is not None:
-        _say(f"{describe(value)} (measured once on {cpu_name() if device.type == 'cpu' else host}, "
-             f"cached in {cache_file()})")
-    return value
+    return value, True
+
+
+def announce(msg: str) -> None:
+    """One line on stderr for a choice measured now (later runs read it from the cache silently)."""
+    _say(f"{msg} (measured once on {cpu_name()}, cached in {cache_file()})")

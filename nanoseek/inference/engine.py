@@ -51,12 +51,11 @@ class Engine:
         self.cache = LatentCache(n_layers, max_batch, self.max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                                  cache_dtype or autocast_dtype or pdtype, self.device,
                                  compute_dtype=autocast_dtype or pdtype)
-        self.autocast_dtype = autocast_dtype or compute_dtype(self.device, None, cfg.hidden_size, 256)
-        if autocast_dtype is None and pdtype != torch.float32:
-            self.autocast_dtype = pdtype          # weights loaded in bf16/fp16 compute in that dtype
-        self.runner = DecodeRunner(model, self.cache, decode_dtypes(self.device, autocast_dtype or
-                                                                    (pdtype if pdtype != torch.float32 else None)),
-                                   compile=compile, max_batch=max_batch)
+        # an explicit compute dtype, or weights loaded in bf16/fp16, fix the precision; else it is measured
+        fixed = autocast_dtype or (pdtype if pdtype != torch.float32 else None)
+        self.autocast_dtype = fixed or compute_dtype(self.device, None, cfg.hidden_size, 256)
+        self.runner = DecodeRunner(model, self.cache, decode_dtypes(self.device, fixed), compile=compile,
+                                   max_batch=max_batch)
         self.eos_ids = set(stop_token_ids if stop_token_ids is not None else [cfg.eos_token_id])
         self.waiting: deque[Request] = deque()
         self.running: list[Sequence] = []

@@ -131,61 +131,68 @@ class DecodeRunner:
         return speculate(self.model, W, plan, self.cache, ids)
 
     def _run(self, kind: str, ids: list[int], lengths: list[int], Bp: int, T: int, force: bool = False):
-        """Run a step on B = len(lengths) rows of T tokens each (`ids` row-major), eagerly or compiled
-        (padded to Bp rows), per the compile policy."""
+        """Run a step on B = len(lengths) rows of T tokens each (`ids` row-major): compiled (padded to Bp
+        rows) when the compile policy says so and the graph builds, else eagerly."""
         if self.check_versions and self.weights.stale():
             self.sync_weights()
-        B = len(lengths)
         plan = self.plan(Bp * T, spec=kind == "spec")
         W = self.weights.tensors(Bp * T, plan)
-        fn = self._decode_step if kind == "decode" else self._spec_step
         key = (kind, Bp)
         if self._graphs and key not in self._failed and Bp <= self.max_batch and \
                 (force or self.compile is True or key in self._compiled or
                  self._eager_s.get(key, 0.0) >= self._expected_compile_s(kind, Bp)):
-            # rows B..Bp-1 are free cache slots: their dummy tokens land at positions 0.. and are
-            # overwritten by the next prefill that takes the slot. Dummies copy real rows' tokens so that
-            # they route like real tokens (identical dummies would all pick the same experts and
-            # overflow the capacity path)
-            padded = ids + (ids * (Bp // B))[: T * (Bp - B)]          # dummy row i copies row i % B
-            t_ids = torch.tensor(padded, device=self.device).view(Bp, T)
-            starts = torch.tensor(lengths + [0] * (Bp - B), device=self.device)
-            S = min(self.cache.max_len, (max(lengths) + T - 1 + SPAN_STEP) // SPAN_STEP * SPAN_STEP)
-            span = self._spans.get(S)
-            if span is None:     # the span is the length of an empty tensor, marked dynamic
-                span = self._spans[S] = torch.empty(S, device=self.device)
-                torch._dynamo.mark_dynamic(span, 0)
-            torch._dynamo.mark_static(t_ids, 0)
-            torch._dynamo.mark_static(starts, 0)
-            first = key not in self._compiled
-            # Dynamo checks ~100 guards per call (~0.1 ms, 7% of a batch-8 step). Once this bucket's graph
-            # passed them since the last sync, every input is the same kind of tensor (the runner makes them
-            # all), so only the guards that tell graphs apart are evaluated
-            stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=key in self._checked)
-            t = time.perf_counter()
-            try:
-                with torch.no_grad(), stance:
-                    out = self._graphs[kind](t_ids, starts, span, W, plan)
-            except Exception as e:          # a bucket torch cannot compile (limits, backend): run eagerly
-                warnings.warn(f"compiled {kind} step failed for batch {Bp} ({type(e).__name__}: "
-                              f"{str(e)[:200]}); running it eagerly")
-                self._failed.add(key)
-            else:
-                if first:
-                    self._compiled.add(key)
-                    took = round(time.perf_counter() - t, 2)
-                    self.stats["compile_s"][f"{kind}{Bp}"] = took
-                    calibrate.store(self.device, self._compile_key(kind, Bp), took)
-                self._checked.add(key)
-                self.stats["compiled_steps"] += 1
-                return tuple(o[:B] for o in out)
+            out = self._run_compiled(key, T, ids, lengths, W, plan)
+            if out is not None:
+                return out
         t = time.perf_counter()
+        fn = self._decode_step if kind == "decode" else self._spec_step
         with torch.no_grad():
-            out = fn(torch.tensor(ids, device=self.device).view(B, T), torch.tensor(lengths, device=self.device),
+            out = fn(torch.tensor(ids, device=self.device).view(-1, T), torch.tensor(lengths, device=self.device),
                      None, W, plan)
         self.stats["eager_steps"] += 1
         self._eager_s[key] = self._eager_s.get(key, 0.0) + time.perf_counter() - t
         return out
+
+    def _run_compiled(self, key: tuple[str, int], T: int, ids: list[int], lengths: list[int], W, plan):
+        """The compiled graph of bucket key = (kind, Bp), or None (with a warning) where it cannot build."""
+        kind, Bp = key
+        B = len(lengths)
+        # rows B..Bp-1 are free cache slots: their dummy tokens land at positions 0.. and are overwritten
+        # by the next prefill that takes the slot. Dummy row i copies row i % B, so that dummies route
+        # like real tokens (identical dummies would all pick the same experts and overflow the capacity path)
+        padded = ids + (ids * (Bp // B))[: T * (Bp - B)]
+        t_ids = torch.tensor(padded, device=self.device).view(Bp, T)
+        starts = torch.tensor(lengths + [0] * (Bp - B), device=self.device)
+        S = min(self.cache.max_len, (max(lengths) + T - 1 + SPAN_STEP) // SPAN_STEP * SPAN_STEP)
+        span = self._spans.get(S)
+        if span is None:     # the span is the length of an empty tensor, marked dynamic
+            span = self._spans[S] = torch.empty(S, device=self.device)
+            torch._dynamo.mark_dynamic(span, 0)
+        torch._dynamo.mark_static(t_ids, 0)
+        torch._dynamo.mark_static(starts, 0)
+        first = key not in self._compiled
+        # Dynamo checks ~100 guards per call (~0.1 ms, 7% of a batch-8 step). Once this bucket's graph
+        # passed them since the last sync, every input is the same kind of tensor (the runner makes them
+        # all), so only the guards that tell graphs apart are evaluated
+        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=key in self._checked)
+        t = time.perf_counter()
+        try:
+            with torch.no_grad(), stance:
+                out = self._graphs[kind](t_ids, starts, span, W, plan)
+        except Exception as e:          # a bucket torch cannot compile (limits, backend): run eagerly
+            warnings.warn(f"compiled {kind} step failed for batch {Bp} ({type(e).__name__}: {str(e)[:200]}); "
+                          "running it eagerly")
+            self._failed.add(key)
+            return None
+        if first:
+            self._compiled.add(key)
+            took = round(time.perf_counter() - t, 2)
+            self.stats["compile_s"][f"{kind}{Bp}"] = took
+            calibrate.store(self.device, self._compile_key(kind, Bp), took)
+            self._expected_s[key] = took
+        self._checked.add(key)
+        self.stats["compiled_steps"] += 1
+        return tuple(o[:B] for o in out)
 
     def _compile_key(self, kind: str, Bp: int) -> str:
         c = self.model.cfg

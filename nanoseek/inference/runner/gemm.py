@@ -107,9 +107,10 @@ def load_native() -> bool:
     return True
 
 
-def fastest(device: torch.device, rows: int, K: int, N: int, kinds: list[str]) -> str:
+def fastest(device: torch.device, rows: int, K: int, N: int, kinds: list[str], measured: list | None = None) -> str:
     """The fastest of `kinds` for a (rows x K) @ (K x N) product on this host: timed once on random
-    weights (the best of up to 10 calls each), then read from the calibration cache."""
+    weights (the best of up to 10 calls each), then read from the calibration cache. Shapes timed now
+    are appended to `measured`."""
     if len(kinds) == 1:
         return kinds[0]
 
@@ -123,4 +124,7 @@ def fastest(device: torch.device, rows: int, K: int, N: int, kinds: list[str]) -
             times[kind] = best_time(lambda: linear(x, w, packed, kind), budget_s=0.01, reps=10)
         return min(times, key=times.get)
 
-    return remember(device, f"gemm|{','.join(sorted(kinds))}|{rows}x{K}x{N}", measure)
+    kind, new = remember(device, f"gemm|{','.join(sorted(kinds))}|{rows}x{K}x{N}", measure)
+    if new and measured is not None:
+        measured.append((rows, K, N))
+    return kind

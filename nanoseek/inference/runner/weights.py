@@ -33,6 +33,7 @@ import torch
 from ...model import Transformer
 from ...model.layers import MLP
 from ...model.moe import MoE
+from ... import calibrate
 from . import gemm
 from .moe import capacity, choose_path
 
@@ -106,7 +107,7 @@ class DecodeWeights:
         capacity rows for the capacity path). So in mixed precision a request's tokens can depend on
         the batch it shares (as in other engines); with one dtype (--dtype float32) they do not,
         beyond fp32 rounding. `mtp`: also the MTP blocks (the speculative step)."""
-        plan, used = {}, ["head"]
+        plan, used, measured = {}, ["head"], []
         plain = [k for k in self.kinds if k not in gemm.PACKED]
         blocks = self.blocks if mtp else self.blocks[: len(self.model.layers)]
         if mtp:
@@ -128,7 +129,7 @@ class DecodeWeights:
             used += [f"moe{i}.shared_in", f"moe{i}.shared_out"] if moe.shared is not None else []
             E, F2, D = moe.experts.w13.shape
             proxy = 1 if path == "gather" else E * capacity(moe, rows)
-            kind = gemm.fastest(self.device, proxy, D, F2, plain)
+            kind = gemm.fastest(self.device, proxy, D, F2, plain, measured)
             plan[f"moe{i}.experts"] = kind
             if self.stacks.get((i, gemm.DTYPE[kind])) is None:
                 self.stacks[(i, gemm.DTYPE[kind])] = None
@@ -138,8 +139,13 @@ class DecodeWeights:
                 if g.shape is None:
                     g.shape = tuple(g.source().shape)
                 N, K = g.shape
-                g.kinds[rows] = g.only or gemm.fastest(self.device, rows, K, N, self.kinds)
+                g.kinds[rows] = g.only or gemm.fastest(self.device, rows, K, N, self.kinds, measured)
             plan[name] = g.kinds[rows]
+        if measured:
+            counts = {k: sum(1 for n in used if plan[n] == k) for k in dict.fromkeys(plan[n] for n in used)}
+            calibrate.announce(f"decode GEMM kernels for {rows}-row steps: " +
+                               ", ".join(f"{c} {k}" for k, c in counts.items()) +
+                               f" ({len(measured)} shapes timed)")
         self.sync(only_missing=True)
         return plan
 
@@ -191,7 +197,7 @@ class DecodeWeights:
                     continue
                 w32 = g.source().to(self.device)
                 for dt in dtypes:
-                    _store(g.weights, dt, w32, dt)
+                    g.weights[dt] = _cast(w32, dt)
                 for rows, kind in g.kinds.items():
                     if kind in gemm.PACKED:
                         g.packs[_pack_key(kind, rows)] = gemm.pack(g.weights[gemm.DTYPE[kind]], kind, max(rows, 1))
@@ -201,18 +207,6 @@ class DecodeWeights:
                     ex = blocks[i].ffn.experts
                     self.stacks[(i, dt)] = (_cast(ex.w13.detach(), dt), _cast(ex.w2.detach(), dt))
         self._key = key
-
-    def nbytes(self) -> int:
-        """Memory the derived tensors take (copies, packs and stacks; parameters themselves excluded)."""
-        params = {p.data_ptr() for p in self.model.parameters()}
-        seen, total = set(), 0
-        tensors = [t for pair in self.stacks.values() if pair for t in pair] + \
-            [t for g in self.gemms.values() for t in g.weights.values()]
-        for t in tensors:
-            if t.data_ptr() not in params and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        return total + sum(pk.numel() * pk.element_size() for g in self.gemms.values() for pk in g.packs.values())
 
 
 def _pack_key(kind: str, rows: int) -> tuple[str, int]:
@@ -224,10 +218,6 @@ def _cast(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     tensors are always assigned afresh, never written into: the step receives them as inputs on
     every call, so nothing holds on to the old ones."""
     return src if src.dtype == dtype and src.is_contiguous() else src.to(dtype).contiguous()
-
-
-def _store(d: dict, key, src: torch.Tensor, dtype: torch.dtype) -> None:
-    d[key] = _cast(src, dtype)
 
 
 # -------------------------------------------------------------------------------------------------
