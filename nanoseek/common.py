@@ -42,6 +42,20 @@ def autodetect_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def _requested_dtype(requested: str | torch.dtype | None) -> torch.dtype | None:
+    """An explicit dtype: the argument, else NANOSEEK_DTYPE (an invalid value names the variable)."""
+    if requested:
+        return parse_dtype(requested)
+    env = os.environ.get("NANOSEEK_DTYPE")
+    if not env:
+        return None
+    try:
+        return parse_dtype(env)
+    except UserError:
+        raise UserError(f"NANOSEEK_DTYPE={env!r}: choose float32, bfloat16 or float16, or unset it to use "
+                        "the dtype measured fastest on this host") from None
+
+
 def compute_dtype(device: torch.device, requested: str | torch.dtype | None = None, hidden: int = 256,
                   tokens: int = 2048) -> torch.dtype:
     """The dtype training and prefill matmuls run in (autocast). Master weights stay fp32 whatever this
@@ -49,9 +63,9 @@ def compute_dtype(device: torch.device, requested: str | torch.dtype | None = No
     support; on a CPU, whichever of fp32 and bf16 autocast runs an MLP block of this width faster
     here - measured once per host (`nanoseek.calibrate`), because the answer differs between CPUs
     (bf16 2.1x faster on one AMD EPYC, 0.75x on a Xeon without AMX)."""
-    requested = requested or os.environ.get("NANOSEEK_DTYPE")
-    if requested:
-        return parse_dtype(requested)
+    explicit = _requested_dtype(requested)
+    if explicit is not None:
+        return explicit
     from .calibrate import train_dtype
     return train_dtype(device, hidden, tokens)
 
@@ -60,9 +74,9 @@ def decode_dtypes(device: torch.device, requested: str | torch.dtype | None = No
     """The dtypes the inference runner may compute a decode step's GEMMs in, each GEMM taking the
     fastest one measured here: just the requested one when given (--dtype, NANOSEEK_DTYPE), else
     fp32 and bf16 on a CPU, bf16 on CUDA."""
-    requested = requested or os.environ.get("NANOSEEK_DTYPE")
-    if requested:
-        return (parse_dtype(requested),)
+    explicit = _requested_dtype(requested)
+    if explicit is not None:
+        return (explicit,)
     if device.type == "cuda":
         return (torch.bfloat16,) if torch.cuda.is_bf16_supported() else (torch.float32,)
     return (torch.float32, torch.bfloat16) if device.type == "cpu" else (torch.float32,)

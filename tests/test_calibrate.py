@@ -1,10 +1,11 @@
 """Host calibration (nanoseek/calibrate.py): measured once, cached per host, overridable."""
 import json
 
+import pytest
 import torch
 
 from nanoseek import calibrate
-from nanoseek.common import compute_dtype, decode_dtypes
+from nanoseek.common import UserError, compute_dtype, decode_dtypes
 
 CPU = torch.device("cpu")
 
@@ -32,6 +33,9 @@ def test_explicit_dtype_wins(tmp_path, monkeypatch):
     assert compute_dtype(CPU) == torch.bfloat16 and decode_dtypes(CPU) == (torch.bfloat16,)
     assert compute_dtype(CPU, "float32") == torch.float32 and decode_dtypes(CPU, "fp32") == (torch.float32,)
     assert not (tmp_path / "calibration.json").exists()           # nothing was measured
+    monkeypatch.setenv("NANOSEEK_DTYPE", "bf15")
+    with pytest.raises(UserError, match="NANOSEEK_DTYPE='bf15'"):
+        compute_dtype(CPU)
     monkeypatch.delenv("NANOSEEK_DTYPE")
     assert decode_dtypes(CPU) == (torch.float32, torch.bfloat16)
 
