@@ -119,14 +119,48 @@ def to_hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> di
     return out
 
 
+def fp8_eligible(hf_name: str, shape: tuple[int, ...]) -> bool:
+    """The tensors DeepSeek's FP8 release stores as e4m3: the linear weights of the decoder layers
+    (attention projections, dense/shared/routed FFNs); not the router, norms, embedding, head or the
+    MTP projection. Only whole 128x128 blocks: readers disagree on partial ones (DeepSeek's code and
+    ours pad the last block; transformers 5.23 derives the block size as rows // scale rows, which
+    silently misreads e.g. a 160-row weight as two 80-row blocks), so a weight with a dimension that
+    is not a multiple of 128 is written in high precision instead."""
+    return hf_name.startswith("model.layers.") and hf_name.endswith("_proj.weight") and \
+        not hf_name.endswith("eh_proj.weight") and len(shape) == 2 and shape[0] % 128 == 0 and shape[1] % 128 == 0
+
+
+FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                    "weight_block_size": [128, 128]}
+
+
+def to_fp8_state_dict(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """HF tensors -> DeepSeek's FP8 format: eligible weights as e4m3 with a `<name>_scale_inv` (fp32,
+    one per 128x128 block, dequant = block x scale), the rest in `dtype` (the release uses bf16)."""
+    from ..quant.fp8 import WEIGHT, quantize
+
+    out = {}
+    for name, t in tensors.items():
+        if fp8_eligible(name, tuple(t.shape)):
+            q = quantize(t, WEIGHT)
+            out[name], out[name + "_scale_inv"] = q.q, q.scale.contiguous()
+        else:
+            out[name] = t if not t.is_floating_point() or name.endswith("e_score_correction_bias") else t.to(dtype)
+    return out
+
+
 def save_pretrained(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int = 5 * 2**30, tokenizer=None) -> Path:
-    """Write config.json + safetensors (sharded with an index past `max_shard_bytes`)."""
+                    max_shard_bytes: int = 5 * 2**30, tokenizer=None, fp8: bool = False) -> Path:
+    """Write config.json + safetensors (sharded with an index past `max_shard_bytes`). `fp8`: in
+    DeepSeek's FP8 release format (block-quantized e4m3 linears, other tensors in `dtype` or bf16)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_state_dict(model, dtype)
+    if fp8:
+        dtype = dtype or torch.bfloat16
+        tensors = to_fp8_state_dict(tensors, dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -153,6 +187,8 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, dtype: torch.dt
     hf_cfg = model.cfg.to_hf_dict()
     if dtype is not None:
         hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if fp8:
+        hf_cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
     (path / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
     (path / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": model.cfg.bos_token_id, "eos_token_id": model.cfg.eos_token_id, "do_sample": False}) + "\n")

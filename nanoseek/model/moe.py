@@ -145,7 +145,11 @@ def dense_experts(x_TD, weights_TK, idx_TK, w13, w2):
     return torch.einsum("etd,te->td", y_ETD, dense_w)
 
 
-def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str):
+def _mm_t(a, w):
+    return torch.matmul(a, w.transpose(-1, -2))
+
+
+def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None):
     """Pairs sorted by expert, each expert's contiguous segment through its SwiGLU:
     "padded"  every segment zero-padded to the longest one: two batched matmuls, autograd through them
               and the index ops (exact: the padding is as long as the busiest expert needs). For
@@ -156,7 +160,10 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str):
               so the shapes must recur. Falls back to "loop" when padding would more than quadruple
               the work (a very unbalanced router).
     "grouped" torch._grouped_mm over the segments (no grad on CPU).
-    "loop"    one matmul pair per non-empty expert."""
+    "loop"    one matmul pair per non-empty expert.
+    `mm(a, w)` = a @ w^T (batched over experts in "padded") computes the expert GEMMs of "padded" and
+    "loop": a low-precision GEMM (nanoseek.quant.fp8) plugs in here from outside."""
+    mm = mm or _mm_t
     T, K = idx_TK.shape
     E = w13.shape[0]
     flat = idx_TK.flatten()
@@ -172,8 +179,8 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str):
         rank = torch.arange(T * K, device=flat.device) - (counts.cumsum(0) - counts)[flat[order]]
         slot = flat[order] * C + rank                                           # row of each pair in (E*C)
         buf = xs.new_zeros(E * C, xs.shape[1]).index_copy(0, slot, xs).view(E, C, -1)
-        gate, up = torch.bmm(buf, w13.transpose(1, 2)).chunk(2, dim=-1)
-        ys = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2)).reshape(E * C, -1).index_select(0, slot)
+        gate, up = mm(buf, w13).chunk(2, dim=-1)
+        ys = mm(F.silu(gate) * up, w2).reshape(E * C, -1).index_select(0, slot)
     elif impl == "grouped":
         offs = counts.cumsum(0).to(torch.int32)
         gate, up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
@@ -188,8 +195,8 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str):
         outs = []
         for e, x_e in enumerate(xs.split(sizes)):
             if sizes[e]:
-                gate, up = (x_e @ w13s[e].T).chunk(2, dim=-1)
-                outs.append((F.silu(gate) * up) @ w2s[e].T)
+                gate, up = mm(x_e, w13s[e]).chunk(2, dim=-1)
+                outs.append(mm(F.silu(gate) * up, w2s[e]))
         ys = torch.cat(outs) if outs else xs.new_zeros(0, x_TD.shape[1])
     ys = ys * weights_TK.flatten()[order].unsqueeze(1).to(ys.dtype)
     return torch.zeros_like(x_TD, dtype=ys.dtype).index_add_(0, token, ys)

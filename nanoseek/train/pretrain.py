@@ -82,7 +82,16 @@ class PretrainConfig:
     keep: int = field(default=2, metadata={"help": "checkpoints to keep"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
     max_bad_steps: int = field(default=5, metadata={"help": "stop after this many non-finite steps in a row"})
-    fp8: bool = field(default=False, metadata={"help": "FP8 training (not implemented yet)"})
+    fp8: bool = field(default=False, metadata={"help": "FP8 training: DeepSeek-V3's fine-grained recipe (1x128 "
+                                                       "activation tiles, 128x128 weight blocks) on every block "
+                                                       "linear and expert (nanoseek/quant/fp8.py)"})
+    fp8_scales: str = field(default="fp32", metadata={"help": "FP8 scale format: fp32, or ue8m0 (powers of two)",
+                                                       "choices": ["fp32", "ue8m0"]})
+    adam_moments: str = field(default="float32", metadata={"help": "AdamW moment storage (bfloat16 halves the "
+                                                                    "optimizer state, as in V3)",
+                                                            "choices": ["float32", "bfloat16"]})
+    save_fp8: bool = field(default=False, metadata={"help": "write OUT/final in DeepSeek's FP8 checkpoint format "
+                                                            "(e4m3 weights + 128x128 weight_scale_inv)"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = all cores)"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots at the end"})
 
@@ -202,12 +211,22 @@ def evaluate(model: Transformer, batches: list[torch.Tensor], device, dtype, doc
     return total / max(n, 1)
 
 
+def fp8_training(model: Transformer, scales: str = "fp32") -> None:
+    """Apply FP8 training to the model from outside (nanoseek/quant/fp8.py) and say what it did."""
+    from ..quant import fp8
+
+    recipe = fp8.Recipe(pow2_scales=scales == "ue8m0")
+    n = fp8.convert(model, recipe)
+    where = ("CUDA scaled_mm (blockwise, checked against the emulation on first use)"
+             if model.device.type == "cuda" else "exact emulation on this CPU (fp32 GEMMs on FP8 operands)")
+    print0(f"fp8: {n} modules (block linears, routed experts) run their three GEMMs on E4M3 operands, "
+           f"{scales} scales; embedding, head, router, norms and attention core stay high precision; {where}")
+
+
 # -------------------------------------------------------------------------------------------------
 # the loop
 
 def pretrain(cfg: PretrainConfig) -> dict:
-    if cfg.fp8:
-        raise UserError("--fp8: FP8 training is not implemented yet (it belongs to the FP8 issue); drop the flag")
     for name in ("max_steps", "batch_size", "seq_len", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
@@ -237,7 +256,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
                         f"{mcfg.max_position_embeddings}")
     dtype = compute_dtype(device, cfg.dtype, mcfg.hidden_size, cfg.batch_size * cfg.seq_len)
     model = Transformer(mcfg).init_weights(cfg.seed).to(device).train()
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    if cfg.fp8:
+        fp8_training(model, cfg.fp8_scales)
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, moments=cfg.adam_moments)
     loader = PackedLoader(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed, masks=train_masks)
     val_batches = fixed_batches(val_ids, cfg.batch_size, cfg.seq_len, cfg.val_batches,
                                 assistant_masks(tok, val_ids) if train_masks is not None else None)
@@ -264,7 +285,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                         out / "checkpoints", at, keep=cfg.keep)
 
     compiler = StepCompiler(model, cfg.compile, f"{mcfg.name}|{mcfg.hidden_size}x{mcfg.num_hidden_layers}|"
-                            f"{cfg.batch_size}x{cfg.seq_len}|{str(dtype).removeprefix('torch.')}|mtp{cfg.mtp_lambda > 0}")
+                            f"{cfg.batch_size}x{cfg.seq_len}|{str(dtype).removeprefix('torch.')}|mtp{cfg.mtp_lambda > 0}"
+                            f"{'|fp8' if cfg.fp8 else ''}")
     bad_in_a_row, skipped = 0, 0
     bar = progress(total=cfg.max_steps, initial=step, desc="pretrain")
     with metrics_path.open("a") as mf:
@@ -320,7 +342,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     bar.close()
     checkpoint(step)
     final = out / "final"
-    save_pretrained(model.eval(), final, tokenizer=tok)
+    save_pretrained(model.eval(), final, tokenizer=tok, fp8=cfg.save_fp8)
     records = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
     summary = {"steps": step, "final_loss": records[-1].get("loss") if records else None,
                "first_loss": records[0].get("loss") if records else None,

@@ -1,0 +1,356 @@
+"""DeepSeek-V3's fine-grained FP8, from quantization to a training linear (V3 report sec. 3.3).
+
+FP8 in one page
+---------------
+E4M3 (`torch.float8_e4m3fn`) keeps 4 significant bits and a range of +-448. A tensor goes to FP8 in
+groups that share one fp32 scale:
+
+    scale = max(amax(group), 1e-4) / 448          (optionally rounded up to a power of two: "UE8M0")
+    q     = e4m3(clamp(x / scale, -448, 448))     round to nearest even
+    x^    = q * scale                             what the GEMM effectively multiplies
+
+The smaller the group, the less one outlier costs its neighbours. V3's groups:
+
+    activations, and activation gradients   1 x 128   per token, per 128 channels ("tiles")
+    weights                                 128 x 128 ("blocks"), so W and W^T share one quantization
+    the weight-gradient GEMM's inputs       128 x 1   it contracts over tokens, and a scale group must
+                                                      not straddle the contraction: the saved 1x128
+                                                      activation is dequantized and re-tiled 128x1
+
+so a linear y = x W^T runs its three GEMMs on FP8 operands, all E4M3:
+
+    fprop   y  = x^(1x128)  . W^(128x128)^T
+    dgrad   dx = dy^(1x128) . W^(128x128)           (the same quantized W, transposed)
+    wgrad   dW = dy^(128x1)^T . x^(128x1)           fp32 result (master weights and grads stay fp32)
+
+A GEMM over quantized operands is sum_b s_a[m,b] s_b[n,b] sum_{k in block b} q_a[m,k] q_b[n,k]: the
+scales apply per 128-wide slice of K, which is why Hopper kernels "promote" the tensor cores' partial
+sums to fp32 every 128 elements of K. Tails (dimensions not divisible by 128) are padded with zeros
+inside the group computation; they never change a result.
+
+Backends (`Recipe.backend`):
+  emulate    exact emulation on any device: dequantize the FP8 operands to fp32 and multiply in fp32
+             (fp32 accumulation throughout - at least as precise as promotion every 128). CPU runs
+             and every test use it; it defines the numerics the CUDA kernels are checked against.
+  blockwise  CUDA sm90: `F.scaled_mm` with `BlockWise1x128` / `BlockWise128x128` scales (DeepSeek's
+             recipe in cuBLAS).
+  rowwise    CUDA sm89+: `torch._scaled_mm` with one scale per row: the fine-grained operands are
+             re-quantized per row (a coarser recipe, named in the log when it is used).
+  auto       blockwise, else rowwise, else emulate. The first use of a CUDA kernel for each operand
+             layout is checked against the emulation on the real operands; a kernel that fails or
+             disagrees is not used again in this process (one warning says which and why).
+
+What stays in high precision (as in V3): embedding, output head, router, norms, the attention core
+(softmax(QK^T)V) and the MTP module's projection; `convert()` applies FP8 to every other linear of
+the transformer blocks (attention projections, dense and shared FFNs, routed experts) from outside
+the model, keeping the parameters (fp32 masters) and the state-dict names unchanged.
+
+Not modelled: the E5M6 cache of the attention-output activation and FP8 MoE dispatch (both are
+memory / communication formats for multi-GPU training).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.moe import Experts, sorted_experts
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+AMAX_FLOOR = 1e-4
+TILE = 128
+ACT = (1, TILE)           # activations and activation gradients
+WEIGHT = (TILE, TILE)     # weights
+COL = (TILE, 1)           # the weight-gradient GEMM's operands (contraction over tokens)
+BACKENDS = ("auto", "emulate", "blockwise", "rowwise")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    pow2_scales: bool = False      # UE8M0: scales rounded up to powers of two (V3.1-style)
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"FP8 backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+class QTensor(NamedTuple):
+    """q (..., R, C) e4m3 and scale (..., ceil(R/br), ceil(C/bc)) fp32 for groups of `block` = (br, bc)."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    block: tuple[int, int]
+
+    @property
+    def T(self) -> "QTensor":
+        """The transpose: the same numbers, groups transposed with it."""
+        return QTensor(self.q.transpose(-1, -2), self.scale.transpose(-1, -2), self.block[::-1])
+
+
+def _grid(R: int, C: int, block: tuple[int, int]) -> tuple[int, int]:
+    return -(-R // block[0]), -(-C // block[1])
+
+
+def quantize(x: torch.Tensor, block: tuple[int, int], pow2: bool = False) -> QTensor:
+    """x (..., R, C) -> E4M3 with one fp32 scale per `block` of the last two dims."""
+    *lead, R, C = x.shape
+    br, bc = block
+    nr, nc = _grid(R, C, block)
+    xf = x.float()
+    padded = (nr * br, nc * bc) != (R, C)
+    if padded:
+        xf = F.pad(xf, (0, nc * bc - C, 0, nr * br - R))
+    groups = xf.reshape(*lead, nr, br, nc, bc)
+    scale = groups.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR) / E4M3_MAX           # (..., nr, nc)
+    if pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (groups / scale[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    q = q.reshape(*lead, nr * br, nc * bc)
+    if padded:
+        q = q[..., :R, :C].contiguous()
+    return QTensor(q, scale, block)
+
+
+def dequantize(t: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The values the FP8 operand stands for: q * its group's scale."""
+    q, scale, (br, bc) = t
+    *lead, R, C = q.shape
+    nr, nc = scale.shape[-2:]
+    xf = q.float()
+    padded = (nr * br, nc * bc) != (R, C)
+    if padded:
+        xf = F.pad(xf, (0, nc * bc - C, 0, nr * br - R))
+    x = (xf.reshape(*lead, nr, br, nc, bc) * scale[..., :, None, :, None]).reshape(*lead, nr * br, nc * bc)
+    return (x[..., :R, :C] if padded else x).to(dtype)
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's test metric 1 - 2<x,y> / (|x|^2 + |y|^2): 0 for equal tensors, ~7e-4 for plain FP8 noise."""
+    x, y = x.detach().double(), y.detach().double()
+    denom = (x * x + y * y).sum()
+    return float(1 - 2 * (x * y).sum() / denom) if denom > 0 else 0.0
+
+
+# -------------------------------------------------------------------------------------------------
+# GEMMs over quantized operands: a (..., M, K) x b (..., N, K) -> (..., M, N)
+
+def matmul(a: QTensor, b: QTensor, out_dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
+    """sum over K of a^[m,k] b^[n,k], each operand with its own groups along K."""
+    if a.q.device.type == "cuda" and backend != "emulate":
+        y = _cuda_matmul(a, b, out_dtype, backend)
+        if y is not None:
+            return y
+    return emulated_matmul(a, b, out_dtype)
+
+
+def emulated_matmul(a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
+    return torch.matmul(dequantize(a), dequantize(b).transpose(-1, -2)).to(out_dtype)
+
+
+# Which CUDA kernels passed their first-use check in this process, per (device, kernel, operand
+# groups): a record of what the hardware and this torch build can do, like torch's own backend flags.
+_CUDA_OK: dict[tuple, bool] = {}
+
+
+def _cuda_matmul(a: QTensor, b: QTensor, out_dtype, backend: str) -> torch.Tensor | None:
+    kinds = ["blockwise", "rowwise"] if backend == "auto" else [backend]
+    for kind in kinds:
+        key = (a.q.device.index, kind, a.block, b.block)
+        if _CUDA_OK.get(key) is False:
+            continue
+        try:
+            y = _batched(_KERNELS[kind], a, b, out_dtype)
+        except Exception as e:                  # unsupported layout / GPU: fall back, once, loudly
+            _CUDA_OK[key] = False
+            warnings.warn(f"nanoseek fp8: {kind} scaled_mm unavailable for {a.block}x{b.block} operands "
+                          f"({type(e).__name__}: {str(e)[:160]}); falling back", stacklevel=3)
+            continue
+        if key not in _CUDA_OK:
+            ref = emulated_matmul(a, b, torch.float32)
+            # the kernels see the same FP8 operands: only accumulation order differs (rowwise re-quantizes)
+            tol = 1e-5 if kind == "blockwise" else 5e-3
+            diff = calc_diff(y.float(), ref)
+            _CUDA_OK[key] = diff < tol
+            if not _CUDA_OK[key]:
+                warnings.warn(f"nanoseek fp8: {kind} scaled_mm disagrees with the emulation for {a.block}x"
+                              f"{b.block} operands (calc_diff {diff:.2e}); not using it", stacklevel=3)
+                continue
+            if kind != "blockwise":
+                warnings.warn(f"nanoseek fp8: using the {kind} recipe for {a.block}x{b.block} GEMMs "
+                              "(blockwise is unavailable here)", stacklevel=3)
+        return y
+    return None
+
+
+def _batched(kernel, a: QTensor, b: QTensor, out_dtype) -> torch.Tensor:
+    if a.q.dim() == 2 and b.q.dim() == 2:
+        return kernel(a, b, out_dtype)
+    lead = torch.broadcast_shapes(a.q.shape[:-2], b.q.shape[:-2])
+    A = [QTensor(q, s, a.block) for q, s in zip(a.q.expand(*lead, *a.q.shape[-2:]).reshape(-1, *a.q.shape[-2:]),
+                                               a.scale.expand(*lead, *a.scale.shape[-2:]).reshape(-1, *a.scale.shape[-2:]))]
+    B = [QTensor(q, s, b.block) for q, s in zip(b.q.expand(*lead, *b.q.shape[-2:]).reshape(-1, *b.q.shape[-2:]),
+                                               b.scale.expand(*lead, *b.scale.shape[-2:]).reshape(-1, *b.scale.shape[-2:]))]
+    return torch.stack([kernel(x, w, out_dtype) for x, w in zip(A, B)]).view(*lead, a.q.shape[-2], b.q.shape[-2])
+
+
+def _pad_q(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Zero-pad an FP8 matrix (bit pattern 0 is +0.0) to (rows, cols), contiguous."""
+    R, C = q.shape
+    if (R, C) == (rows, cols):
+        return q.contiguous()
+    return F.pad(q.contiguous().view(torch.uint8), (0, cols - C, 0, rows - R)).view(E4M3)
+
+
+def _round(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _blockwise(a: QTensor, b: QTensor, out_dtype) -> torch.Tensor:
+    """cuBLAS's DeepSeek recipe: a in 1x128 tiles, b in 128x128 blocks or 1x128 tiles, scales MN-major."""
+    st = F.ScalingType
+    if a.block != ACT or b.block not in (ACT, WEIGHT):
+        raise NotImplementedError(f"operand groups {a.block} x {b.block}")
+    M, K = a.q.shape
+    N = b.q.shape[0]
+    Mp, Kp = _round(M, 16), _round(K, TILE)
+    Np = _round(N, TILE if b.block == WEIGHT else 16)
+    sa = F.pad(a.scale, (0, Kp // TILE - a.scale.shape[1], 0, Mp - M), value=1.0)
+    sb = F.pad(b.scale, (0, Kp // TILE - b.scale.shape[1], 0, Np // b.block[0] - b.scale.shape[0]), value=1.0)
+    y = F.scaled_mm(_pad_q(a.q, Mp, Kp), _pad_q(b.q, Np, Kp).t(),
+                    sa.t().contiguous().t(), st.BlockWise1x128,
+                    sb.t().contiguous().t(), st.BlockWise128x128 if b.block == WEIGHT else st.BlockWise1x128,
+                    swizzle_a=F.SwizzleType.NO_SWIZZLE, swizzle_b=F.SwizzleType.NO_SWIZZLE, output_dtype=out_dtype)
+    return y[:M, :N]
+
+
+def _rowwise(a: QTensor, b: QTensor, out_dtype) -> torch.Tensor:
+    """One scale per row of a and per row of b (torch._scaled_mm's rowwise kernel)."""
+    M, K = a.q.shape
+    N = b.q.shape[0]
+    Kp, Np = _round(K, 16), _round(N, 16)
+    ra = quantize(F.pad(dequantize(a), (0, Kp - K)), (1, Kp))
+    rb = quantize(F.pad(dequantize(b), (0, Kp - K, 0, Np - N)), (1, Kp))
+    y = torch._scaled_mm(ra.q, rb.q.t(), scale_a=ra.scale.contiguous(), scale_b=rb.scale.t().contiguous(),
+                         out_dtype=out_dtype)
+    return y[:, :N]
+
+
+_KERNELS = {"blockwise": _blockwise, "rowwise": _rowwise}
+
+
+# -------------------------------------------------------------------------------------------------
+# the training GEMM: y = x @ w^T with all three GEMMs on FP8 operands
+
+class _FP8Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, recipe: Recipe, out_dtype: torch.dtype):
+        xq = quantize(x, ACT, recipe.pow2_scales)
+        wq = quantize(w, WEIGHT, recipe.pow2_scales)
+        ctx.save_for_backward(xq.q, xq.scale, wq.q, wq.scale)    # FP8 activations for backward
+        ctx.recipe, ctx.dtypes, ctx.x_lead = recipe, (x.dtype, w.dtype), x.shape[:-2]
+        return matmul(xq, wq, out_dtype, recipe.backend)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xq, xs, wq, ws = ctx.saved_tensors
+        r = ctx.recipe
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = matmul(quantize(dy, ACT, r.pow2_scales), QTensor(wq, ws, WEIGHT).T, ctx.dtypes[0], r.backend)
+        if ctx.needs_input_grad[1]:
+            x_cols = quantize(dequantize(QTensor(xq, xs, ACT)), COL, r.pow2_scales)     # 1x128 -> 128x1
+            dy_cols = quantize(dy, COL, r.pow2_scales)
+            dw = matmul(dy_cols.T, x_cols.T, torch.float32, r.backend)                   # (..., N, K)
+            if wq.dim() == 2 and dw.dim() > 2:
+                dw = dw.sum(dim=tuple(range(dw.dim() - 2)))
+            dw = dw.to(ctx.dtypes[1])
+        return dx, dw, None, None
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def fp8_matmul(x: torch.Tensor, w: torch.Tensor, recipe: Recipe = Recipe()) -> torch.Tensor:
+    """x (..., M, K) @ w(..., N, K)^T on FP8 operands (fprop, dgrad, wgrad). The output takes the
+    autocast dtype when autocast is on, else x's dtype."""
+    return _FP8Matmul.apply(x, w, recipe, _out_dtype(x))
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, recipe: Recipe = Recipe()) -> torch.Tensor:
+    """F.linear(x, w) (no bias) with x (..., K), w (N, K), on FP8 operands."""
+    y = fp8_matmul(x.reshape(-1, x.shape[-1]), w, recipe)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+# -------------------------------------------------------------------------------------------------
+# applying it to a model from outside
+
+class FP8Linear(nn.Linear):
+    """An nn.Linear whose GEMMs run on FP8 operands. Same parameters (fp32 masters), same names."""
+    recipe: Recipe
+
+    @classmethod
+    def wrap(cls, lin: nn.Linear, recipe: Recipe) -> "FP8Linear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = lin.in_features, lin.out_features
+        new.weight, new.bias = lin.weight, lin.bias
+        new.recipe = recipe
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_linear(x, self.weight, self.recipe)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fp8={self.recipe}"
+
+
+class FP8Experts(Experts):
+    """Routed experts whose grouped GEMMs run on FP8 operands (the sorted, padded per-expert layout;
+    FP8 groups never cross an expert, as in DeepGEMM's contiguous layout)."""
+    recipe: Recipe
+
+    @classmethod
+    def wrap(cls, experts: Experts, recipe: Recipe) -> "FP8Experts":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.w13, new.w2 = experts.w13, experts.w2
+        new.recipe = recipe
+        return new
+
+    def forward(self, x_TD, weights_TK, idx_TK, impl: str):
+        mm = functools.partial(fp8_matmul, recipe=self.recipe)
+        return sorted_experts(x_TD, weights_TK, idx_TK, self.w13, self.w2, "padded", mm=mm)
+
+
+def convert(model: nn.Module, recipe: Recipe | None = None) -> int:
+    """Swap the eligible linears and routed experts of every transformer block (main and MTP) for FP8
+    ones, in place, sharing their parameters; returns how many modules were converted (0 on a model
+    converted already). The embedding, output head, router, norms, the attention core and the MTP
+    projection are left alone."""
+    recipe = recipe or Recipe()
+    blocks = list(model.layers) + [m.block for m in getattr(model, "mtp", [])]
+    n = 0
+    for block in blocks:
+        for parent in block.modules():
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, FP8Linear.wrap(child, recipe))
+                    n += 1
+                elif type(child) is Experts:
+                    setattr(parent, name, FP8Experts.wrap(child, recipe))
+                    n += 1
+    return n
+
+
+def is_fp8(model: nn.Module) -> bool:
+    return any(isinstance(m, (FP8Linear, FP8Experts)) for m in model.modules())
