@@ -243,3 +243,49 @@ def test_bf16_adam_moments_match_adamw():
     assert (p16 - pt).abs().max() < 1e-3 and low.state[p16]["exp_avg"].dtype == torch.bfloat16
     with pytest.raises(nanoseek.common.UserError, match="adam-moments"):
         build_optimizer(torch.nn.Linear(2, 2), 1e-3, moments="fp8")
+
+
+def test_weight_only_fp8_inference_halves_weight_memory_and_tracks_bf16(tmp_path):
+    from nanoseek.common import UserError
+    from nanoseek.inference.llm import LLM
+    from nanoseek.inference.sampling import SamplingParams
+    cfg = random_cfg(initializer_range=0.02, hidden_size=128, moe_intermediate_size=64, intermediate_size=256,
+                     vocab_size=64)
+    prompts = [{"prompt_token_ids": [1, 5, 7, 9][: 2 + i % 3]} for i in range(6)]
+    sp = SamplingParams(temperature=0, max_tokens=6, logprobs=0)
+    mem, outs, llms = {}, {}, {}
+    for w in (None, "fp8"):
+        model = Transformer(cfg).init_weights(0).eval().to(torch.bfloat16)
+        llm = llms[w] = LLM(model, compile=False, weights=w)
+        outs[w] = llm.generate(prompts, sp)
+        mem[w] = fp8.weight_bytes(model) + llm.engine.runner.weights.derived_bytes()
+    assert mem["fp8"] < 0.6 * mem[None], mem          # e4m3 + scales; embedding, head, router, norms stay bf16
+    fp8_model = llms["fp8"].model
+    assert any(isinstance(m, fp8.FP8WeightLinear) for m in fp8_model.modules())
+    assert fp8_model.head.weight.dtype == torch.bfloat16 and type(fp8_model.layers[1].ffn.gate).__name__ == "Gate"
+    # the decode step (folded, fused fp8 weights) follows the quantized model's own forward
+    for a, b in zip(outs[None], outs["fp8"]):
+        lp_a, lp_b = torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs)
+        assert a.outputs[0].token_ids[0] == b.outputs[0].token_ids[0]
+        assert (lp_a[:1] - lp_b[:1]).abs().max() < 0.1          # measured 0.05 nats
+    # the state dict still reads as ordinary weights: such a model saves and reloads
+    nanoseek.save_pretrained(fp8_model, tmp_path / "m")
+    back = nanoseek.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(back.layers[0].attn.wo.weight.bfloat16(), fp8_model.layers[0].attn.wo.weight)
+    with pytest.raises(UserError, match="weights"):
+        LLM(Transformer(cfg).init_weights(0), weights="int4")
+
+
+def test_weight_only_fp8_runner_step_equals_the_quantized_model():
+    from nanoseek.inference.engine import Engine
+    cfg = random_cfg(initializer_range=0.02)
+    model = Transformer(cfg).init_weights(0).eval()
+    fp8.quantize_weights(model)
+    eng = Engine(model, compile=False, weights="fp8", max_batch=4, autocast_dtype=torch.bfloat16)
+    ids = torch.tensor([[1, 4, 9, 16, 25]] * 4)
+    eng.cache.begin(torch.zeros(4, dtype=torch.long), 4, 0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.hidden(ids[:, :4], eng.cache.positions, eng.cache)
+        want = model.logits(model.hidden(ids, None)[:, -1]).float()
+    logits = eng.runner.decode(ids[:, 4].tolist(), [4] * 4)[0]
+    assert fp8.calc_diff(logits, want) < 2e-3, fp8.calc_diff(logits, want)

@@ -73,6 +73,19 @@ def test_grpo_trains_an_hf_causal_lm(base, tmp_path):
     assert "accuracy_after" in s
 
 
+def test_grpo_and_sft_with_fp8(base, tmp_path):
+    from nanoseek.train.grpo import grpo
+    from nanoseek.train.sft import main
+    s = grpo(small_grpo(base, tmp_path / "grpo", fp8=True, fp8_scales="ue8m0", dynamic_sampling=False))
+    assert "accuracy_after" in s and (tmp_path / "grpo" / "final" / "config.json").exists()
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2=?"},
+                                             {"role": "assistant", "content": "<answer>4</answer>"}]}) + "\n")
+    main(["--data", str(data), "--model", str(base), "--out", str(tmp_path / "sft"), "--epochs", "2",
+          "--batch-size", "1", "--fp8"])
+    assert (tmp_path / "sft" / "final" / "config.json").exists()
+
+
 def test_grpo_bad_flags(base, tmp_path):
     from nanoseek.train.grpo import grpo
     with pytest.raises(UserError, match="group-size"):

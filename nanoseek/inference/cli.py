@@ -54,6 +54,7 @@ def _add_flags(ap: argparse.ArgumentParser, temperature: float, top_p: float, ma
     ap.add_argument("--max-len", type=int, default=None, help="context length (default: min(2048, the model's))")
     ap.add_argument("--dtype", default=None, help="weight dtype: float32, bfloat16, float16 (default: as saved)")
     ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    ap.add_argument("--weights", default=None, choices=["fp8"], help="fp8: weight-only FP8 (e4m3 + block scales)")
     ap.add_argument("--no-compile", action="store_true", help="never torch.compile the decode step (default: "
                     "compile a batch size once decoding it has taken as long as compiling it would)")
 
@@ -64,7 +65,7 @@ def _load(args):
     params = SamplingParams(n=getattr(args, "n", 1), temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
     return load_llm(args.model_dir, max_len=args.max_len, dtype=args.dtype, device=args.device,
-                    compile=False if args.no_compile else "auto"), params
+                    compile=False if args.no_compile else "auto", weights=args.weights), params
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,11 +43,16 @@ class LLM:
     def __init__(self, model: str | Transformer, tokenizer=None, dtype: str | torch.dtype | None = None,
                  device: str | None = None, max_batch: int = 64, max_len: int | None = None,
                  kv_cache_dtype: str | None = None, speculative: bool = False, seed: int = 0,
-                 autocast_dtype: str | torch.dtype | None = None, compile: bool | str = "auto"):
+                 autocast_dtype: str | torch.dtype | None = None, compile: bool | str = "auto",
+                 weights: str | None = None):
         """dtype: the weights' dtype (default: as saved). autocast_dtype: the compute dtype (default:
         measured per host, see `nanoseek.calibrate`). compile: the decode step's torch.compile policy -
         "auto" (compile a batch size once decoding it eagerly has taken as long as compiling it is
-        expected to), True (on first use; `llm.engine.runner.warmup()` compiles up front) or False."""
+        expected to), True (on first use; `llm.engine.runner.warmup()` compiles up front) or False.
+        weights: None (as loaded) or "fp8": the block linears and experts held as e4m3 + 128x128 block
+        scales (half the memory of bf16), dequantized per GEMM."""
+        if weights not in (None, "fp8"):
+            raise UserError(f"weights={weights!r}: use None (as loaded) or 'fp8' (weight-only FP8)")
         if isinstance(model, Transformer):
             self.model = model
         else:
@@ -63,13 +68,16 @@ class LLM:
                 except ValueError as e:
                     raise UserError(f"{model}: tokenizer files are invalid: {e}") from None
         self.tokenizer = tokenizer
+        if weights == "fp8":
+            from ..quant.fp8 import quantize_weights
+            quantize_weights(self.model)
         cache_dtype = {"fp8": torch.float8_e4m3fn, "auto": None, None: None}.get(kv_cache_dtype, None)
         if kv_cache_dtype not in ("fp8", "auto", None):
             cache_dtype = parse_dtype(kv_cache_dtype)
         eos = [self.model.cfg.eos_token_id]
         self.engine = Engine(self.model, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype,
                              autocast_dtype=parse_dtype(autocast_dtype), speculative=speculative, seed=seed,
-                             stop_token_ids=eos, compile=compile)
+                             stop_token_ids=eos, compile=compile, weights=weights)
 
     # ---------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt) -> tuple[str | None, list[int]]:

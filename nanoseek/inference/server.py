@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
                     "on a machine ~20 s each on 2 CPU cores, seconds once torch has cached them)")
     ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)   # the default now; kept for old scripts
     ap.add_argument("--dtype", default=None, help="weight dtype: float32, bfloat16, float16 (default: as saved)")
+    ap.add_argument("--weights", default=None, choices=["fp8"], help="fp8: hold the block linears and experts as "
+                    "e4m3 + 128x128 block scales (half the memory of bf16; decode runs eagerly)")
     ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = ap.parse_args(argv)
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     from .cli import load_llm                 # cli imports this module's streaming pieces
     llm = load_llm(args.model_dir, need_tokenizer=False, max_batch=args.max_batch, max_len=args.max_len,
                    kv_cache_dtype=args.kv_cache_dtype, speculative=args.speculative, dtype=args.dtype,
-                   device=args.device, compile=False if args.no_compile else "auto")
+                   device=args.device, compile=False if args.no_compile else "auto", weights=args.weights)
     if not args.no_compile:             # as vLLM captures its graphs: every batch bucket, before serving (CPU)
         llm.engine.runner.warmup()
         if llm.engine.speculative:

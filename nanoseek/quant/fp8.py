@@ -354,3 +354,108 @@ def convert(model: nn.Module, recipe: Recipe | None = None) -> int:
 
 def is_fp8(model: nn.Module) -> bool:
     return any(isinstance(m, (FP8Linear, FP8Experts)) for m in model.modules())
+
+
+SCALE_FORMATS = ("fp32", "ue8m0")
+
+
+def enable_training(model: nn.Module, scales: str = "fp32") -> int:
+    """`--fp8` of the trainers: convert a nanoseek model and say once what runs in FP8 and how."""
+    from ..common import UserError, print0
+
+    if scales not in SCALE_FORMATS:
+        raise UserError(f"--fp8-scales {scales!r}: choose one of {', '.join(SCALE_FORMATS)}")
+    if not hasattr(model, "layers") or not hasattr(model, "moe_layers"):
+        raise UserError("--fp8 applies DeepSeek's FP8 recipe to nanoseek (DeepSeek-V3-format) models; this model "
+                        f"is a {type(model).__name__}. Drop --fp8 or convert the model first")
+    n = convert(model, Recipe(pow2_scales=scales == "ue8m0"))
+    dev = next(model.parameters()).device
+    where = ("CUDA scaled_mm (blockwise, checked against the emulation on first use)" if dev.type == "cuda"
+             else "exact emulation on this CPU (fp32 GEMMs on the FP8 operands; numerics, not speed)")
+    print0(f"fp8: {n} modules (block linears, routed experts) run fprop, dgrad and wgrad on E4M3 operands with "
+           f"{scales} scales; embedding, head, router, norms and attention core stay high precision; {where}")
+    return n
+
+
+# -------------------------------------------------------------------------------------------------
+# weight-only FP8 for inference: weights held as e4m3 + 128x128 block scales (half of bf16)
+
+class FP8WeightLinear(nn.Module):
+    """A bias-free linear whose weight lives in memory as e4m3 + block scales. `weight` dequantizes on
+    read (code that reads a linear's weight keeps working); the forward dequantizes per GEMM into the
+    input's dtype. state_dict() gives the dequantized weight under the usual name."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        q = quantize(weight.detach(), WEIGHT)
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        self.register_buffer("weight_q", q.q, persistent=False)
+        self.register_buffer("weight_scale", q.scale, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize(QTensor(self.weight_q, self.weight_scale, WEIGHT), self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = _out_dtype(x)
+        return F.linear(x.to(dt), dequantize(QTensor(self.weight_q, self.weight_scale, WEIGHT), dt))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=fp8"
+
+
+class FP8WeightExperts(Experts):
+    """Routed experts stored as e4m3 stacks with per-expert 128x128 block scales."""
+
+    def __init__(self, experts: Experts):
+        nn.Module.__init__(self)
+        for name in ("w13", "w2"):
+            w = getattr(experts, name).detach()
+            q = quantize(w, WEIGHT)
+            self.register_buffer(name + "_q", q.q, persistent=False)
+            self.register_buffer(name + "_scale", q.scale, persistent=False)
+        self.dtype = experts.w13.dtype
+
+    @property
+    def w13(self) -> torch.Tensor:
+        return dequantize(QTensor(self.w13_q, self.w13_scale, WEIGHT), self.dtype)
+
+    @property
+    def w2(self) -> torch.Tensor:
+        return dequantize(QTensor(self.w2_q, self.w2_scale, WEIGHT), self.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "w13"], destination[prefix + "w2"] = self.w13, self.w2
+
+
+@torch.no_grad()
+def quantize_weights(model: nn.Module) -> int:
+    """Weight-only FP8 for inference, in place: the linears and routed experts of every block (main and
+    MTP) are held as e4m3 + 128x128 block scales, as DeepSeek's FP8 checkpoints store them; embedding,
+    head, router, norms and the MTP projection keep their dtype. Returns the modules converted."""
+    blocks = list(model.layers) + [m.block for m in getattr(model, "mtp", [])]
+    n = 0
+    for block in blocks:
+        for parent in block.modules():
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and child.bias is None:
+                    setattr(parent, name, FP8WeightLinear(child.weight))
+                    n += 1
+                elif isinstance(child, Experts) and not isinstance(child, FP8WeightExperts):
+                    setattr(parent, name, FP8WeightExperts(child))
+                    n += 1
+    return n
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each tensor counted once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total

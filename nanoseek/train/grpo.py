@@ -78,6 +78,9 @@ class GRPOConfig:
                                                             "it would), on, off", "choices": ["auto", "on", "off"]})
     max_batch: int = field(default=256, metadata={"help": "engine batch slots"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = all)"})
+    fp8: bool = field(default=False, metadata={"help": "FP8 policy updates (DeepSeek-V3's fine-grained recipe; "
+                                                       "rollouts decode in high precision)"})
+    fp8_scales: str = field(default="fp32", metadata={"help": "FP8 scale format", "choices": ["fp32", "ue8m0"]})
     save_final: bool = field(default=True, metadata={"help": "write OUT/final (HF format)"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots"})
 
@@ -186,6 +189,9 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
         policy, model, tok = load_policy(cfg, device)
     model = policy.model
     model.eval()
+    if cfg.fp8:
+        from ..quant.fp8 import enable_training
+        enable_training(model, cfg.fp8_scales)
     hidden = getattr(getattr(model, "cfg", None), "hidden_size", None) or model.config.hidden_size
     dtype = compute_dtype(device, cfg.dtype, hidden, cfg.prompts_per_step * cfg.group_size * cfg.max_new_tokens)
     try:

@@ -211,18 +211,6 @@ def evaluate(model: Transformer, batches: list[torch.Tensor], device, dtype, doc
     return total / max(n, 1)
 
 
-def fp8_training(model: Transformer, scales: str = "fp32") -> None:
-    """Apply FP8 training to the model from outside (nanoseek/quant/fp8.py) and say what it did."""
-    from ..quant import fp8
-
-    recipe = fp8.Recipe(pow2_scales=scales == "ue8m0")
-    n = fp8.convert(model, recipe)
-    where = ("CUDA scaled_mm (blockwise, checked against the emulation on first use)"
-             if model.device.type == "cuda" else "exact emulation on this CPU (fp32 GEMMs on FP8 operands)")
-    print0(f"fp8: {n} modules (block linears, routed experts) run their three GEMMs on E4M3 operands, "
-           f"{scales} scales; embedding, head, router, norms and attention core stay high precision; {where}")
-
-
 # -------------------------------------------------------------------------------------------------
 # the loop
 
@@ -257,7 +245,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     dtype = compute_dtype(device, cfg.dtype, mcfg.hidden_size, cfg.batch_size * cfg.seq_len)
     model = Transformer(mcfg).init_weights(cfg.seed).to(device).train()
     if cfg.fp8:
-        fp8_training(model, cfg.fp8_scales)
+        from ..quant.fp8 import enable_training
+        enable_training(model, cfg.fp8_scales)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, moments=cfg.adam_moments)
     loader = PackedLoader(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed, masks=train_masks)
     val_batches = fixed_batches(val_ids, cfg.batch_size, cfg.seq_len, cfg.val_batches,

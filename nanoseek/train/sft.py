@@ -40,6 +40,8 @@ class SFTConfig:
     dtype: str | None = field(default=None, metadata={"help": "matmul dtype (default: fastest here)"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = all)"})
+    fp8: bool = field(default=False, metadata={"help": "FP8 training (DeepSeek-V3's fine-grained recipe)"})
+    fp8_scales: str = field(default="fp32", metadata={"help": "FP8 scale format", "choices": ["fp32", "ue8m0"]})
 
 
 def load_chat_jsonl(path: str | Path, strict: bool = False) -> list[list[dict]]:
@@ -144,6 +146,9 @@ def main(argv=None) -> None:
     device = autodetect_device(cfg.device)
     tok = Tokenizer.load(cfg.model)
     model = from_pretrained(cfg.model, device=device)
+    if cfg.fp8:
+        from ..quant.fp8 import enable_training
+        enable_training(model, cfg.fp8_scales)
     examples = encode_conversations(tok, load_chat_jsonl(cfg.data, cfg.strict), cfg.max_len)
     print0(f"sft: {len(examples):,} conversations, {sum(sum(m) for _, m in examples):,} supervised tokens")
     summary = sft_train(model, tok, examples, cfg)

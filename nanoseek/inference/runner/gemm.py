@@ -16,6 +16,9 @@ per (weight, row count) by timing the candidates (`nanoseek.calibrate`, cached p
                mkl      fp32 on an MKL-packed weight (`torch.ops.mkl`); a pack serves one row count
                bf16     F.linear in bf16
                onednn   bf16 on a oneDNN-blocked weight (`torch.ops.mkldnn`); one pack serves all
+               fp8      weight-only FP8 (`LLM(weights="fp8")`): the weight stays e4m3 with 128x128 block
+                        scales (its "pack") and is dequantized to bf16 per GEMM - half the weight memory
+                        of bf16, for a dequantization pass per GEMM
     pack(w, kind, rows)        the packed tensor for that kernel (None for the plain kinds)
     linear(x, w, packed, kind) y = x @ w.T in the kernel's dtype; the caller casts around it
 
@@ -30,17 +33,27 @@ import torch
 import torch.nn.functional as F
 
 from ...calibrate import best_time, remember
+from ...quant.fp8 import WEIGHT, QTensor, dequantize
 
-KINDS = ("fp32", "mkl", "bf16", "onednn")
-DTYPE = {"fp32": torch.float32, "mkl": torch.float32, "bf16": torch.bfloat16, "onednn": torch.bfloat16}
+KINDS = ("fp32", "mkl", "bf16", "onednn", "fp8")
+DTYPE = {"fp32": torch.float32, "mkl": torch.float32, "bf16": torch.bfloat16, "onednn": torch.bfloat16,
+         "fp8": torch.bfloat16}           # the dtype the kernel computes in (its input's)
+STORAGE = {"fp8": torch.float8_e4m3fn}    # the weight's dtype in memory where it differs from DTYPE
 PACKED = {"mkl": 0, "onednn": 1}          # the op's `kind` argument
+
+
+def storage(kind: str) -> torch.dtype:
+    return STORAGE.get(kind, DTYPE[kind])
 
 HAS_MKL = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def available(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> list[str]:
-    """The kernels this device offers for these compute dtypes (plain ones first)."""
+def available(device: torch.device, dtypes: tuple[torch.dtype, ...], weights: str | None = None) -> list[str]:
+    """The kernels this device offers for these compute dtypes (plain ones first); `weights="fp8"`:
+    the weight-only FP8 kernel alone."""
+    if weights == "fp8":
+        return ["fp8"]
     kinds = [k for k in ("fp32", "bf16") if DTYPE[k] in dtypes]
     if device.type == "cpu":
         if HAS_MKL and torch.float32 in dtypes:
@@ -60,7 +73,10 @@ def pack(w: torch.Tensor, kind: str, rows: int) -> torch.Tensor | None:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None, kind: str) -> torch.Tensor:
-    """x (..., K) @ w.T with the given kernel; x and w must already be in the kernel's dtype."""
+    """x (..., K) @ w.T with the given kernel; x and w must already be in the kernel's dtype (fp8: w is
+    the e4m3 weight and `packed` its block scales)."""
+    if kind == "fp8":
+        return F.linear(x, dequantize(QTensor(w, packed, WEIGHT), x.dtype))
     if packed is None:
         return F.linear(x, w)
     return torch.ops.nanoseek.packed_linear(x, packed, w, PACKED[kind])

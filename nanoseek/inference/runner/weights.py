@@ -34,6 +34,7 @@ from ...model import Transformer
 from ...model.layers import MLP
 from ...model.moe import MoE
 from ... import calibrate
+from ...quant.fp8 import WEIGHT, quantize
 from . import gemm
 from .moe import capacity, choose_path
 
@@ -68,8 +69,10 @@ class DecodeWeights:
         self.folded = {i: folding_pays(layer.attn) for i, layer in self.blocks}
         self._key = None
         self._tensors: dict[tuple, dict] = {}
+        # weight-only fp8 keeps the output head and the MTP projection in bf16 (as DeepSeek's FP8 release does)
+        high = "bf16" if "fp8" in kinds else None
         for k, m in enumerate(model.mtp):
-            self._add(f"mtp{k}.eh", lambda m=m: m.eh_proj.weight.float())
+            self._add(f"mtp{k}.eh", lambda m=m: m.eh_proj.weight.float(), only=high)
         for i, layer in self.blocks:
             attn = layer.attn
             if self.folded[i]:
@@ -89,7 +92,7 @@ class DecodeWeights:
             elif isinstance(ffn, MLP):
                 self._add(f"mlp{i}.w13", lambda m=ffn: m.w13.weight.float())
                 self._add(f"mlp{i}.w2", lambda m=ffn: m.w2.weight.float())
-        self._add("head", lambda: model.head.weight.float())
+        self._add("head", lambda: model.head.weight.float(), only=high)
         self._params = [(m._parameters, n) for m in model.modules() for n, p in m._parameters.items()
                         if p is not None]
 
@@ -131,7 +134,7 @@ class DecodeWeights:
             proxy = 1 if path == "gather" else E * capacity(moe, rows)
             kind = gemm.fastest(self.device, proxy, D, F2, plain, measured)
             plan[f"moe{i}.experts"] = kind
-            self.stacks.setdefault((i, gemm.DTYPE[kind]), None)         # built by sync()
+            self.stacks.setdefault((i, gemm.storage(kind)), None)       # built by sync()
         for name in used:
             g = self.gemms[name]
             if rows not in g.kinds:
@@ -161,14 +164,31 @@ class DecodeWeights:
                 continue
             if name.endswith(".experts"):
                 i = int(name[3:-len(".experts")])
-                out[f"moe{i}.w13"], out[f"moe{i}.w2"] = self.stacks[(i, gemm.DTYPE[kind])]
+                stack = self.stacks[(i, gemm.storage(kind))]
+                out[f"moe{i}.w13"], out[f"moe{i}.w2"] = stack[:2]
+                if len(stack) == 4:                                    # fp8: and their block scales
+                    out[f"moe{i}.w13.scale"], out[f"moe{i}.w2.scale"] = stack[2:]
                 continue
             g = self.gemms[name]
-            out[name] = g.weights[gemm.DTYPE[kind]]
+            out[name] = g.weights[gemm.storage(kind)]
             pk = g.packs.get(_pack_key(kind, rows))
             if pk is not None:
                 out[name + ".pack"] = pk
         return out
+
+    def derived_bytes(self) -> int:
+        """Memory held by the derived weights beyond the model's own tensors (copies, packs, stacks)."""
+        own = {t.data_ptr() for t in list(self.model.parameters()) + list(self.model.buffers())}
+        seen, total = set(), 0
+        tensors = [t for g in self.gemms.values() for t in (*g.weights.values(), *g.packs.values())]
+        tensors += [t for stack in self.stacks.values() if stack is not None for t in stack]
+        for t in tensors:
+            if t.is_mkldnn:                       # oneDNN packs have no data_ptr; count their elements
+                total += t.numel() * t.element_size()
+            elif t.data_ptr() not in own and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
 
     def stale(self) -> bool:
         """Has any parameter changed since the last sync (in place, `.data` swapped, or replaced)?"""
@@ -188,7 +208,7 @@ class DecodeWeights:
         self._tensors = {}
         with torch.autocast(self.device.type, enabled=False):
             for g in self.gemms.values():
-                dtypes = {gemm.DTYPE[k] for k in g.kinds.values()}
+                dtypes = {gemm.storage(k) for k in g.kinds.values()}
                 if not full and dtypes <= set(g.weights) and \
                         all(_pack_key(k, r) in g.packs for r, k in g.kinds.items() if k in gemm.PACKED):
                     continue
@@ -196,7 +216,11 @@ class DecodeWeights:
                     continue
                 w32 = g.source().to(self.device)
                 for dt in dtypes:
-                    g.weights[dt] = _cast(w32, dt)
+                    if dt == torch.float8_e4m3fn:                 # weight-only fp8: e4m3 + block scales
+                        q = quantize(w32, WEIGHT)
+                        g.weights[dt], g.packs[("fp8", 0)] = q.q, q.scale
+                    else:
+                        g.weights[dt] = _cast(w32, dt)
                 # one pack per key: per row count for MKL, one for all row counts for oneDNN (made for the
                 # largest, a hint that measured ~15% better than packing for 1 row at 8 rows)
                 hints: dict[tuple[str, int], int] = {}
@@ -210,7 +234,11 @@ class DecodeWeights:
             for (i, dt), old in self.stacks.items():
                 if full or old is None:
                     ex = blocks[i].ffn.experts
-                    self.stacks[(i, dt)] = (_cast(ex.w13.detach(), dt), _cast(ex.w2.detach(), dt))
+                    if dt == torch.float8_e4m3fn:
+                        q13, q2 = quantize(ex.w13.detach(), WEIGHT), quantize(ex.w2.detach(), WEIGHT)
+                        self.stacks[(i, dt)] = (q13.q, q2.q, q13.scale, q2.scale)
+                    else:
+                        self.stacks[(i, dt)] = (_cast(ex.w13.detach(), dt), _cast(ex.w2.detach(), dt))
         self._key = key
 
 
