@@ -1,0 +1,124 @@
+"""One short GPU run for FP8 (nanoseek/quant/fp8.py): GEMM TFLOP/s on V3 shapes and a training step.
+
+    PYTHONPATH=. python3 benchmarks/gpu_fp8.py          # writes $OUT/gpu_fp8.json (or ./gpu_fp8.json)
+
+1. GEMMs y = x W^T for DeepSeek-V3's shapes (8192 tokens): bf16 `torch.mm` vs the blockwise FP8 kernel
+   `fp8.matmul` picks (1x128 activation tiles x 128x128 weight blocks, operands quantized beforehand),
+   its backend (which CUDA kernel passed the first-use check against the emulation), and calc_diff of
+   its output against the bf16 product of the unquantized inputs;
+2. the cost of quantizing (1x128 tiles) a 8192 x 7168 activation, in GB/s;
+3. a training step of a V3-shaped model (hidden 2048, 4 layers, 32 experts top-4) in bf16 autocast,
+   without and with `--fp8` (enable_training), B4 x T2048: seconds per step, first-step losses.
+Each part is time-boxed and reports its error instead of stopping the run.
+"""
+import json
+import os
+import time
+import traceback
+import warnings
+
+import torch
+
+OUT = os.environ.get("OUT", ".")
+res = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "torch": torch.__version__}
+
+
+def part(name):
+    def wrap(fn):
+        t = time.time()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                res[name] = fn()
+            res.setdefault("warnings", []).extend(str(w.message)[:300] for w in caught)
+        except Exception as e:
+            res[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
+        res.setdefault("seconds", {})[name] = round(time.time() - t, 1)
+        json.dump(res, open(os.path.join(OUT, "gpu_fp8.json"), "w"), indent=2)
+    return wrap
+
+
+def timed(fn, reps=20):
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
+
+
+from nanoseek.quant import fp8  # noqa: E402
+
+dev = "cuda"
+
+
+@part("gemm")
+def _():
+    out = []
+    M = 8192
+    for name, N, K in (("attn q_b", 24576, 1536), ("attn o", 7168, 16384), ("dense up+gate", 36864, 7168),
+                       ("expert up+gate", 4096, 7168), ("expert down", 7168, 2048)):
+        x = torch.randn(M, K, device=dev)
+        w = 0.02 * torch.randn(N, K, device=dev)
+        xb, wb = x.bfloat16(), w.bfloat16()
+        t_bf16 = timed(lambda: xb @ wb.T)
+        xq, wq = fp8.quantize(x, fp8.ACT), fp8.quantize(w, fp8.WEIGHT)
+        fp8._CUDA_OK.clear()
+        y = fp8.matmul(xq, wq, torch.bfloat16)
+        backend = {k[1]: v for k, v in fp8._CUDA_OK.items()}
+        t_fp8 = timed(lambda: fp8.matmul(xq, wq, torch.bfloat16))
+        flop = 2 * M * N * K
+        out.append({"gemm": name, "MNK": [M, N, K], "bf16_tflops": round(flop / t_bf16 / 1e12, 1),
+                    "fp8_tflops": round(flop / t_fp8 / 1e12, 1), "speedup": round(t_bf16 / t_fp8, 2),
+                    "backend_checks": backend, "calc_diff_vs_bf16_unquantized": fp8.calc_diff(y.float(), (xb @ wb.T).float())})
+    return out
+
+
+@part("quantize")
+def _():
+    x = torch.randn(8192, 7168, device=dev, dtype=torch.bfloat16)
+    t = timed(lambda: fp8.quantize(x, fp8.ACT))
+    return {"ms": round(t * 1e3, 3), "GB_per_s": round((x.numel() * 2 + x.numel()) / t / 1e9, 1)}
+
+
+@part("train_step")
+def _():
+    from nanoseek.config import ModelConfig
+    from nanoseek.model import Transformer
+    from nanoseek.train.optim import build_optimizer
+    import torch.nn.functional as F
+
+    cfg = ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1024,
+                      num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=768,
+                      kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                      n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+                      max_position_embeddings=4096, num_nextn_predict_layers=0)
+    ids = torch.randint(0, cfg.vocab_size, (4, 2049), device=dev)
+    out = {}
+    for mode in ("bf16", "fp8"):
+        torch.manual_seed(0)
+        model = Transformer(cfg).init_weights(0).to(dev).train()
+        if mode == "fp8":
+            fp8.enable_training(model)
+        opt = build_optimizer(model, 1e-4)
+        losses = []
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model.logits(model.hidden(ids[:, :-1])).float().flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        torch.cuda.reset_peak_memory_stats()
+        t = timed(step, reps=5)
+        out[mode] = {"s_per_step": round(t, 4), "tokens_per_s": round(4 * 2048 / t), "first_loss": losses[0],
+                     "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+        model = opt = None     # free before the next mode
+        torch.cuda.empty_cache()
+    out["fp8_speedup"] = round(out["bf16"]["s_per_step"] / out["fp8"]["s_per_step"], 3)
+    return out
+
+
+print(json.dumps(res, indent=2))
