@@ -289,3 +289,11 @@ def test_weight_only_fp8_runner_step_equals_the_quantized_model():
         want = model.logits(model.hidden(ids, None)[:, -1]).float()
     logits = eng.runner.decode(ids[:, 4].tolist(), [4] * 4)[0]
     assert fp8.calc_diff(logits, want) < 2e-3, fp8.calc_diff(logits, want)
+
+
+def test_enable_training_refuses_what_it_cannot_convert():
+    from nanoseek.common import UserError
+    with pytest.raises(UserError, match="nanoseek"):
+        fp8.enable_training(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(UserError, match="fp8-scales"):
+        fp8.enable_training(Transformer(random_cfg()), scales="e5m2")

@@ -332,24 +332,35 @@ class FP8Experts(Experts):
         return sorted_experts(x_TD, weights_TK, idx_TK, self.w13, self.w2, "padded", mm=mm)
 
 
+def _swap_block_modules(model: nn.Module, replace) -> int:
+    """Replace, in every transformer block (main and MTP), each child for which `replace(child)` returns
+    a module; returns how many. Embedding, head, final norm and the MTP projection are outside blocks."""
+    blocks = list(model.layers) + [m.block for m in getattr(model, "mtp", [])]
+    n = 0
+    for block in blocks:
+        for parent in block.modules():
+            for name, child in list(parent.named_children()):
+                new = replace(child)
+                if new is not None:
+                    setattr(parent, name, new)
+                    n += 1
+    return n
+
+
 def convert(model: nn.Module, recipe: Recipe | None = None) -> int:
     """Swap the eligible linears and routed experts of every transformer block (main and MTP) for FP8
     ones, in place, sharing their parameters; returns how many modules were converted (0 on a model
     converted already). The embedding, output head, router, norms, the attention core and the MTP
     projection are left alone."""
     recipe = recipe or Recipe()
-    blocks = list(model.layers) + [m.block for m in getattr(model, "mtp", [])]
-    n = 0
-    for block in blocks:
-        for parent in block.modules():
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(parent, name, FP8Linear.wrap(child, recipe))
-                    n += 1
-                elif type(child) is Experts:
-                    setattr(parent, name, FP8Experts.wrap(child, recipe))
-                    n += 1
-    return n
+
+    def replace(child):
+        if type(child) is nn.Linear:
+            return FP8Linear.wrap(child, recipe)
+        if type(child) is Experts:
+            return FP8Experts.wrap(child, recipe)
+        return None
+    return _swap_block_modules(model, replace)
 
 
 def is_fp8(model: nn.Module) -> bool:
@@ -437,18 +448,13 @@ def quantize_weights(model: nn.Module) -> int:
     """Weight-only FP8 for inference, in place: the linears and routed experts of every block (main and
     MTP) are held as e4m3 + 128x128 block scales, as DeepSeek's FP8 checkpoints store them; embedding,
     head, router, norms and the MTP projection keep their dtype. Returns the modules converted."""
-    blocks = list(model.layers) + [m.block for m in getattr(model, "mtp", [])]
-    n = 0
-    for block in blocks:
-        for parent in block.modules():
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and child.bias is None:
-                    setattr(parent, name, FP8WeightLinear(child.weight))
-                    n += 1
-                elif isinstance(child, Experts) and not isinstance(child, FP8WeightExperts):
-                    setattr(parent, name, FP8WeightExperts(child))
-                    n += 1
-    return n
+    def replace(child):
+        if isinstance(child, nn.Linear) and child.bias is None:
+            return FP8WeightLinear(child.weight)
+        if isinstance(child, Experts) and not isinstance(child, FP8WeightExperts):
+            return FP8WeightExperts(child)
+        return None
+    return _swap_block_modules(model, replace)
 
 
 def weight_bytes(module: nn.Module) -> int:
