@@ -47,7 +47,8 @@ def main():
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--last", type=int, default=20)
-    ap.add_argument("--extra", default="", help="more pretrain flags for both runs")
+    ap.add_argument("--extra", default="", help="more pretrain flags for both runs, e.g. '--dtype float32'")
+    ap.add_argument("--name", default="bench_fp8", help="results/NAME.json and NAME.png")
     args = ap.parse_args()
     res = {"host": cpu_name(), "steps": args.steps, "command": "benchmarks/bench_fp8.py " + " ".join(sys.argv[1:]),
            "runs": {}}
@@ -65,7 +66,7 @@ def main():
                 "relative_gap_pct": round(100 * (f8 - hp) / hp, 3),
                 "fp8_time_ratio": round(r["fp8"]["wall_s"] / r["high_precision"]["wall_s"], 2)}
             print(preset, res["runs"][preset], flush=True)
-    report("bench_fp8", res)
+    report(args.name, res)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -78,7 +79,7 @@ def main():
                    ylabel="train loss", yscale="log")
             ax.legend()
         fig.tight_layout()
-        fig.savefig(Path(__file__).parent / "results" / "bench_fp8.png", dpi=110)
+        fig.savefig(Path(__file__).parent / "results" / f"{args.name}.png", dpi=110)
     except ImportError:
         pass
 

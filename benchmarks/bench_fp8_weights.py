@@ -6,8 +6,8 @@ decoding eagerly (the fp8 step cannot be compiled yet, see runner/__init__.py) s
 like with like. Memory counts the model's tensors plus the runner's derived decode weights. Also
 writes the model as an FP8 checkpoint and reports its size on disk against bf16.
 
-    .venv/bin/python benchmarks/bench_fp8_weights.py                 # the 8.5M benchmark model, random weights
-    .venv/bin/python benchmarks/bench_fp8_weights.py --model runs/r1-zero/final
+    .venv/bin/python benchmarks/bench_fp8_weights.py --name bench_fp8_weights_random8m   # 8.5M bench model, random weights
+    .venv/bin/python benchmarks/bench_fp8_weights.py --model runs/r1-zero/rl/final      # the main job's RL model
 """
 import argparse
 import tempfile
@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--model", default=None, help="model directory (default: the benchmark model, random weights)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--name", default="bench_fp8_weights", help="results/NAME.json")
     args = ap.parse_args()
     import nanoseek
     from bench_fp8 import cpu_name
@@ -79,7 +80,7 @@ def main():
     first = [next((i for i, (x, y) in enumerate(zip(a.outputs[0].token_ids, b.outputs[0].token_ids)) if x != y), args.new)
              for a, b in zip(outs["bf16"], outs["fp8"])]
     res["greedy"] = {"identical_sequences": f"{sum(same)}/{len(same)}", "mean_tokens_before_first_difference": sum(first) / len(first)}
-    report("bench_fp8_weights", res)
+    report(args.name, res)
 
 
 if __name__ == "__main__":
