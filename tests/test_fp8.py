@@ -297,3 +297,18 @@ def test_enable_training_refuses_what_it_cannot_convert():
         fp8.enable_training(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     with pytest.raises(UserError, match="fp8-scales"):
         fp8.enable_training(Transformer(random_cfg()), scales="e5m2")
+
+
+def test_empty_inputs_and_speculative_decoding_with_fp8_weights():
+    from nanoseek.inference.llm import LLM
+    from nanoseek.inference.sampling import SamplingParams
+    x = torch.zeros(0, 200, requires_grad=True)
+    w = torch.randn(30, 200, requires_grad=True)
+    y = fp8.fp8_linear(x, w)
+    y.sum().backward()
+    assert y.shape == (0, 30) and torch.equal(w.grad, torch.zeros_like(w))
+    cfg = random_cfg(initializer_range=0.02)
+    sp = SamplingParams(temperature=0, max_tokens=10)
+    outs = [LLM(Transformer(cfg).init_weights(0).eval(), weights="fp8", speculative=spec, compile=False)
+            .generate([{"prompt_token_ids": [1, 5, 7, 9]}], sp)[0].outputs[0].token_ids for spec in (False, True)]
+    assert outs[0] == outs[1]

@@ -39,6 +39,13 @@ def test_generate_chat_in_process(model_dir, capsys):
     assert all(r["text"].lstrip().startswith(r["reasoning_content"]) for r in records)  # R1: replies open in <think>
 
 
+def test_generate_with_fp8_weights(model_dir, capsys):
+    main_generate([str(model_dir), "--prompt", "Hello", "--temperature", "0", "--max-tokens", "4", "--json",
+                   "--weights", "fp8", "--device", "cpu"])
+    rec = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert rec["prompt"] == "Hello" and rec["completion_tokens"] <= 4
+
+
 def test_generate_errors_exit_2(model_dir, tmp_path):
     r = nanoseek("generate", tmp_path / "missing", "--prompt", "Hello")
     assert r.returncode == 2

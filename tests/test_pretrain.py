@@ -97,8 +97,10 @@ def test_nonfinite_steps_stop_with_a_clear_message(tmp_path, monkeypatch):
 
 
 def test_bad_flags(tmp_path):
-    with pytest.raises(UserError, match="fp8"):
-        pretrain(PretrainConfig(out=str(tmp_path), fp8=True, **FAST))
+    with pytest.raises(UserError, match="fp8-scales"):
+        pretrain(PretrainConfig(out=str(tmp_path), fp8=True, fp8_scales="e5m2", **FAST))
+    with pytest.raises(UserError, match="adam-moments"):
+        pretrain(PretrainConfig(out=str(tmp_path), adam_moments="fp16", **FAST))
     with pytest.raises(UserError, match="batch-size"):
         pretrain(PretrainConfig(out=str(tmp_path), max_steps=2, **{**FAST, "batch_size": 0}))
     r = subprocess.run([sys.executable, "-m", "nanoseek", "pretrain", "--preset", "nope", "--out", str(tmp_path),

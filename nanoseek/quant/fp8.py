@@ -102,6 +102,9 @@ def quantize(x: torch.Tensor, block: tuple[int, int], pow2: bool = False) -> QTe
     *lead, R, C = x.shape
     br, bc = block
     nr, nc = _grid(R, C, block)
+    if R == 0 or C == 0:                  # e.g. no token routed anywhere: nothing to scale
+        return QTensor(torch.empty(x.shape, dtype=E4M3, device=x.device),
+                       torch.ones(*lead, nr, nc, device=x.device), block)
     xf = x.float()
     padded = (nr * br, nc * bc) != (R, C)
     if padded:

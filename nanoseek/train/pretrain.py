@@ -220,6 +220,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
     if cfg.lr <= 0 or not math.isfinite(cfg.lr):
         raise UserError(f"--lr must be a positive number (got {cfg.lr})")
+    if cfg.fp8_scales not in ("fp32", "ue8m0"):
+        raise UserError(f"--fp8-scales {cfg.fp8_scales!r}: choose fp32 or ue8m0")
+    if cfg.adam_moments not in ("float32", "bfloat16"):
+        raise UserError(f"--adam-moments {cfg.adam_moments!r}: choose float32 or bfloat16")
     set_threads(cfg.threads or None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
