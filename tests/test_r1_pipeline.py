@@ -76,8 +76,9 @@ def test_grpo_trains_an_hf_causal_lm(base, tmp_path):
 def test_grpo_and_sft_with_fp8(base, tmp_path):
     from nanoseek.train.grpo import grpo
     from nanoseek.train.sft import main
-    s = grpo(small_grpo(base, tmp_path / "grpo", fp8=True, fp8_scales="ue8m0", dynamic_sampling=False))
-    assert "accuracy_after" in s and (tmp_path / "grpo" / "final" / "config.json").exists()
+    s = grpo(small_grpo(base, tmp_path / "grpo", fp8=True, fp8_scales="ue8m0", dynamic_sampling=False, save_fp8=True))
+    assert "accuracy_after" in s
+    assert "quantization_config" in json.loads((tmp_path / "grpo" / "final" / "config.json").read_text())
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2=?"},
                                              {"role": "assistant", "content": "<answer>4</answer>"}]}) + "\n")

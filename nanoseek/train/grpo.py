@@ -81,6 +81,7 @@ class GRPOConfig:
     fp8: bool = field(default=False, metadata={"help": "FP8 policy updates (DeepSeek-V3's fine-grained recipe; "
                                                        "rollouts decode in high precision)"})
     fp8_scales: str = field(default="fp32", metadata={"help": "FP8 scale format", "choices": ["fp32", "ue8m0"]})
+    save_fp8: bool = field(default=False, metadata={"help": "write OUT/final in DeepSeek's FP8 checkpoint format"})
     save_final: bool = field(default=True, metadata={"help": "write OUT/final (HF format)"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots"})
 
@@ -189,6 +190,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
         policy, model, tok = load_policy(cfg, device)
     model = policy.model
     model.eval()
+    if cfg.save_fp8 and not isinstance(policy, EngineSampler):
+        raise UserError("--save-fp8 writes DeepSeek's FP8 format, for nanoseek (DeepSeek-V3-format) models only")
     if cfg.fp8:
         from ..quant.fp8 import enable_training
         enable_training(model, cfg.fp8_scales)
@@ -303,7 +306,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
         final = out / "final"
         if isinstance(policy, EngineSampler):
             from ..checkpoint.hf import save_pretrained
-            save_pretrained(model, final, tokenizer=tok)
+            save_pretrained(model, final, tokenizer=tok, fp8=cfg.save_fp8)
         else:
             model.save_pretrained(final)
             tok.save(final)

@@ -42,6 +42,7 @@ class SFTConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = all)"})
     fp8: bool = field(default=False, metadata={"help": "FP8 training (DeepSeek-V3's fine-grained recipe)"})
     fp8_scales: str = field(default="fp32", metadata={"help": "FP8 scale format", "choices": ["fp32", "ue8m0"]})
+    save_fp8: bool = field(default=False, metadata={"help": "write OUT/final in DeepSeek's FP8 checkpoint format"})
 
 
 def load_chat_jsonl(path: str | Path, strict: bool = False) -> list[list[dict]]:
@@ -153,6 +154,6 @@ def main(argv=None) -> None:
     print0(f"sft: {len(examples):,} conversations, {sum(sum(m) for _, m in examples):,} supervised tokens")
     summary = sft_train(model, tok, examples, cfg)
     out = Path(cfg.out)
-    save_pretrained(model, out / "final", tokenizer=tok)
+    save_pretrained(model, out / "final", tokenizer=tok, fp8=cfg.save_fp8)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print0(f"done: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; model in {out / 'final'}")
