@@ -18,6 +18,7 @@ exactly reproducible run (or an exact resume) wants the same policy both times: 
 """
 from __future__ import annotations
 
+import logging
 import time
 
 
@@ -42,6 +43,9 @@ class StepCompiler:
             self.compile()
 
     def compile(self) -> None:
+        # the expert layout reads its capacity with .item(): a graph break by design (routing stays eager
+        # between compiled regions), which dynamo would otherwise report as a 20-line warning mid-run
+        logging.getLogger("torch._dynamo.variables.tensor").setLevel(logging.ERROR)
         for block in list(self.model.layers) + [m.block for m in self.model.mtp]:
             block.compile()
         self.compiled = True
