@@ -1,6 +1,7 @@
 """One short GPU run for FP8 (nanoseek/quant/fp8.py): GEMM TFLOP/s on V3 shapes and a training step.
 
     PYTHONPATH=. python3 benchmarks/gpu_fp8.py          # writes $OUT/gpu_fp8.json (or ./gpu_fp8.json)
+    GPU_FP8_DRY=1 .venv/bin/python benchmarks/gpu_fp8.py   # the same code on CPU at toy sizes (checks the script)
 
 1. GEMMs y = x W^T for DeepSeek-V3's shapes (8192 tokens): bf16 `torch.mm` vs the blockwise FP8 kernel
    `fp8.matmul` picks (1x128 activation tiles x 128x128 weight blocks, operands quantized beforehand),
@@ -38,27 +39,36 @@ def part(name):
     return wrap
 
 
+DRY = os.environ.get("GPU_FP8_DRY") == "1"
+dev = "cpu" if DRY else "cuda"
+S = 64 if DRY else 1                      # dry run: every size divided by S
+
+
+def sync():
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, reps=20):
     fn()
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
-    for _ in range(reps):
+    for _ in range(reps if not DRY else 1):
         fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps
+    sync()
+    return (time.perf_counter() - t) / (reps if not DRY else 1)
 
 
 from nanoseek.quant import fp8  # noqa: E402
-
-dev = "cuda"
 
 
 @part("gemm")
 def _():
     out = []
-    M = 8192
+    M = 8192 // S
     for name, N, K in (("attn q_b", 24576, 1536), ("attn o", 7168, 16384), ("dense up+gate", 36864, 7168),
                        ("expert up+gate", 4096, 7168), ("expert down", 7168, 2048)):
+        N, K = N // S, K // S
         x = torch.randn(M, K, device=dev)
         w = 0.02 * torch.randn(N, K, device=dev)
         xb, wb = x.bfloat16(), w.bfloat16()
@@ -77,7 +87,7 @@ def _():
 
 @part("quantize")
 def _():
-    x = torch.randn(8192, 7168, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(8192 // S, 7168 // S, device=dev, dtype=torch.bfloat16)
     t = timed(lambda: fp8.quantize(x, fp8.ACT))
     return {"ms": round(t * 1e3, 3), "GB_per_s": round((x.numel() * 2 + x.numel()) / t / 1e9, 1)}
 
@@ -89,12 +99,15 @@ def _():
     from nanoseek.train.optim import build_optimizer
     import torch.nn.functional as F
 
-    cfg = ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1024,
-                      num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=768,
-                      kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    d = 16 if DRY else 1
+    cfg = ModelConfig(vocab_size=32000 // d, hidden_size=2048 // d, intermediate_size=5632 // d,
+                      moe_intermediate_size=1024 // d, num_hidden_layers=4, first_k_dense_replace=1,
+                      num_attention_heads=16 // d * 2 if DRY else 16, q_lora_rank=768 // d, kv_lora_rank=512 // d,
+                      qk_nope_head_dim=128 // d, qk_rope_head_dim=64 // d, v_head_dim=128 // d,
                       n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
                       max_position_embeddings=4096, num_nextn_predict_layers=0)
-    ids = torch.randint(0, cfg.vocab_size, (4, 2049), device=dev)
+    T = 2048 // d
+    ids = torch.randint(0, cfg.vocab_size, (4, T + 1), device=dev)
     out = {}
     for mode in ("bf16", "fp8"):
         torch.manual_seed(0)
@@ -105,18 +118,20 @@ def _():
         losses = []
 
         def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(dev, dtype=torch.bfloat16):
                 loss = F.cross_entropy(model.logits(model.hidden(ids[:, :-1])).float().flatten(0, 1), ids[:, 1:].flatten())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        torch.cuda.reset_peak_memory_stats()
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         t = timed(step, reps=5)
-        out[mode] = {"s_per_step": round(t, 4), "tokens_per_s": round(4 * 2048 / t), "first_loss": losses[0],
-                     "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+        out[mode] = {"s_per_step": round(t, 4), "tokens_per_s": round(4 * T / t), "first_loss": losses[0],
+                     "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if dev == "cuda" else None}
         model = opt = None     # free before the next mode
-        torch.cuda.empty_cache()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     out["fp8_speedup"] = round(out["bf16"]["s_per_step"] / out["fp8"]["s_per_step"], 3)
     return out
 

@@ -324,3 +324,20 @@ def test_fp8_training_compiles(tmp_path):
     a = pretrain(PretrainConfig(out=str(tmp_path / "eager"), compile="off", **base))
     b = pretrain(PretrainConfig(out=str(tmp_path / "compiled"), compile="on", **base))
     assert abs(a["final_loss"] - b["final_loss"]) < 1e-3 * a["final_loss"]
+
+
+def test_gpu_fp8_script_runs_dry_on_cpu(tmp_path):
+    """benchmarks/gpu_fp8.py is run once in a session with a GPU; its toy-size CPU mode keeps it working."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "GPU_FP8_DRY": "1", "OUT": str(tmp_path), "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_fp8.py")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "gpu_fp8.json").read_text())
+    for part in ("gemm", "quantize", "train_step"):
+        assert "error" not in res[part], res[part]
+    assert all(g["calc_diff_vs_bf16_unquantized"] < 2e-3 for g in res["gemm"])
