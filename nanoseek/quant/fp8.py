@@ -97,27 +97,45 @@ def _grid(R: int, C: int, block: tuple[int, int]) -> tuple[int, int]:
     return -(-R // block[0]), -(-C // block[1])
 
 
+def _pieces(R: int, C: int, block: tuple[int, int]):
+    """Split an (R, C) matrix into at most four rectangles that each hold whole groups: the part
+    divisible by the block, and the row / column tails (whose groups are as wide as the tail), so
+    that every rectangle is a view (..., rows/gr, gr, cols/gc, gc) and nothing needs padding.
+    Yields (row slice, col slice, (gr, gc), grid row slice, grid col slice)."""
+    def split(n, b):
+        main = n - n % b
+        out = [(slice(0, main), b, slice(0, main // b))] if main else []
+        if n % b:
+            out.append((slice(main, n), n - main, slice(main // b, main // b + 1)))
+        return out
+    for rs, gr, grs in split(R, block[0]):
+        for cs, gc, gcs in split(C, block[1]):
+            yield rs, cs, (gr, gc), grs, gcs
+
+
+def _grouped(t: torch.Tensor, rs: slice, cs: slice, g: tuple[int, int]) -> torch.Tensor:
+    piece = t[..., rs, cs]
+    return piece.view(*piece.shape[:-2], piece.shape[-2] // g[0], g[0], piece.shape[-1] // g[1], g[1])
+
+
 def quantize(x: torch.Tensor, block: tuple[int, int], pow2: bool = False) -> QTensor:
     """x (..., R, C) -> E4M3 with one fp32 scale per `block` of the last two dims."""
     *lead, R, C = x.shape
-    br, bc = block
     nr, nc = _grid(R, C, block)
     if R == 0 or C == 0:                  # e.g. no token routed anywhere: nothing to scale
         return QTensor(torch.empty(x.shape, dtype=E4M3, device=x.device),
                        torch.ones(*lead, nr, nc, device=x.device), block)
-    xf = x.float()
-    padded = (nr * br, nc * bc) != (R, C)
-    if padded:
-        xf = F.pad(xf, (0, nc * bc - C, 0, nr * br - R))
-    groups = xf.reshape(*lead, nr, br, nc, bc)
-    scale = groups.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR) / E4M3_MAX           # (..., nr, nc)
-    if pow2:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    q = (groups / scale[..., :, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    q = q.reshape(*lead, nr * br, nc * bc)
-    if padded:
-        q = q[..., :R, :C].contiguous()
-    return QTensor(q, scale, block)
+    xf = x.float().contiguous()
+    scaled = torch.empty_like(xf)
+    scale = torch.empty(*lead, nr, nc, device=x.device)
+    for rs, cs, g, grs, gcs in _pieces(R, C, block):
+        groups = _grouped(xf, rs, cs, g)
+        s = groups.abs().amax(dim=(-3, -1)).clamp_(min=AMAX_FLOOR).div_(E4M3_MAX)
+        if pow2:
+            s = torch.exp2(torch.ceil(torch.log2(s)))
+        scale[..., grs, gcs] = s
+        torch.div(groups, s[..., :, None, :, None], out=_grouped(scaled, rs, cs, g))
+    return QTensor(scaled.clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3), scale, block)
 
 
 def e4m3_to_float(q: torch.Tensor) -> torch.Tensor:
@@ -131,17 +149,15 @@ def e4m3_to_float(q: torch.Tensor) -> torch.Tensor:
 
 def dequantize(t: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The values the FP8 operand stands for: q * its group's scale."""
-    q, scale, (br, bc) = t
+    q, scale, block = t
     if not q.is_contiguous() and q.transpose(-1, -2).is_contiguous():     # a transposed operand: no copy
         return dequantize(t.T, dtype).transpose(-1, -2)
     *lead, R, C = q.shape
-    nr, nc = scale.shape[-2:]
-    xf = e4m3_to_float(q)
-    padded = (nr * br, nc * bc) != (R, C)
-    if padded:
-        xf = F.pad(xf, (0, nc * bc - C, 0, nr * br - R))
-    x = (xf.reshape(*lead, nr, br, nc, bc) * scale[..., :, None, :, None]).reshape(*lead, nr * br, nc * bc)
-    return (x[..., :R, :C] if padded else x).to(dtype)
+    xf = e4m3_to_float(q.contiguous())
+    for rs, cs, g, grs, gcs in _pieces(R, C, block):
+        piece = _grouped(xf, rs, cs, g)
+        piece.mul_(scale[..., grs, gcs][..., :, None, :, None])
+    return xf.to(dtype)
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
