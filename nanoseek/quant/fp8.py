@@ -25,8 +25,9 @@ so a linear y = x W^T runs its three GEMMs on FP8 operands, all E4M3:
 
 A GEMM over quantized operands is sum_b s_a[m,b] s_b[n,b] sum_{k in block b} q_a[m,k] q_b[n,k]: the
 scales apply per 128-wide slice of K, which is why Hopper kernels "promote" the tensor cores' partial
-sums to fp32 every 128 elements of K. Tails (dimensions not divisible by 128) are padded with zeros
-inside the group computation; they never change a result.
+sums to fp32 every 128 elements of K. Tails (dimensions not divisible by 128) form groups as wide as
+the tail - what zero-padding the last group to 128 gives, since zeros change neither an amax nor a
+product - and are never rejected.
 
 Backends (`Recipe.backend`):
   emulate    exact emulation on any device: dequantize the FP8 operands to fp32 and multiply in fp32
