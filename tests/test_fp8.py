@@ -107,6 +107,10 @@ def test_fp8_matmul_batched_and_autocast_dtype():
         torch.testing.assert_close(y[e], ye)
         torch.testing.assert_close(x.grad[e], xe.grad)
         torch.testing.assert_close(w.grad[e], we.grad)
+    # the CUDA kernels are 2-D: their batching helper, driven here by the emulation, equals the batched emulation
+    xq, wq = fp8.quantize(x.detach(), fp8.ACT), fp8.quantize(w.detach()[0], fp8.WEIGHT)    # w broadcast
+    torch.testing.assert_close(fp8._batched(fp8.emulated_matmul, xq, wq, torch.float32),
+                               fp8.emulated_matmul(xq, wq, torch.float32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fp8.fp8_linear(torch.randn(4, 96), torch.randn(8, 96)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="backend"):
@@ -125,7 +129,8 @@ def test_convert_keeps_names_and_high_precision_parts():
     ref, model = _fp8_model()
     names = list(model.state_dict())
     n = fp8.convert(model)
-    assert n > 0 and fp8.is_fp8(model) and fp8.convert(model) == 0          # idempotent
+    assert n > 0 and any(isinstance(m, fp8.FP8Linear) for m in model.modules())
+    assert fp8.convert(model) == 0                                            # idempotent
     assert list(model.state_dict()) == names
     for name, m in model.named_modules():
         kind = type(m).__name__

@@ -220,14 +220,16 @@ def _cuda_matmul(a: QTensor, b: QTensor, out_dtype, backend: str) -> torch.Tenso
 
 
 def _batched(kernel, a: QTensor, b: QTensor, out_dtype) -> torch.Tensor:
+    """A 2-D kernel over operands with (broadcast) leading dims, one matrix pair at a time."""
     if a.q.dim() == 2 and b.q.dim() == 2:
         return kernel(a, b, out_dtype)
     lead = torch.broadcast_shapes(a.q.shape[:-2], b.q.shape[:-2])
-    A = [QTensor(q, s, a.block) for q, s in zip(a.q.expand(*lead, *a.q.shape[-2:]).reshape(-1, *a.q.shape[-2:]),
-                                               a.scale.expand(*lead, *a.scale.shape[-2:]).reshape(-1, *a.scale.shape[-2:]))]
-    B = [QTensor(q, s, b.block) for q, s in zip(b.q.expand(*lead, *b.q.shape[-2:]).reshape(-1, *b.q.shape[-2:]),
-                                               b.scale.expand(*lead, *b.scale.shape[-2:]).reshape(-1, *b.scale.shape[-2:]))]
-    return torch.stack([kernel(x, w, out_dtype) for x, w in zip(A, B)]).view(*lead, a.q.shape[-2], b.q.shape[-2])
+
+    def matrices(t: QTensor) -> list[QTensor]:
+        q, s = (x.expand(*lead, *x.shape[-2:]).reshape(-1, *x.shape[-2:]) for x in (t.q, t.scale))
+        return [QTensor(qi, si, t.block) for qi, si in zip(q, s)]
+    ys = [kernel(x, w, out_dtype) for x, w in zip(matrices(a), matrices(b))]
+    return torch.stack(ys).view(*lead, a.q.shape[-2], b.q.shape[-2])
 
 
 def _pad_q(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -284,7 +286,7 @@ class _FP8Matmul(torch.autograd.Function):
         xq = quantize(x, ACT, recipe.pow2_scales)
         wq = quantize(w, WEIGHT, recipe.pow2_scales)
         ctx.save_for_backward(xq.q, xq.scale, wq.q, wq.scale)    # FP8 activations for backward
-        ctx.recipe, ctx.dtypes, ctx.x_lead = recipe, (x.dtype, w.dtype), x.shape[:-2]
+        ctx.recipe, ctx.dtypes = recipe, (x.dtype, w.dtype)
         return matmul(xq, wq, out_dtype, recipe.backend)
 
     @staticmethod
@@ -394,10 +396,6 @@ def convert(model: nn.Module, recipe: Recipe | None = None) -> int:
     return _swap_block_modules(model, replace)
 
 
-def is_fp8(model: nn.Module) -> bool:
-    return any(isinstance(m, (FP8Linear, FP8Experts)) for m in model.modules())
-
-
 SCALE_FORMATS = ("fp32", "ue8m0")
 
 
@@ -422,6 +420,17 @@ def enable_training(model: nn.Module, scales: str = "fp32") -> int:
 # -------------------------------------------------------------------------------------------------
 # weight-only FP8 for inference: weights held as e4m3 + 128x128 block scales (half of bf16)
 
+def _hold(module: nn.Module, name: str, w: torch.Tensor) -> None:
+    """Keep `w` in `module` as e4m3 + 128x128 block scales (buffers NAME_q, NAME_scale)."""
+    q = quantize(w.detach(), WEIGHT)
+    module.register_buffer(name + "_q", q.q, persistent=False)
+    module.register_buffer(name + "_scale", q.scale, persistent=False)
+
+
+def _held(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize(QTensor(getattr(module, name + "_q"), getattr(module, name + "_scale"), WEIGHT), dtype)
+
+
 class FP8WeightLinear(nn.Module):
     """A bias-free linear whose weight lives in memory as e4m3 + block scales. `weight` dequantizes on
     read (code that reads a linear's weight keeps working); the forward dequantizes per GEMM into the
@@ -429,19 +438,17 @@ class FP8WeightLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        q = quantize(weight.detach(), WEIGHT)
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
-        self.register_buffer("weight_q", q.q, persistent=False)
-        self.register_buffer("weight_scale", q.scale, persistent=False)
+        _hold(self, "weight", weight)
 
     @property
     def weight(self) -> torch.Tensor:
-        return dequantize(QTensor(self.weight_q, self.weight_scale, WEIGHT), self.dtype)
+        return _held(self, "weight", self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = _out_dtype(x)
-        return F.linear(x.to(dt), dequantize(QTensor(self.weight_q, self.weight_scale, WEIGHT), dt))
+        return F.linear(x.to(dt), _held(self, "weight", dt))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight
@@ -455,23 +462,25 @@ class FP8WeightExperts(Experts):
 
     def __init__(self, experts: Experts):
         nn.Module.__init__(self)
-        for name in ("w13", "w2"):
-            w = getattr(experts, name).detach()
-            q = quantize(w, WEIGHT)
-            self.register_buffer(name + "_q", q.q, persistent=False)
-            self.register_buffer(name + "_scale", q.scale, persistent=False)
         self.dtype = experts.w13.dtype
+        for name in ("w13", "w2"):
+            _hold(self, name, getattr(experts, name))
 
     @property
     def w13(self) -> torch.Tensor:
-        return dequantize(QTensor(self.w13_q, self.w13_scale, WEIGHT), self.dtype)
+        return _held(self, "w13", self.dtype)
 
     @property
     def w2(self) -> torch.Tensor:
-        return dequantize(QTensor(self.w2_q, self.w2_scale, WEIGHT), self.dtype)
+        return _held(self, "w2", self.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "w13"], destination[prefix + "w2"] = self.w13, self.w2
+
+
+def holds_fp8_weights(model: nn.Module) -> bool:
+    """Has `quantize_weights` converted this model (the decode runner then reads e4m3 weights too)?"""
+    return any(isinstance(m, (FP8WeightLinear, FP8WeightExperts)) for m in model.modules())
 
 
 @torch.no_grad()
