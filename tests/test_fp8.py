@@ -286,7 +286,8 @@ def test_weight_only_fp8_runner_step_equals_the_quantized_model():
     cfg = random_cfg(initializer_range=0.02)
     model = Transformer(cfg).init_weights(0).eval()
     fp8.quantize_weights(model)
-    eng = Engine(model, compile=False, weights="fp8", max_batch=4, autocast_dtype=torch.bfloat16)
+    eng = Engine(model, compile=False, max_batch=4, autocast_dtype=torch.bfloat16)
+    assert eng.runner.kinds == ["fp8"]
     ids = torch.tensor([[1, 4, 9, 16, 25]] * 4)
     eng.cache.begin(torch.zeros(4, dtype=torch.long), 4, 0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -102,6 +102,28 @@ def test_moe_decode_paths_equal_reference(path, overflow, compiled, monkeypatch)
     assert compiled or bool(ran) == (path == "capacity" and not overflow)
 
 
+@pytest.mark.parametrize("path", ["gather", "capacity", "dense"])
+def test_fp8_weight_moe_decode_paths_follow_the_quantized_model(path, monkeypatch):
+    """Weight-only FP8 (`quantize_weights`): each MoE decode path over the runner's e4m3 stacks equals
+    the per-token reference of the quantized model (gather and capacity dequantize the same blocks; the
+    fused dense GEMMs re-quantize the stacked matrix, so they agree to FP8 noise)."""
+    from nanoseek.quant.fp8 import calc_diff, quantize_weights
+    model = _model(initializer_range=0.02)
+    quantize_weights(model)
+    i = len(model.layers) - 1
+    moe = model.layers[i].ffn
+    T = 1 if path == "gather" else 12
+    monkeypatch.setattr(rmoe, "DENSE_MAX_TOKENS", 16 if path == "dense" else 0)
+    W = DecodeWeights(model, CPU, ["fp8"])
+    plan = W.plan(T)
+    assert plan[f"moe{i}.path"] == path
+    x = torch.randn(T, moe.cfg.hidden_size)
+    with torch.no_grad():
+        got = rmoe.moe_decode(moe, i, x, _linear(W.tensors(T, plan), plan), W.tensors(T, plan), path)
+        diff = calc_diff(got, moe_reference(moe, x))
+    assert diff < (2e-3 if path == "dense" else 1e-4), diff
+
+
 def _prefill_then_step(model, runner_dtypes, prompt_len=6):
     """Prefill with the model, then one decode step through the runner's step (eager): its logits and
     the model's full-recompute logits for the same token."""

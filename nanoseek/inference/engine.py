@@ -34,12 +34,12 @@ class Engine:
     def __init__(self, model: Transformer, max_batch: int = 64, max_len: int | None = None,
                  cache_dtype: torch.dtype | None = None, autocast_dtype: torch.dtype | None = None,
                  speculative: bool = False, seed: int = 0, stop_token_ids: list[int] | None = None,
-                 compile: bool | str = "auto", weights: str | None = None):
+                 compile: bool | str = "auto"):
         """autocast_dtype: the compute dtype (None: measured per host - prefill in the faster of fp32
         and bf16 autocast, each decode GEMM in its fastest kernel; see `nanoseek.calibrate`).
-        compile: the decode step's torch.compile policy (True / False / "auto", see runner/).
-        weights: None, or "fp8" - the decode step reads e4m3 weights with block scales (pair it with a
-        model converted by `nanoseek.quant.fp8.quantize_weights`, as `LLM(weights="fp8")` does)."""
+        compile: the decode step's torch.compile policy (True / False / "auto", see runner/). A model
+        whose weights `nanoseek.quant.fp8.quantize_weights` converted (`LLM(weights="fp8")`) decodes
+        from e4m3 weights too."""
         if compile not in (True, False, "auto"):
             raise UserError(f"compile={compile!r}: use True, False or 'auto' (compile a batch size once it pays)")
         cfg = model.cfg
@@ -56,10 +56,8 @@ class Engine:
         # an explicit compute dtype, or weights loaded in bf16/fp16, fix the precision; else it is measured
         fixed = autocast_dtype or (pdtype if pdtype != torch.float32 else None)
         self.autocast_dtype = fixed or compute_dtype(self.device, None, cfg.hidden_size, 256)
-        if weights not in (None, "fp8"):
-            raise UserError(f"weights={weights!r}: use None (as loaded) or 'fp8' (weight-only FP8)")
         self.runner = DecodeRunner(model, self.cache, decode_dtypes(self.device, fixed), compile=compile,
-                                   max_batch=max_batch, weights=weights)
+                                   max_batch=max_batch)
         self.eos_ids = set(stop_token_ids if stop_token_ids is not None else [cfg.eos_token_id])
         self.waiting: deque[Request] = deque()
         self.running: list[Sequence] = []

@@ -40,6 +40,7 @@ import torch
 
 from ... import calibrate
 from ...common import progress
+from ...quant.fp8 import holds_fp8_weights
 from . import gemm
 from .step import decode_head, decode_hidden, greedy, speculate
 from .weights import DecodeWeights
@@ -50,16 +51,17 @@ COLD_COMPILE_S = 20.0
 
 class DecodeRunner:
     def __init__(self, model, cache, dtypes: tuple[torch.dtype, ...] = (torch.float32,),
-                 compile: bool | str = "auto", max_batch: int = 64, cpp_wrapper: bool = True,
-                 weights: str | None = None):
-        """weights="fp8": every GEMM of the step reads e4m3 weights with block scales (weight-only FP8)."""
+                 compile: bool | str = "auto", max_batch: int = 64, cpp_wrapper: bool = True):
+        """A model with e4m3 weights (`quant.fp8.quantize_weights`) decodes with the fp8 GEMM kind alone:
+        the derived weights stay e4m3 as well."""
         self.model, self.cache, self.max_batch = model, cache, max_batch
         self.device = model.device
-        self.kinds = gemm.available(self.device, dtypes, weights)
+        fp8_weights = holds_fp8_weights(model)
+        self.kinds = ["fp8"] if fp8_weights else gemm.available(self.device, dtypes)
         self.weights = DecodeWeights(model, self.device, self.kinds)
         if compile == "auto" and self.device.type != "cpu":
             compile = False          # GPU decode is not compiled yet (CUDA graphs belong to the GPU work)
-        if weights == "fp8":
+        if fp8_weights:
             # inductor (torch 2.13, CPU) miscompiles the block-scale dequantization inside the step:
             # measured wrong values (up to 1e35) in every column block after the first of a (48, 216)
             # weight, while the same function compiled alone is exact. The fp8 step runs eagerly.

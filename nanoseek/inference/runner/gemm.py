@@ -45,15 +45,14 @@ PACKED = {"mkl": 0, "onednn": 1}          # the op's `kind` argument
 def storage(kind: str) -> torch.dtype:
     return STORAGE.get(kind, DTYPE[kind])
 
+
 HAS_MKL = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def available(device: torch.device, dtypes: tuple[torch.dtype, ...], weights: str | None = None) -> list[str]:
-    """The kernels this device offers for these compute dtypes (plain ones first); `weights="fp8"`:
-    the weight-only FP8 kernel alone."""
-    if weights == "fp8":
-        return ["fp8"]
+def available(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> list[str]:
+    """The kernels this device offers for these compute dtypes (plain ones first; "fp8" is the runner's
+    choice for a model that holds e4m3 weights)."""
     kinds = [k for k in ("fp32", "bf16") if DTYPE[k] in dtypes]
     if device.type == "cpu":
         if HAS_MKL and torch.float32 in dtypes:

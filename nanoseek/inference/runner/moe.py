@@ -80,16 +80,15 @@ def moe_decode(moe: MoE, i: int, x_TD: torch.Tensor, linear, W: dict, path: str)
         return linear(f"moe{i}.dense_out", torch.cat(acts, dim=1))
     weights, idx, _ = route(logits, moe.gate.bias, cfg)
     w13, w2 = W[f"moe{i}.w13"], W[f"moe{i}.w2"]
-    scales = (W.get(f"moe{i}.w13.scale"), W.get(f"moe{i}.w2.scale"))
-    if path == "gather" and scales[0] is not None:    # weight-only fp8: dequantize just the chosen experts
-        flat = idx.reshape(-1)
-        w13, w2 = (dequantize(QTensor(w[flat], s[flat], WEIGHT), torch.bfloat16) for w, s in zip((w13, w2), scales))
-        out = gather_experts(x_TD, weights, torch.arange(flat.numel(), device=flat.device).view_as(idx), w13, w2)
-    elif path == "gather":
+    if f"moe{i}.w13.scale" in W:     # weight-only fp8: dequantize the stacks (for gather, the chosen experts)
+        pick = idx.reshape(-1) if path == "gather" else slice(None)
+        w13, w2 = (dequantize(QTensor(W[f"moe{i}.{p}"][pick], W[f"moe{i}.{p}.scale"][pick], WEIGHT), torch.bfloat16)
+                   for p in ("w13", "w2"))
+        if path == "gather":         # the gathered stacks hold pair k of token t at row t*K + k
+            idx = torch.arange(idx.numel(), device=idx.device).view_as(idx)
+    if path == "gather":
         out = gather_experts(x_TD, weights, idx, w13, w2)
     else:
-        if scales[0] is not None:
-            w13, w2 = (dequantize(QTensor(w, s, WEIGHT), torch.bfloat16) for w, s in zip((w13, w2), scales))
         onehot = F.one_hot(idx.reshape(-1), E)                                # T*K, E
         pos = ((onehot.cumsum(0) - 1) * onehot).sum(1)                        # rank of a pair within its expert
         C = capacity(moe, T)

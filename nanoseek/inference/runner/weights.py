@@ -165,9 +165,10 @@ class DecodeWeights:
             if name.endswith(".experts"):
                 i = int(name[3:-len(".experts")])
                 stack = self.stacks[(i, gemm.storage(kind))]
-                out[f"moe{i}.w13"], out[f"moe{i}.w2"] = stack[:2]
-                if len(stack) == 4:                                    # fp8: and their block scales
-                    out[f"moe{i}.w13.scale"], out[f"moe{i}.w2.scale"] = stack[2:]
+                for proj, derived in zip(("w13", "w2"), stack):
+                    out[f"moe{i}.{proj}"] = derived[0]
+                    if len(derived) == 2:                              # fp8: and its block scales
+                        out[f"moe{i}.{proj}.scale"] = derived[1]
                 continue
             g = self.gemms[name]
             out[name] = g.weights[gemm.storage(kind)]
@@ -181,7 +182,7 @@ class DecodeWeights:
         own = {t.data_ptr() for t in list(self.model.parameters()) + list(self.model.buffers())}
         seen, total = set(), 0
         tensors = [t for g in self.gemms.values() for t in (*g.weights.values(), *g.packs.values())]
-        tensors += [t for stack in self.stacks.values() if stack is not None for t in stack]
+        tensors += [t for stack in self.stacks.values() if stack is not None for derived in stack for t in derived]
         for t in tensors:
             if t.is_mkldnn:                       # oneDNN packs have no data_ptr; count their elements
                 total += t.numel() * t.element_size()
@@ -216,11 +217,9 @@ class DecodeWeights:
                     continue
                 w32 = g.source().to(self.device)
                 for dt in dtypes:
-                    if dt == torch.float8_e4m3fn:                 # weight-only fp8: e4m3 + block scales
-                        q = quantize(w32, WEIGHT)
-                        g.weights[dt], g.packs[("fp8", 0)] = q.q, q.scale
-                    else:
-                        g.weights[dt] = _cast(w32, dt)
+                    g.weights[dt], *scale = _derive(w32, dt)
+                    if scale:                                      # fp8: the block scales are its "pack"
+                        g.packs[("fp8", 0)] = scale[0]
                 # one pack per key: per row count for MKL, one for all row counts for oneDNN (made for the
                 # largest, a hint that measured ~15% better than packing for 1 row at 8 rows)
                 hints: dict[tuple[str, int], int] = {}
@@ -234,16 +233,20 @@ class DecodeWeights:
             for (i, dt), old in self.stacks.items():
                 if full or old is None:
                     ex = blocks[i].ffn.experts
-                    if dt == torch.float8_e4m3fn:
-                        q13, q2 = quantize(ex.w13.detach(), WEIGHT), quantize(ex.w2.detach(), WEIGHT)
-                        self.stacks[(i, dt)] = (q13.q, q2.q, q13.scale, q2.scale)
-                    else:
-                        self.stacks[(i, dt)] = (_cast(ex.w13.detach(), dt), _cast(ex.w2.detach(), dt))
+                    self.stacks[(i, dt)] = (_derive(ex.w13.detach(), dt), _derive(ex.w2.detach(), dt))
         self._key = key
 
 
 def _pack_key(kind: str, rows: int) -> tuple[str, int]:
     return (kind, rows if kind == "mkl" else 0)    # MKL packs are made for one row count
+
+
+def _derive(src: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """A weight in its storage dtype: (tensor,), or for e4m3 (tensor, its 128x128 block scales)."""
+    if dtype == torch.float8_e4m3fn:
+        q = quantize(src, WEIGHT)
+        return q.q, q.scale
+    return (_cast(src, dtype),)
 
 
 def _cast(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
