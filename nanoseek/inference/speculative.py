@@ -20,8 +20,9 @@ Greedy only: with sampling, exactness needs the rejection-sampling correction, w
 (sampled requests decode normally). Only for small batches (SPEC_MAX_ROWS running rows): the verify
 step computes two rows per sequence, which at larger batches costs more than the accepted drafts save
 (measured on the main job's 1M model with both steps compiled: 1.14x plain at batch 1, 1.0x at 2,
-0.95x at 4, 0.78x at 16); larger batches decode plainly and keep the hidden states for the draft. Rows accept independently, so rows in one batch advance by 1 or
-2; the cache's per-row start positions and right-padding handle the ragged shapes.
+0.95x at 4, 0.78x at 16); larger batches decode plainly and keep the hidden states for the draft.
+Rows accept independently, so rows in one batch advance by 1 or 2; the cache's per-row start
+positions and right-padding handle the ragged shapes.
 """
 from __future__ import annotations
 

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common import UserError, print0
 from ..model.moe import Experts, sorted_experts
 
 E4M3 = torch.float8_e4m3fn
@@ -70,6 +71,7 @@ ACT = (1, TILE)           # activations and activation gradients
 WEIGHT = (TILE, TILE)     # weights
 COL = (TILE, 1)           # the weight-gradient GEMM's operands (contraction over tokens)
 BACKENDS = ("auto", "emulate", "blockwise", "rowwise")
+SCALE_FORMATS = ("fp32", "ue8m0")        # fp32 scales, or UE8M0 (powers of two)
 
 
 @dataclass(frozen=True)
@@ -396,13 +398,8 @@ def convert(model: nn.Module, recipe: Recipe | None = None) -> int:
     return _swap_block_modules(model, replace)
 
 
-SCALE_FORMATS = ("fp32", "ue8m0")
-
-
 def enable_training(model: nn.Module, scales: str = "fp32") -> int:
     """`--fp8` of the trainers: convert a nanoseek model and say once what runs in FP8 and how."""
-    from ..common import UserError, print0
-
     if scales not in SCALE_FORMATS:
         raise UserError(f"--fp8-scales {scales!r}: choose one of {', '.join(SCALE_FORMATS)}")
     if not hasattr(model, "layers") or not hasattr(model, "moe_layers"):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import time
 
-
 from .. import calibrate
 from ..common import print0
 

@@ -33,6 +33,7 @@ import torch
 from .. import args as argparse_dc
 from ..common import (UserError, autocast, autodetect_device, compute_dtype, print0, progress, seed_everything,
                       set_threads)
+from ..quant.fp8 import SCALE_FORMATS
 from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, token_logprobs
 from .rollout import REFLECTION, EngineSampler, HFSampler, evaluate, prompt_ids
 from .optim import build_optimizer, clip_grad_norm
@@ -80,7 +81,7 @@ class GRPOConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = all)"})
     fp8: bool = field(default=False, metadata={"help": "FP8 policy updates (DeepSeek-V3's fine-grained recipe; "
                                                        "rollouts decode in high precision)"})
-    fp8_scales: str = field(default="fp32", metadata={"help": "FP8 scale format", "choices": ["fp32", "ue8m0"]})
+    fp8_scales: str = field(default="fp32", metadata={"help": "FP8 scale format", "choices": list(SCALE_FORMATS)})
     save_fp8: bool = field(default=False, metadata={"help": "write OUT/final in DeepSeek's FP8 checkpoint format"})
     save_final: bool = field(default=True, metadata={"help": "write OUT/final (HF format)"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots"})

@@ -13,6 +13,7 @@ import torch
 from ..common import UserError
 
 SCHEDULES = ("cosine", "wsd", "constant")
+MOMENTS = ("float32", "bfloat16")          # AdamW moment storage
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
@@ -26,8 +27,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if moments == "bfloat16":
         return AdamWLowPrecisionMoments(groups, lr=lr, betas=betas, eps=eps)
-    if moments != "float32":
-        raise UserError(f"--adam-moments {moments!r}: choose float32 or bfloat16")
+    if moments not in MOMENTS:
+        raise UserError(f"--adam-moments {moments!r}: choose one of {', '.join(MOMENTS)}")
     # foreach=True: one fused update for all tensors instead of a Python loop (faster on CPU and GPU)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
 

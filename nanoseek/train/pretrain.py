@@ -36,7 +36,8 @@ from ..data.loader import PackedLoader, document_mask, fixed_batches
 from ..model import Transformer
 from ..model.moe import balance_loss, max_violation, update_bias
 from .compiled import StepCompiler
-from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from ..quant.fp8 import SCALE_FORMATS
+from .optim import MOMENTS, build_optimizer, clip_grad_norm, lr_at, set_lr
 
 
 @dataclass
@@ -86,10 +87,10 @@ class PretrainConfig:
                                                        "activation tiles, 128x128 weight blocks) on every block "
                                                        "linear and expert (nanoseek/quant/fp8.py)"})
     fp8_scales: str = field(default="fp32", metadata={"help": "FP8 scale format: fp32, or ue8m0 (powers of two)",
-                                                       "choices": ["fp32", "ue8m0"]})
+                                                       "choices": list(SCALE_FORMATS)})
     adam_moments: str = field(default="float32", metadata={"help": "AdamW moment storage (bfloat16 halves the "
                                                                     "optimizer state, as in V3)",
-                                                            "choices": ["float32", "bfloat16"]})
+                                                            "choices": list(MOMENTS)})
     save_fp8: bool = field(default=False, metadata={"help": "write OUT/final in DeepSeek's FP8 checkpoint format "
                                                             "(e4m3 weights + 128x128 weight_scale_inv)"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = all cores)"})
@@ -220,10 +221,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
     if cfg.lr <= 0 or not math.isfinite(cfg.lr):
         raise UserError(f"--lr must be a positive number (got {cfg.lr})")
-    if cfg.fp8_scales not in ("fp32", "ue8m0"):
-        raise UserError(f"--fp8-scales {cfg.fp8_scales!r}: choose fp32 or ue8m0")
-    if cfg.adam_moments not in ("float32", "bfloat16"):
-        raise UserError(f"--adam-moments {cfg.adam_moments!r}: choose float32 or bfloat16")
+    if cfg.fp8_scales not in SCALE_FORMATS:          # (checked again where used; here before any work)
+        raise UserError(f"--fp8-scales {cfg.fp8_scales!r}: choose one of {', '.join(SCALE_FORMATS)}")
+    if cfg.adam_moments not in MOMENTS:
+        raise UserError(f"--adam-moments {cfg.adam_moments!r}: choose one of {', '.join(MOMENTS)}")
     set_threads(cfg.threads or None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .. import args as argparse_dc
 from ..common import (UserError, autocast, read_jsonl, autodetect_device, compute_dtype, print0, progress, seed_everything,
                       set_threads)
+from ..quant.fp8 import SCALE_FORMATS
 from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 
 
@@ -41,7 +42,7 @@ class SFTConfig:
     device: str | None = field(default=None, metadata={"help": "cpu | cuda"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = all)"})
     fp8: bool = field(default=False, metadata={"help": "FP8 training (DeepSeek-V3's fine-grained recipe)"})
-    fp8_scales: str = field(default="fp32", metadata={"help": "FP8 scale format", "choices": ["fp32", "ue8m0"]})
+    fp8_scales: str = field(default="fp32", metadata={"help": "FP8 scale format", "choices": list(SCALE_FORMATS)})
     save_fp8: bool = field(default=False, metadata={"help": "write OUT/final in DeepSeek's FP8 checkpoint format"})
 
 
