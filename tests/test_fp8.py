@@ -246,6 +246,15 @@ def test_bf16_adam_moments_match_adamw():
         ref.step(), same.step(), low.step()
     torch.testing.assert_close(p32, pt, rtol=1e-6, atol=1e-6)
     assert (p16 - pt).abs().max() < 1e-3 and low.state[p16]["exp_avg"].dtype == torch.bfloat16
+    # resume: a reloaded optimizer keeps bf16 moments and continues exactly as the original
+    q16 = torch.nn.Parameter(p16.detach().clone())
+    again = AdamWLowPrecisionMoments([q16], **kw)
+    again.load_state_dict(low.state_dict())
+    assert again.state[q16]["exp_avg_sq"].dtype == torch.bfloat16
+    g = torch.randn(40, 30)
+    p16.grad, q16.grad = g.clone(), g.clone()
+    low.step(), again.step()
+    assert torch.equal(p16, q16)
     with pytest.raises(nanoseek.common.UserError, match="adam-moments"):
         build_optimizer(torch.nn.Linear(2, 2), 1e-3, moments="fp8")
 

@@ -43,6 +43,15 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.moment_dtype = dtype
 
+    def load_state_dict(self, state_dict) -> None:
+        """torch's loader casts saved state to each parameter's dtype (fp32); the moments go back to
+        their storage dtype, so a resumed run rounds them exactly as an uninterrupted one."""
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    st[k] = st[k].to(self.moment_dtype)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
@@ -57,7 +66,7 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
                     st["step"] = torch.zeros((), dtype=torch.float32)
                     st["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
-                st["step"] += 1
+                st["step"] = st["step"] + 1          # a new tensor: a loaded state may share the old one
                 t = float(st["step"])
                 g = p.grad.float()
                 m = st["exp_avg"].float().lerp_(g, 1 - b1)
