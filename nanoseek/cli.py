@@ -19,6 +19,8 @@ VERBS = {
     "distill": ("nanoseek.train.distill", "distil a teacher's traces into a small dense student"),
     "eval": ("nanoseek.train.evaluate", "pass@1 / cons@k on a verifiable task"),
     "r1-zero": ("nanoseek.train.r1_zero", "the main job: pretrain -> pure RL -> eval -> distill, with a report"),
+    "pp-sim": ("nanoseek.distributed.pp_sim", "simulate pipeline schedules: bubble and memory per rank"),
+    "eplb": ("nanoseek.distributed.eplb", "place experts (with redundant replicas) from recorded loads; per-rank load before/after"),
 }
 
 

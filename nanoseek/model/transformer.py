@@ -114,4 +114,4 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return next(self.parameters()).device     # (a pipeline stage's copy may hold no embedding)

@@ -20,11 +20,15 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
                     betas=(0.9, 0.95), eps: float = 1e-8, moments: str = "float32") -> torch.optim.Optimizer:
     """AdamW; `moments="bfloat16"` keeps both moments in bf16 (V3's FP8 recipe: half the optimizer
     state, no observed loss difference) while master weights and the update math stay fp32."""
-    decay, no_decay = [], []
+    # foreach updates need the tensors of one group to be all DTensors (FSDP2 shards) or all plain
+    # (expert-parallel slices stay plain), hence one group per (decay, kind)
+    buckets: dict[tuple[bool, bool], list] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            buckets.setdefault((p.dim() >= 2, hasattr(p, "to_local")), []).append(p)
+    groups = [{"params": buckets.get((True, kind), []), "weight_decay": weight_decay} for kind in (False, True)] + \
+             [{"params": buckets.get((False, kind), []), "weight_decay": 0.0} for kind in (False, True)]
+    groups = [g for g in groups if g["params"]]
     if moments == "bfloat16":
         return AdamWLowPrecisionMoments(groups, lr=lr, betas=betas, eps=eps)
     if moments not in MOMENTS:

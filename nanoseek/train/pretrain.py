@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from .. import args as argparse_dc
 from ..checkpoint.hf import save_pretrained
 from ..checkpoint.state import load_latest, save_checkpoint
-from ..common import (UserError, autocast, autodetect_device, compute_dtype, print0, progress, rng_state,
+from ..common import (UserError, autocast, autodetect_device, compute_dtype, print0, progress, rank, rng_state,
                       seed_everything, set_rng_state, set_threads)
 from ..config import load_preset
 from ..data.corpus import load_documents, synthetic_documents
 from ..data.loader import PackedLoader, document_mask, fixed_batches
+from ..distributed.mesh import PP_SCHEDULES
 from ..model import Transformer
 from ..model.moe import balance_loss, max_violation, update_bias
 from .compiled import StepCompiler
@@ -93,6 +94,17 @@ class PretrainConfig:
                                                             "choices": list(MOMENTS)})
     save_fp8: bool = field(default=False, metadata={"help": "write OUT/final in DeepSeek's FP8 checkpoint format "
                                                             "(e4m3 weights + 128x128 weight_scale_inv)"})
+    dp_shard: int = field(default=1, metadata={"help": "FSDP2: shard parameters, gradients and AdamW state over "
+                                                        "N data-parallel ranks (ZeRO-3); needs torchrun"})
+    zero: int = field(default=3, metadata={"help": "with --dp-shard: 3 reshards parameters after forward, 2 keeps "
+                                                   "them gathered until backward", "choices": [2, 3]})
+    ep: int = field(default=1, metadata={"help": "expert parallelism: split the routed experts over N ranks "
+                                                 "(all-to-all dispatch/combine); needs torchrun"})
+    pp: int = field(default=1, metadata={"help": "pipeline parallelism over N ranks; needs torchrun"})
+    pp_schedule: str = field(default="dualpipev", metadata={"help": "pipeline schedule (V-shaped ones keep "
+                                                                    "embedding and head on one rank, as MTP needs)",
+                                                            "choices": list(PP_SCHEDULES)})
+    pp_microbatches: int = field(default=0, metadata={"help": "micro-batches per pipeline step (0 = one per stage)"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = all cores)"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots at the end"})
 
@@ -100,7 +112,9 @@ class PretrainConfig:
 # -------------------------------------------------------------------------------------------------
 # pieces
 
-def prepare_tokenizer(cfg: PretrainConfig, docs: list[str], out: Path):
+def prepare_tokenizer(cfg: PretrainConfig, docs: list[str], out: Path, distributed: bool = False):
+    """The given tokenizer, the run's (on resume), or one trained on the corpus. Under torchrun every
+    rank trains the same one (BPE training is deterministic) and rank 0 writes it."""
     from ..tokenizer import Tokenizer
 
     tok_dir = out / "tokenizer"
@@ -110,7 +124,8 @@ def prepare_tokenizer(cfg: PretrainConfig, docs: list[str], out: Path):
         return Tokenizer.load(tok_dir)
     print0(f"training a {cfg.vocab_size}-token BPE tokenizer on {min(len(docs), 20000):,} documents")
     tok = Tokenizer.train(docs[:20000], vocab_size=cfg.vocab_size)
-    tok.save(tok_dir)
+    if not distributed or rank() == 0:
+        tok.save(tok_dir)
     return tok
 
 
@@ -162,34 +177,90 @@ def mtp_targets(batch: torch.Tensor, k: int, mask: torch.Tensor | None = None,
     return torch.cat([y, y.new_full((y.shape[0], k), -100)], dim=1)
 
 
-def forward_losses(model: Transformer, batch: torch.Tensor, cfg: PretrainConfig,
-                   mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """batch (B,T+1) ids; mask (B,T+1) optional per-token loss mask (of the same tokens)."""
+@dataclass
+class LossNorm:
+    """Denominators of one optimizer step's mean losses, counted over its whole global batch (every
+    micro-batch, every data-parallel rank): a micro-batch's loss is its sum over tokens divided by
+    these, so the shares of all micro-batches and ranks add up to the loss of one process on the
+    whole batch, and so do their gradients (what makes --grad-accum, --dp-shard, --ep and --pp equal
+    one big batch)."""
+    tokens: int                 # scored next-token targets
+    mtp: list[int]              # scored targets per MTP depth
+    seqs: int                   # sequences (the sequence-wise balance loss is a mean over them)
+
+
+def doc_ids(batch: torch.Tensor, bos: int) -> torch.Tensor:
+    return (batch == bos).cumsum(dim=1)
+
+
+def loss_norm(batches: list[tuple[torch.Tensor, torch.Tensor | None]], cfg: PretrainConfig, bos: int,
+              mtp_depths: int) -> LossNorm:
+    """Count the targets of a step's (batch, mask) pairs (each (B,T+1)), before any forward."""
+    tokens, mtp, seqs = 0, [0] * mtp_depths, 0
+    for batch, mask in batches:
+        seqs += batch.shape[0]
+        tokens += int((mask[:, 1:] != 0).sum()) if mask is not None else batch[:, 1:].numel()
+        doc = doc_ids(batch, bos) if cfg.doc_mask else None
+        for k in range(1, mtp_depths + 1):
+            mtp[k - 1] += int((mtp_targets(batch, k, mask, doc) != -100).sum())
+    return LossNorm(tokens, mtp, seqs)
+
+
+def head_losses(model: Transformer, h: torch.Tensor, batch: torch.Tensor, cfg: PretrainConfig, norm: LossNorm,
+                mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Next-token and MTP losses (this micro-batch's shares, see LossNorm) from the main model's last
+    hidden state h (B,T,D) of the window batch (B,T+1)."""
     x = batch[:, :-1]
     y = batch[:, 1:] if mask is None else batch[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     positions = attn = doc = None
     if cfg.doc_mask:
-        bos = model.cfg.bos_token_id
-        positions, attn = document_mask(x, bos)
-        doc = (batch == bos).cumsum(dim=1)
-    h = model.hidden(x, positions, mask=attn)
+        positions, attn = document_mask(x, model.cfg.bos_token_id)
+        doc = doc_ids(batch, model.cfg.bos_token_id)
     V = model.cfg.vocab_size
-    losses = {"loss": F.cross_entropy(model.logits(h).float().view(-1, V), y.reshape(-1), ignore_index=-100)}
+
+    def ce(logits, target, count):
+        return F.cross_entropy(logits.float().view(-1, V), target.reshape(-1), ignore_index=-100,
+                               reduction="sum") / max(count, 1)
+    losses = {"loss": ce(model.logits(h), y, norm.tokens)}
     if cfg.mtp_lambda > 0 and len(model.mtp):
-        mtp = [F.cross_entropy(model.mtp_logits(hk, k).float().view(-1, V),
-                               mtp_targets(batch, k, mask, doc).reshape(-1), ignore_index=-100)
+        mtp = [ce(model.mtp_logits(hk, k), mtp_targets(batch, k, mask, doc), norm.mtp[k - 1])
                for k, hk in enumerate(model.mtp_hidden(h, x, positions, mask=attn), start=1)]
         losses["mtp_loss"] = torch.stack(mtp).mean()
+    return losses
+
+
+def balance_share(moes, n_seq: int, cfg: PretrainConfig, norm: LossNorm) -> torch.Tensor | None:
+    """The balance loss of the MoE layers that just ran forward (this micro-batch's share of the
+    step's), resetting their routing records. Sequence-wise (--balance bias) it is an exact share of
+    the global batch's; the classic batch-level loss (--balance aux) is computed per micro-batch and
+    rank, as Megatron does, weighted by its share of the sequences."""
     alpha, per_seq = ((cfg.seq_aux_alpha, True) if cfg.balance == "bias" else
                       (cfg.aux_alpha, False) if cfg.balance == "aux" else (0.0, True))
-    routed = [m for m in model.moe_layers() if m.last_scores is not None]   # MTP's MoE is idle without MTP loss
+    routed = [m for m in moes if m.last_scores is not None]    # MTP's MoE is idle without MTP loss
+    share = None
     if alpha > 0 and routed:
-        terms = [balance_loss(m.last_scores, m.last_idx, x.shape[0], per_seq) for m in routed]
-        losses["balance_loss"] = alpha * torch.stack(terms).sum()
-    for m in model.moe_layers():
+        terms = [balance_loss(m.last_scores, m.last_idx, n_seq, per_seq) for m in routed]
+        share = alpha * torch.stack(terms).sum() * (n_seq / norm.seqs)
+    for m in moes:
         m.last_scores = m.last_idx = None
-    total = losses["loss"] + cfg.mtp_lambda * losses.get("mtp_loss", 0.0) + losses.get("balance_loss", 0.0)
-    losses["total"] = total
+    return share
+
+
+def forward_losses(model: Transformer, batch: torch.Tensor, cfg: PretrainConfig,
+                   mask: torch.Tensor | None = None, norm: LossNorm | None = None) -> dict[str, torch.Tensor]:
+    """batch (B,T+1) ids; mask (B,T+1) optional per-token loss mask (of the same tokens). `norm`: the
+    step's global counts (default: this batch alone, i.e. plain means)."""
+    if norm is None:
+        norm = loss_norm([(batch, mask)], cfg, model.cfg.bos_token_id, len(model.mtp))
+    x = batch[:, :-1]
+    positions = attn = None
+    if cfg.doc_mask:
+        positions, attn = document_mask(x, model.cfg.bos_token_id)
+    losses = head_losses(model, model.hidden(x, positions, mask=attn), batch, cfg, norm, mask)
+    bal = balance_share(model.moe_layers(), x.shape[0], cfg, norm)
+    if bal is not None:
+        losses["balance_loss"] = bal
+    losses["total"] = losses["loss"] + cfg.mtp_lambda * losses.get("mtp_loss", 0.0) + losses.get("balance_loss", 0.0)
     return losses
 
 
@@ -225,19 +296,16 @@ def pretrain(cfg: PretrainConfig) -> dict:
         raise UserError(f"--fp8-scales {cfg.fp8_scales!r}: choose one of {', '.join(SCALE_FORMATS)}")
     if cfg.adam_moments not in MOMENTS:
         raise UserError(f"--adam-moments {cfg.adam_moments!r}: choose one of {', '.join(MOMENTS)}")
+    layout = distributed_layout(cfg)
     set_threads(cfg.threads or None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = autodetect_device(cfg.device)
     seed_everything(cfg.seed)
 
-    resumed = load_latest(out / "checkpoints") if cfg.resume else None
-    if cfg.resume and resumed is None:
-        print0(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
-
     t0 = time.perf_counter()
     train_docs, val_docs = build_documents(cfg)
-    tok = prepare_tokenizer(cfg, train_docs, out)
+    tok = prepare_tokenizer(cfg, train_docs, out, layout is not None)
     train_ids, val_ids = encode_docs(tok, train_docs), encode_docs(tok, val_docs)
     train_masks = assistant_masks(tok, train_ids) if cfg.loss_on == "assistant" else None
     n_tok = sum(len(d) for d in train_ids)
@@ -249,61 +317,103 @@ def pretrain(cfg: PretrainConfig) -> dict:
                         f"{mcfg.max_position_embeddings}")
     dtype = compute_dtype(device, cfg.dtype, mcfg.hidden_size, cfg.batch_size * cfg.seq_len)
     model = Transformer(mcfg).init_weights(cfg.seed).to(device).train()
+    n_params, n_mtp = model.num_params(), model.num_params(True) - model.num_params()
+    par = pipe = None
+    if layout is not None:       # nanoseek/distributed applies the layout from outside the model
+        from ..distributed.mesh import check_layout, init
+        from ..distributed.parallelize import Parallel
+
+        check_layout(layout, mcfg, cfg.batch_size, cfg.mtp_lambda > 0 and mcfg.num_nextn_predict_layers > 0)
+        d = init(layout, device)
+        device = d.device
+        if layout.pp > 1:
+            from ..distributed.pipeline import prune
+            prune(model, layout, d.pp_rank)
     if cfg.fp8:
         from ..quant.fp8 import enable_training
         enable_training(model, cfg.fp8_scales)
+    if layout is not None:
+        par = Parallel(d, model, dtype, zero2=cfg.zero == 2)
+        print0(f"distributed: {par.describe()}")
+        if layout.pp > 1:
+            from ..distributed.pipeline import PipelineStep
+            pipe = PipelineStep(model, d, cfg, par.loss_scale, head_losses, balance_share,
+                                (cfg.batch_size // layout.dp // layout.microbatches, cfg.seq_len, mcfg.hidden_size))
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, moments=cfg.adam_moments)
     loader = PackedLoader(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed, masks=train_masks)
     val_batches = fixed_batches(val_ids, cfg.batch_size, cfg.seq_len, cfg.val_batches,
                                 assistant_masks(tok, val_ids) if train_masks is not None else None)
+    if pipe is not None and val_batches:
+        print0("--pp: validation runs once, on the gathered model at the end")
     step = 0
-    if resumed:
-        state, path = resumed
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        print0(f"resumed from {path} at step {step}")
+    if cfg.resume:
+        step = _resume(out, model, opt, loader, par)
     metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step)
+    if rank() == 0:
+        _truncate_metrics(metrics_path, step)
 
-    n_params = model.num_params()
-    print0(f"model: {mcfg.name}, {n_params:,} params (+{model.num_params(True) - n_params:,} MTP), "
+    print0(f"model: {mcfg.name}, {n_params:,} params (+{n_mtp:,} MTP), "
            f"device {device}, matmuls in {str(dtype).removeprefix('torch.')}, "
            f"{cfg.batch_size * cfg.seq_len * cfg.grad_accum:,} tokens/step")
 
     def checkpoint(at: int):
-        save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "data": loader.state_dict(),
-                         "rng": rng_state(), "step": at, "config": asdict(cfg), "model_config": mcfg.to_dict()},
-                        out / "checkpoints", at, keep=cfg.keep)
+        train_state = {"data": loader.state_dict(), "rng": rng_state(), "step": at, "config": asdict(cfg),
+                       "model_config": mcfg.to_dict()}
+        if par is None:
+            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), **train_state},
+                            out / "checkpoints", at, keep=cfg.keep)
+        else:
+            from ..distributed import checkpoint as dcp_ckpt
+            dcp_ckpt.save(out / "checkpoints" / f"step_{at:06d}", model, opt, par, train_state, keep=cfg.keep)
 
-    compiler = StepCompiler(model, cfg.compile, f"{mcfg.name}|{mcfg.hidden_size}x{mcfg.num_hidden_layers}|"
+    compile_policy = cfg.compile
+    if par is not None and compile_policy != "off":
+        compile_policy = "off"
+        print0("distributed: the training step runs eager (torch.compile under FSDP/EP/pipelining is not wired yet)")
+    compiler = StepCompiler(model, compile_policy, f"{mcfg.name}|{mcfg.hidden_size}x{mcfg.num_hidden_layers}|"
                             f"{cfg.batch_size}x{cfg.seq_len}|{str(dtype).removeprefix('torch.')}|mtp{cfg.mtp_lambda > 0}"
                             f"{'|fp8' if cfg.fp8 else ''}")
     bad_in_a_row, skipped = 0, 0
+    memory = None
     bar = progress(total=cfg.max_steps, initial=step, desc="pretrain")
-    with metrics_path.open("a") as mf:
+    with _open_metrics(metrics_path) as mf:
         while step < cfg.max_steps:
             t_step = time.perf_counter()
             lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.schedule, cfg.warmup, cfg.min_lr_ratio)
             set_lr(opt, lr)
+            micro = []
+            for _ in range(cfg.grad_accum):
+                batch = loader.next_batch()
+                batch, mask = (batch[0], batch[1]) if train_masks is not None else (batch, None)
+                micro.append((batch, mask))
+            norm = loss_norm(micro, cfg, mcfg.bos_token_id, mcfg.num_nextn_predict_layers if cfg.mtp_lambda > 0 else 0)
             logs: dict[str, float] = {}
             finite = True
-            for _ in range(cfg.grad_accum):
-                batch, mask = loader.next_batch(), None
-                if train_masks is not None:
-                    batch, mask = batch[0].to(device), batch[1].to(device)
-                batch = batch.to(device)
+            for batch, mask in micro:
+                if par is not None:
+                    batch, mask = par.local_rows(batch), (par.local_rows(mask) if mask is not None else None)
+                batch, mask = batch.to(device), (mask.to(device) if mask is not None else None)
                 with autocast(device, dtype):
-                    losses = forward_losses(model, batch, cfg, mask)
-                if not torch.isfinite(losses["total"]):
-                    finite = False
-                    break
-                (losses["total"] / cfg.grad_accum).backward()
-                for k, v in losses.items():
-                    logs[k] = logs.get(k, 0.0) + v.item() / cfg.grad_accum
-            grad_norm = clip_grad_norm(model, cfg.grad_clip) if finite else float("nan")
+                    if pipe is not None:
+                        shares = pipe.run(batch, mask, norm)
+                    else:
+                        losses = forward_losses(model, batch, cfg, mask, norm)
+                        shares = {k: v.item() for k, v in losses.items() if k != "total"}
+                if pipe is None:
+                    if par is None and not torch.isfinite(losses["total"]):
+                        finite = False     # one process: skip the backward; with several, all ranks must run it
+                        break
+                    (losses["total"] * (par.loss_scale if par is not None else 1.0)).backward()
+                for k, v in shares.items():
+                    logs[k] = logs.get(k, 0.0) + v
+            if par is not None:
+                logs = par.reduce_logs(logs)
+                finite = all(math.isfinite(v) for v in logs.values())
+                par.sync_grads()
+                grad_norm = par.clip_grad_norm(cfg.grad_clip)
+            else:
+                grad_norm = clip_grad_norm(model, cfg.grad_clip) if finite else float("nan")
+            logs["total"] = logs.get("loss", 0.0)
             if finite and math.isfinite(grad_norm):
                 opt.step()
                 bad_in_a_row = 0
@@ -314,9 +424,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 if bad_in_a_row >= cfg.max_bad_steps:
                     raise UserError(f"stopping: {bad_in_a_row} non-finite steps in a row at step {step}. "
                                     "Lower --lr, raise --warmup or use --dtype float32.")
+            if memory is None and par is not None:
+                from ..distributed.parallelize import report_memory
+                memory = report_memory(model, opt)
             opt.zero_grad(set_to_none=True)
             gamma = cfg.bias_gamma if cfg.balance == "bias" and finite else 0.0
-            loads = [update_bias(m, gamma) for m in model.moe_layers()]
+            moes = model.moe_layers()
+            if par is not None:
+                par.reduce_expert_load(moes)
+            loads = [update_bias(m, gamma) for m in moes]
+            if par is not None and layout.pp > 1:
+                loads = _pipeline_loads(par, model, loads)
             step += 1
             dt = time.perf_counter() - t_step
             compiler.after_step(step, cfg.max_steps, dt)
@@ -325,10 +443,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
                    "max_violation": [round(max_violation(l), 4) for l in loads], "skipped_steps": skipped}
             if loads:
                 rec["max_violation_mean"] = round(float(np.mean(rec["max_violation"])), 4)
-            if val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            if pipe is None and val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
                 rec["val_loss"] = round(evaluate(model, val_batches, device, dtype, cfg.doc_mask), 5)
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
+            if mf is not None:
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
@@ -336,8 +455,28 @@ def pretrain(cfg: PretrainConfig) -> dict:
     bar.close()
     checkpoint(step)
     final = out / "final"
-    save_pretrained(model.eval(), final, tokenizer=tok, fp8=cfg.save_fp8)
-    records = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+    if par is None:
+        save_pretrained(model.eval(), final, tokenizer=tok, fp8=cfg.save_fp8)
+    else:
+        from ..distributed.checkpoint import export_full_state_dict
+        full_sd = export_full_state_dict(model, par)
+        memories = _gather_objects(memory)
+        if rank() == 0:
+            full = Transformer(mcfg)
+            if cfg.fp8:
+                from ..quant.fp8 import convert
+                convert(full)
+            full.load_state_dict(full_sd)
+            full = full.eval()
+            save_pretrained(full, final, tokenizer=tok, fp8=cfg.save_fp8)
+            if pipe is not None and val_batches:
+                val = round(evaluate(full.train(), val_batches, torch.device("cpu"), dtype, cfg.doc_mask), 5)
+                records = _read_metrics(metrics_path)
+                records[-1]["val_loss"] = val
+                metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if rank() != 0:
+        return {}
+    records = _read_metrics(metrics_path)
     summary = {"steps": step, "final_loss": records[-1].get("loss") if records else None,
                "first_loss": records[0].get("loss") if records else None,
                "val_loss": next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None),
@@ -345,6 +484,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
                "tokens_per_s": float(np.median([r["tokens_per_s"] for r in records[-20:]])) if records else None,
                "skipped_steps": skipped, "params": n_params, "final_model": str(final),
                "seconds": round(time.perf_counter() - t0, 1)}
+    if par is not None:
+        summary["layout"] = par.describe()
+        summary["rank_memory"] = memories
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if cfg.plots:
         from .plots import plot_pretrain
@@ -352,6 +494,83 @@ def pretrain(cfg: PretrainConfig) -> dict:
     print0(f"done: loss {summary['first_loss']} -> {summary['final_loss']}, val {summary['val_loss']}; "
            f"model in {final}")
     return summary
+
+
+# -------------------------------------------------------------------------------------------------
+# distributed plumbing (the parallelism itself lives in nanoseek/distributed/)
+
+def distributed_layout(cfg: PretrainConfig):
+    """The --dp-shard/--ep/--pp layout when launched by torchrun (even with all of them 1), else None."""
+    from ..distributed.mesh import Layout, launched_with_torchrun
+
+    wanted = cfg.dp_shard > 1 or cfg.ep > 1 or cfg.pp > 1
+    if not launched_with_torchrun():
+        if wanted:
+            n = cfg.dp_shard * cfg.ep * cfg.pp
+            raise UserError(f"--dp-shard/--ep/--pp need one process per rank: launch with "
+                            f"`torchrun --nproc_per_node {n} -m nanoseek pretrain ...`")
+        return None
+    import os
+    return Layout(world=int(os.environ["WORLD_SIZE"]), dp_shard=cfg.dp_shard, ep=cfg.ep, pp=cfg.pp,
+                  pp_schedule=cfg.pp_schedule, pp_microbatches=cfg.pp_microbatches)
+
+
+def _resume(out: Path, model, opt, loader, par) -> int:
+    """Restore the newest checkpoint (a .pt file from one process, or a DCP directory from any layout)."""
+    if par is not None:
+        from ..distributed import checkpoint as dcp_ckpt
+        path = dcp_ckpt.latest(out / "checkpoints")
+        if path is None:
+            print0(f"--resume: no distributed checkpoint in {out / 'checkpoints'}; starting from scratch")
+            return 0
+        state = dcp_ckpt.load(path, model, opt, par)
+    else:
+        resumed = load_latest(out / "checkpoints")
+        if resumed is None:
+            print0(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
+            return 0
+        state, path = resumed
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    print0(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+def _pipeline_loads(par, model, loads):
+    """Per-layer expert loads of every pipeline rank, for the metrics (rank 0 writes them)."""
+    import torch.distributed as dist
+    mine = {id(m): l for m, l in zip(model.moe_layers(), loads)}
+    named = {n: mine[id(m)] for n, m in model.named_modules() if id(m) in mine}
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, named)
+    merged = {}
+    for p in parts:
+        merged.update(p)
+    return [merged[k] for k in sorted(merged, key=_layer_order)]
+
+
+def _layer_order(name: str):
+    head, idx = name.split(".")[:2]
+    return (head != "layers", int(idx))
+
+
+def _gather_objects(obj):
+    import torch.distributed as dist
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def _open_metrics(path: Path):
+    """The metrics file, appended by rank 0 only."""
+    from contextlib import nullcontext
+    return path.open("a") if rank() == 0 else nullcontext(None)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -1,0 +1,123 @@
+"""Expert parallelism: the routed experts of every MoE layer split over the EP ranks, tokens moved to
+their experts and back with two uneven all-to-alls (V3 sec. 3.2.2, DeepEP's dispatch/combine).
+
+Shape legend: T local tokens, K experts per token, E routed experts, El = E / ep local experts, N rows
+received by this rank, D hidden.
+
+    route (replicated gate, local tokens)  ->  (T, K) expert ids and weights
+    dispatch: sort the T*K (token, expert) pairs by the expert's physical slot (rank-major), exchange
+              per-expert counts (one small all_to_all), then all_to_all the token rows with uneven
+              splits: rank r receives every pair routed to one of its El experts, grouped by source
+              rank and, within one, by local expert
+    experts:  the received rows through this rank's El experts in the per-expert contiguous layout
+              (`sorted_experts`, the same padded GEMMs as one process; an FP8 GEMM plugs in as there)
+    combine:  the reverse all_to_all, then each row times its routing weight, summed into its token
+
+Both all-to-alls carry autograd (their backward is the opposite exchange), so the gradients of the
+local expert weights are those of the tokens of every rank in the EP group. What keeps EP training
+equal to one process: the router, the shared expert and everything dense are replicated, the
+auxiliary-loss-free bias update sees the load all-reduced over the data-parallel group (the
+trainer does that), and each expert's gradient is summed over the ranks that replicate it (`edp`).
+
+Placement: by default expert e lives on rank e // El. `placement` (a permutation of the E experts,
+e.g. from EPLB without redundant replicas, `nanoseek eplb`) puts logical expert phy2log[s] in
+physical slot s instead; checkpoints keep logical order, so a new placement can be applied at any
+checkpoint boundary. Redundant replicas (two slots holding one expert) are not supported in training:
+their weights would have to stay identical, which needs a gradient all-reduce between the replicas.
+
+Left out: overlapping the all-to-alls with compute (DualPipe's F&B pairing), FP8 dispatch payloads,
+DeepEP's NVLink/RDMA kernels; on gloo the exchange is synchronous.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+from torch import nn
+
+from ..common import UserError
+from ..model.moe import Experts, MoE, sorted_experts
+
+
+class ExpertParallelExperts(nn.Module):
+    """This rank's El experts (w13 (El, 2F, D), w2 (El, D, F), same names as `Experts`) plus the
+    dispatch/combine around them. `slot_of` (E,) maps a logical expert to its physical slot."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, slot_of: torch.Tensor, group, ep: int, mm=None):
+        super().__init__()
+        self.w13, self.w2 = nn.Parameter(w13), nn.Parameter(w2)
+        self.register_buffer("slot_of", slot_of, persistent=False)
+        self.group, self.ep, self.mm = group, ep, mm
+
+    def forward(self, x_TD, weights_TK, idx_TK, impl: str):
+        T, K = idx_TK.shape
+        E, El = self.slot_of.numel(), self.w13.shape[0]
+        slot = self.slot_of[idx_TK.flatten()]                                  # (T*K,)
+        order = slot.argsort(stable=True)
+        token = order // K
+        xs = x_TD.index_select(0, token)
+        counts = torch.bincount(slot, minlength=E)                            # pairs per physical slot
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)         # (ep, El): for my experts
+        send = counts.view(self.ep, El).sum(1).tolist()
+        recv_counts = recv_counts.view(self.ep, El)
+        recv = recv_counts.sum(1).tolist()
+        xr = wait_tensor(all_to_all_single_autograd(xs, recv, send, self.group))
+        local = torch.arange(El, device=x_TD.device).repeat(self.ep).repeat_interleave(recv_counts.flatten())
+        ones = torch.ones(local.numel(), 1, dtype=weights_TK.dtype, device=x_TD.device)
+        impl = "grouped" if impl == "grouped" else "loop" if impl == "loop" else "padded"
+        yr = sorted_experts(xr, ones, local.unsqueeze(1), self.w13, self.w2, impl, mm=self.mm)
+        ys = wait_tensor(all_to_all_single_autograd(yr.contiguous(), send, recv, self.group))
+        ys = ys * weights_TK.flatten()[order].unsqueeze(1).to(ys.dtype)
+        return torch.zeros_like(x_TD, dtype=ys.dtype).index_add_(0, token, ys)
+
+
+def identity_placement(n_experts: int) -> torch.Tensor:
+    return torch.arange(n_experts)
+
+
+def check_placement(phy2log: torch.Tensor, n_experts: int) -> torch.Tensor:
+    p = torch.as_tensor(phy2log, dtype=torch.long)
+    if p.dim() != 1 or p.numel() != n_experts or not torch.equal(p.sort().values, torch.arange(n_experts)):
+        raise UserError(f"expert placement: expected a permutation of the {n_experts} experts (EPLB with "
+                        "--redundant 0); redundant replicas are not supported in training")
+    return p
+
+
+def apply_expert_parallel(model: nn.Module, group, ep: int, ep_rank: int,
+                          placements: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Replace every MoE's experts (main and MTP blocks) with this rank's slice and the all-to-all
+    around it, in place; returns the parameter names now holding slices. `placements` maps a MoE's
+    module name to its phy2log permutation (default: expert e on rank e // El)."""
+    names = []
+    for name, moe in list(model.named_modules()):
+        if not isinstance(moe, MoE):
+            continue
+        experts = moe.experts
+        if not isinstance(experts, Experts):
+            raise UserError(f"expert parallelism: {name}.experts is a {type(experts).__name__}; apply EP once, "
+                            "after FP8 conversion")
+        E = experts.w13.shape[0]
+        El = E // ep
+        phy2log = check_placement((placements or {}).get(name, identity_placement(E)), E)
+        mine = phy2log[ep_rank * El:(ep_rank + 1) * El]
+        slot_of = torch.empty_like(phy2log)
+        slot_of[phy2log] = torch.arange(E)
+        recipe = getattr(experts, "recipe", None)
+        mm = None
+        if recipe is not None:                      # FP8Experts: keep its FP8 GEMMs
+            import functools
+
+            from ..quant.fp8 import fp8_matmul
+            mm = functools.partial(fp8_matmul, recipe=recipe)
+        with torch.no_grad():
+            w13 = experts.w13.detach()[mine].clone()
+            w2 = experts.w2.detach()[mine].clone()
+        moe.experts = ExpertParallelExperts(w13, w2, slot_of.to(w13.device), group, ep, mm)
+        moe.experts.phy2log = phy2log
+        names += [f"{name}.experts.w13", f"{name}.experts.w2"]
+    return names
+
+
+def expert_modules(model: nn.Module) -> dict[str, ExpertParallelExperts]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ExpertParallelExperts)}
