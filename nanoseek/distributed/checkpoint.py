@@ -105,7 +105,10 @@ def load(path: Path, model: nn.Module, opt, par) -> dict:
         msd = _unwrap(msd, names)
         osd = dict(osd)
         osd["state"] = _unwrap(osd["state"], names)
+    built = [g.get("foreach") for g in opt.param_groups]
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    for g, foreach in zip(opt.param_groups, built):    # an implementation choice of this layout, not state
+        g["foreach"] = foreach
     return torch.load(Path(path) / "train_state.pt", weights_only=False)
 
 

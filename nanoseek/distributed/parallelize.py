@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..common import print0
 from .expert_parallel import apply_expert_parallel, expert_modules
 from .mesh import Dist, all_reduce
 
@@ -138,17 +137,3 @@ class Parallel:
 
     def describe(self) -> str:
         return self.lay.describe()
-
-
-def report_memory(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of parameters and optimizer state this rank holds (local shards only)."""
-    def local(t):
-        return t.to_local() if hasattr(t, "to_local") else t
-    params = sum(local(p).numel() * local(p).element_size() for p in model.parameters())
-    state = sum(local(v).numel() * local(v).element_size() for s in opt.state.values() for v in s.values()
-                if torch.is_tensor(v) and v.dim() > 0)
-    return {"param_bytes": params, "optimizer_bytes": state}
-
-
-def print_layout(par: Parallel) -> None:
-    print0(f"distributed: {par.describe()}")

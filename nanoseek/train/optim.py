@@ -20,21 +20,21 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
                     betas=(0.9, 0.95), eps: float = 1e-8, moments: str = "float32") -> torch.optim.Optimizer:
     """AdamW; `moments="bfloat16"` keeps both moments in bf16 (V3's FP8 recipe: half the optimizer
     state, no observed loss difference) while master weights and the update math stay fp32."""
-    # foreach updates need the tensors of one group to be all DTensors (FSDP2 shards) or all plain
-    # (expert-parallel slices stay plain), hence one group per (decay, kind)
-    buckets: dict[tuple[bool, bool], list] = {}
+    decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            buckets.setdefault((p.dim() >= 2, hasattr(p, "to_local")), []).append(p)
-    groups = [{"params": buckets.get((True, kind), []), "weight_decay": weight_decay} for kind in (False, True)] + \
-             [{"params": buckets.get((False, kind), []), "weight_decay": 0.0} for kind in (False, True)]
-    groups = [g for g in groups if g["params"]]
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # foreach updates need one group's tensors to be all DTensors (FSDP2 shards) or all plain; expert-
+    # parallel slices stay plain beside FSDP's DTensors, and splitting the groups by kind would make
+    # the optimizer state depend on the layout (a checkpoint must resume under another one)
+    mixed = len({hasattr(p, "to_local") for p in decay + no_decay}) > 1
     if moments == "bfloat16":
         return AdamWLowPrecisionMoments(groups, lr=lr, betas=betas, eps=eps)
     if moments not in MOMENTS:
         raise UserError(f"--adam-moments {moments!r}: choose one of {', '.join(MOMENTS)}")
-    # foreach=True: one fused update for all tensors instead of a Python loop (faster on CPU and GPU)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    # foreach: one fused update for all tensors instead of a Python loop (faster on CPU and GPU)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=not mixed)
 
 
 class AdamWLowPrecisionMoments(torch.optim.Optimizer):
@@ -117,3 +117,13 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+
+
+def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of parameters and optimizer state this process holds (its shards only, under FSDP)."""
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+    params = sum(local(p).numel() * local(p).element_size() for p in model.parameters())
+    state = sum(local(v).numel() * local(v).element_size() for s in opt.state.values() for v in s.values()
+                if torch.is_tensor(v) and v.dim() > 0)
+    return {"param_bytes": params, "optimizer_bytes": state}

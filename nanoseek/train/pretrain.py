@@ -38,7 +38,7 @@ from ..model import Transformer
 from ..model.moe import balance_loss, max_violation, update_bias
 from .compiled import StepCompiler
 from ..quant.fp8 import SCALE_FORMATS
-from .optim import MOMENTS, build_optimizer, clip_grad_norm, lr_at, set_lr
+from .optim import MOMENTS, build_optimizer, clip_grad_norm, lr_at, set_lr, state_bytes
 
 
 @dataclass
@@ -424,9 +424,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 if bad_in_a_row >= cfg.max_bad_steps:
                     raise UserError(f"stopping: {bad_in_a_row} non-finite steps in a row at step {step}. "
                                     "Lower --lr, raise --warmup or use --dtype float32.")
-            if memory is None and par is not None:
-                from ..distributed.parallelize import report_memory
-                memory = report_memory(model, opt)
+            if memory is None:
+                memory = state_bytes(model, opt)
             opt.zero_grad(set_to_none=True)
             gamma = cfg.bias_gamma if cfg.balance == "bias" and finite else 0.0
             moes = model.moe_layers()
@@ -484,9 +483,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
                "tokens_per_s": float(np.median([r["tokens_per_s"] for r in records[-20:]])) if records else None,
                "skipped_steps": skipped, "params": n_params, "final_model": str(final),
                "seconds": round(time.perf_counter() - t0, 1)}
+    summary["rank_memory"] = memories if par is not None else [memory]     # parameters + AdamW state per rank
     if par is not None:
         summary["layout"] = par.describe()
-        summary["rank_memory"] = memories
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if cfg.plots:
         from .plots import plot_pretrain

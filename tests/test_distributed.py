@@ -1,0 +1,167 @@
+"""Distributed training (nanoseek/distributed/) against one process: FSDP2, expert parallelism and the
+pipeline schedules reproduce the single-process loss curve of the same global batch; checkpoints
+resume on another world size; bad layouts fail before anything can hang. Ranks are real processes
+(torchrun, gloo, CPU, fp32)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek.common import UserError
+from nanoseek.config import load_preset
+from nanoseek.distributed.mesh import Layout, check_layout
+from nanoseek.train.pretrain import PretrainConfig, pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = dict(n_docs=2000, batch_size=8, seq_len=64, eval_every=0, plots=False, dtype="float32", compile="off",
+           max_steps=6, warmup=2)
+KEYS = ("loss", "mtp_loss", "grad_norm")          # balance_loss is ~4e-4, logged to 5 decimals
+
+
+def flags(d: dict) -> list[str]:
+    out = []
+    for k, v in d.items():
+        flag = "--" + k.replace("_", "-")
+        out += ([flag] if v else ["--no-" + flag[2:]]) if isinstance(v, bool) else [flag, str(v)]
+    return out
+
+
+def torchrun(n: int, out: Path, *extra: str, preset: str = "tiny", **over) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_DIST_TIMEOUT_S": "90", "NANOSEEK_NO_PROGRESS": "1",
+           "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "nanoseek",
+           "pretrain", "--preset", preset, "--out", str(out), *flags({**RUN, **over}), *extra]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def assert_same_curve(ref: Path, run: Path, rtol: float = 1e-4) -> None:
+    a, b = metrics(ref), metrics(run)
+    assert len(a) == len(b) == RUN["max_steps"]
+    for x, y in zip(a, b):
+        for k in KEYS:
+            if k in x:
+                assert abs(x[k] - y[k]) <= rtol * abs(x[k]) + 1e-5, (x["step"], k, x[k], y[k])
+        assert x["max_violation"] == y["max_violation"], x["step"]    # the bias update saw the global load
+    assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) <= rtol * a[-1]["val_loss"]
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory) -> str:
+    """tiny with 4 layers: 2 pipeline ranks x 2 stages each (V shape) need 4."""
+    cfg = json.loads((ROOT / "configs" / "tiny.json").read_text())
+    cfg["num_hidden_layers"] = 4
+    path = tmp_path_factory.mktemp("cfg") / "tiny4.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny4):
+    """Single-process runs of the same global batch (tiny, and tiny with 4 layers)."""
+    base = tmp_path_factory.mktemp("ref")
+    pretrain(PretrainConfig(preset="tiny", out=str(base / "tiny"), **RUN))
+    pretrain(PretrainConfig(preset=tiny4, out=str(base / "tiny4"), **RUN))
+    return base
+
+
+def param_and_optimizer_bytes(summary: dict) -> list[int]:
+    return [m["param_bytes"] + m["optimizer_bytes"] for m in summary["rank_memory"]]
+
+
+def test_fsdp_matches_one_process_and_halves_memory(reference, tmp_path):
+    torchrun(2, tmp_path, "--dp-shard", "2")
+    assert_same_curve(reference / "tiny", tmp_path)
+    one = param_and_optimizer_bytes(json.loads((reference / "tiny" / "summary.json").read_text()))[0]
+    ranks = param_and_optimizer_bytes(json.loads((tmp_path / "summary.json").read_text()))
+    assert len(ranks) == 2 and all(0.49 < r / one < 0.51 for r in ranks), (one, ranks)
+
+
+def test_expert_parallel_matches_one_process(reference, tmp_path):
+    torchrun(2, tmp_path, "--ep", "2")
+    assert_same_curve(reference / "tiny", tmp_path)
+
+
+def test_dualpipev_matches_one_process_with_mtp(reference, tiny4, tmp_path):
+    torchrun(2, tmp_path, "--pp", "2", "--pp-schedule", "dualpipev", preset=tiny4)
+    assert_same_curve(reference / "tiny4", tmp_path)
+
+
+def test_resume_on_another_world_size(reference, tmp_path):
+    """Saved by 2 ranks (FSDP + EP), resumed by 1: the next losses are the uninterrupted run's."""
+    torchrun(2, tmp_path, "--dp-shard", "2", "--ep", "2", save_every=3, keep=5)
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000006")      # as if the run died after step 3
+    torchrun(1, tmp_path, "--resume")
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 7))
+    assert_same_curve(reference / "tiny", tmp_path)
+
+
+def test_export_is_the_one_process_model(reference, tmp_path):
+    """The HF export gathered from 2 FSDP + EP ranks holds the weights one process trained."""
+    from safetensors.torch import load_file
+    torchrun(2, tmp_path, "--dp-shard", "2", "--ep", "2")
+    a = load_file(reference / "tiny" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved", "zbv"])
+def test_other_schedules_match_one_process(tiny4, tmp_path, schedule):
+    ref = tmp_path / "ref"
+    pretrain(PretrainConfig(preset=tiny4, out=str(ref), mtp_lambda=0.0, **RUN))
+    torchrun(2, tmp_path / "pp", "--pp", "2", "--pp-schedule", schedule, preset=tiny4, mtp_lambda=0.0)
+    assert_same_curve(ref, tmp_path / "pp")
+
+
+@pytest.mark.slow
+def test_four_ranks_two_axes(reference, tiny4, tmp_path):
+    """4 processes: FSDP x EP (dp 4 = shard 2 x replicate 2, ep 2), and pipeline x data parallel."""
+    torchrun(4, tmp_path / "a", "--dp-shard", "2", "--ep", "2")
+    assert_same_curve(reference / "tiny", tmp_path / "a")
+    torchrun(4, tmp_path / "b", "--pp", "2", "--ep", "2", preset=tiny4)
+    assert_same_curve(reference / "tiny4", tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_pipeline_checkpoint_resumes_under_expert_parallel(reference, tiny4, tmp_path):
+    torchrun(2, tmp_path, "--pp", "2", preset=tiny4, save_every=3, keep=5)
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000006")
+    torchrun(2, tmp_path, "--ep", "2", "--resume", preset=tiny4)
+    assert_same_curve(reference / "tiny4", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# layouts refused before any process group exists
+
+@pytest.mark.parametrize("layout, batch, mtp, words", [
+    (Layout(world=3, pp=2), 8, False, ["--pp 2", "world size 3"]),
+    (Layout(world=4, dp_shard=3), 8, False, ["--dp-shard 3", "divisor of 4"]),
+    (Layout(world=2, ep=2), 7, False, ["--batch-size 7", "multiple of 2"]),
+    (Layout(world=6, ep=3), 6, False, ["--ep 3", "n_routed_experts=8"]),
+    (Layout(world=2, pp=2, pp_schedule="dualpipev"), 8, True, ["4 stages", "num_hidden_layers=2"]),
+    (Layout(world=2, pp=2, pp_schedule="1f1b"), 8, True, ["MTP", "dualpipev"]),
+    (Layout(world=2, pp=2, pp_schedule="1f1b", pp_microbatches=3), 8, False, ["--pp-microbatches 3"]),
+])
+def test_bad_layouts_name_the_flag(layout, batch, mtp, words):
+    with pytest.raises(UserError) as e:
+        check_layout(layout, load_preset("tiny"), batch, mtp)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_parallel_flags_without_torchrun_say_how_to_launch(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "pretrain", "--ep", "2", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "torchrun --nproc_per_node 2" in r.stderr and "Traceback" not in r.stderr
