@@ -105,12 +105,36 @@ def test_resume_on_another_world_size(reference, tmp_path):
     assert_same_curve(reference / "tiny", tmp_path)
 
 
+def test_eplb_placement_applied_at_a_checkpoint_boundary(reference, tmp_path):
+    """Resume an --ep 2 run with the placement `nanoseek eplb` computed from its recorded loads: the experts
+    move between ranks, the losses stay those of one process, the rank-load imbalance is logged."""
+    from nanoseek.distributed.eplb import main as eplb
+    torchrun(2, tmp_path, "--ep", "2", save_every=3, keep=5)
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000006")
+    rec = json.loads((tmp_path / "expert_load.json").read_text())
+    assert rec["layers"] == [1, 2] and len(rec["load"][0]) == 8
+    plan = eplb(["--run", str(tmp_path), "--ranks", "2", "--redundant", "0"])
+    assert plan["phy2log"] != [list(range(8))] * 2                      # it does move experts
+    torchrun(2, tmp_path, "--ep", "2", "--resume", "--ep-placement", str(tmp_path / "eplb.json"))
+    assert_same_curve(reference / "tiny", tmp_path)
+    assert all("ep_rank_imbalance" in r for r in metrics(tmp_path))
+    same_weights(reference / "tiny" / "final", tmp_path / "final")           # exported in logical order
+    with pytest.raises(UserError, match="redundant"):
+        from nanoseek.distributed.expert_parallel import load_placement
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({**plan, "redundant": 2}))
+        load_placement(bad, 2, 8, 2)
+
+
 def test_export_is_the_one_process_model(reference, tmp_path):
     """The HF export gathered from 2 FSDP + EP ranks holds the weights one process trained."""
-    from safetensors.torch import load_file
     torchrun(2, tmp_path, "--dp-shard", "2", "--ep", "2")
-    a = load_file(reference / "tiny" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "final" / "model.safetensors")
+    same_weights(reference / "tiny" / "final", tmp_path / "final")
+
+
+def same_weights(a_dir: Path, b_dir: Path) -> None:
+    from safetensors.torch import load_file
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k

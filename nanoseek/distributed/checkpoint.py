@@ -24,60 +24,101 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from .expert_parallel import expert_modules
 from .mesh import Dist
 
 COMPLETE = "COMPLETE"
 
 
-def _wrap_experts(sd: dict, names: list[str], d: Dist) -> dict:
-    """Expert slices -> DTensors over (edp, ep): Replicate, Shard(0). Same storage, so loading into
-    the wrapper fills the slice."""
+def _placements(par) -> dict[str, torch.Tensor | None]:
+    """Parameter name -> phy2log of its expert stack (None for the default placement)."""
+    out = {}
+    for name, m in expert_modules(par.model).items():
+        perm = None if torch.equal(m.phy2log, torch.arange(m.phy2log.numel())) else m.phy2log
+        out[f"{name}.w13"] = out[f"{name}.w2"] = perm
+    return out
+
+
+def _gather_rows(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(d.layout.ep)]
+    dist.all_gather(parts, t.contiguous(), group=d.group("ep"))
+    return torch.cat(parts)
+
+
+def _logical_rows(t: torch.Tensor, phy2log: torch.Tensor, d: Dist) -> torch.Tensor:
+    """This rank's physical expert rows -> the rows of its logical chunk (experts r*El .. (r+1)*El-1)."""
+    phys = _gather_rows(t, d)
+    logical = torch.empty_like(phys)
+    logical[phy2log] = phys
+    El = t.shape[0]
+    return logical[d.ep_rank * El:(d.ep_rank + 1) * El].clone()
+
+
+def _physical_rows(chunk: torch.Tensor, phy2log: torch.Tensor, d: Dist) -> torch.Tensor:
+    El = chunk.shape[0]
+    return _gather_rows(chunk, d)[phy2log[d.ep_rank * El:(d.ep_rank + 1) * El]]
+
+
+def _wrap_experts(sd: dict, par, loading: bool, fixups: list) -> dict:
+    """Expert slices -> DTensors over (edp, ep): Replicate, Shard(0), in logical expert order. With the
+    default placement the wrapper shares the slice's storage (loading fills it in place); with an EPLB
+    permutation the rows are exchanged over ep (`fixups` collects the copies to make after a load)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    if not names:
-        return sd
-    mesh = d.emesh["edp", "ep"]
-    ep = d.layout.ep
+    d = par.d
+    mesh, ep = d.emesh["edp", "ep"], d.layout.ep
+    perms = _placements(par)
 
-    def wrap(t):
-        shape = (t.shape[0] * ep, *t.shape[1:])
-        return DTensor.from_local(t, mesh, [Replicate(), Shard(0)], run_check=False, shape=torch.Size(shape),
+    def wrap(t, perm):
+        if perm is not None:
+            if loading:
+                buf = torch.empty_like(t)
+                fixups.append((t, buf, perm))
+                t = buf
+            else:
+                t = _logical_rows(t, perm, d)
+        shape = torch.Size((t.shape[0] * ep, *t.shape[1:]))
+        return DTensor.from_local(t, mesh, [Replicate(), Shard(0)], run_check=False, shape=shape,
                                   stride=torch.empty(shape, device="meta").stride())
     out = dict(sd)
-    for n in names:
+    for n in par.expert_names:
         if n in out:
-            v = out[n]
-            out[n] = {k: wrap(x) if torch.is_tensor(x) and x.dim() > 0 else x for k, x in v.items()} \
-                if isinstance(v, dict) else wrap(v)
+            v, perm = out[n], perms[n]
+            out[n] = {k: wrap(x, perm) if torch.is_tensor(x) and x.dim() > 0 else x for k, x in v.items()} \
+                if isinstance(v, dict) else wrap(v, perm)
     return out
 
 
-def _unwrap(sd: dict, names: list[str]) -> dict:
+def _unwrap(sd: dict, names: list[str], swap: dict) -> dict:
+    """DTensor wrappers -> local tensors (a permuted placement's read buffer -> the slice it was copied to)."""
+    def local(x):
+        x = x.to_local() if hasattr(x, "to_local") else x
+        return swap.get(x.data_ptr(), x)
     out = dict(sd)
     for n in names:
         if n in out:
             v = out[n]
-            out[n] = {k: x.to_local() if hasattr(x, "to_local") else x for k, x in v.items()} \
-                if isinstance(v, dict) else v.to_local()
+            out[n] = {k: local(x) for k, x in v.items()} if isinstance(v, dict) else local(v)
     return out
 
 
-def _states(model: nn.Module, opt, par):
+def _states(model: nn.Module, opt, par, loading: bool = False):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, opt)
     names = par.expert_names if par is not None else []
-    msd = _wrap_experts(msd, names, par.d) if names else msd
+    fixups: list = []
     if names:
+        msd = _wrap_experts(msd, par, loading, fixups)
         osd = dict(osd)
-        osd["state"] = _wrap_experts(osd["state"], names, par.d)
-    return msd, osd, names
+        osd["state"] = _wrap_experts(osd["state"], par, loading, fixups)
+    return msd, osd, names, fixups
 
 
 def save(path: Path, model: nn.Module, opt, par, train_state: dict, keep: int = 2) -> Path:
     """Write a DCP checkpoint of this step (collective: every rank calls it)."""
     path = Path(path)
-    msd, osd, _ = _states(model, opt, par)
+    msd, osd, _, _ = _states(model, opt, par)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
     if dist.get_rank() == 0:
         torch.save(train_state, path / "train_state.pt")
@@ -99,12 +140,16 @@ def load(path: Path, model: nn.Module, opt, par) -> dict:
     returns the train state (step, data position, RNG, config)."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    msd, osd, names = _states(model, opt, par)
+    msd, osd, names, fixups = _states(model, opt, par, loading=True)
     dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    with torch.no_grad():
+        for dest, buf, perm in fixups:          # logical rows read from the checkpoint -> this placement
+            dest.copy_(_physical_rows(buf, perm, par.d))
+    swap = {buf.data_ptr(): dest for dest, buf, _ in fixups}
     if names:
-        msd = _unwrap(msd, names)
+        msd = _unwrap(msd, names, swap)
         osd = dict(osd)
-        osd["state"] = _unwrap(osd["state"], names)
+        osd["state"] = _unwrap(osd["state"], names, swap)
     built = [g.get("foreach") for g in opt.param_groups]
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     for g, foreach in zip(opt.param_groups, built):    # an implementation choice of this layout, not state
@@ -116,14 +161,17 @@ def load(path: Path, model: nn.Module, opt, par) -> dict:
 def export_full_state_dict(model: nn.Module, par) -> dict | None:
     """The full model's state dict on rank 0 (None elsewhere); collective."""
     d = par.d
+    perms = _placements(par)
     sd = {}
     for k, v in model.state_dict().items():
         if hasattr(v, "full_tensor"):
             v = v.full_tensor()
         elif k in par.expert_names and d.layout.ep > 1:
-            parts = [torch.empty_like(v) for _ in range(d.layout.ep)]
-            dist.all_gather(parts, v.contiguous(), group=d.group("ep"))
-            v = torch.cat(parts)
+            v, perm = _gather_rows(v, d), perms[k]
+            if perm is not None:
+                logical = torch.empty_like(v)
+                logical[perm] = v
+                v = logical
         sd[k] = v.detach().cpu()
     if d.layout.pp == 1:
         return sd if d.rank == 0 else None

@@ -30,6 +30,9 @@ DeepEP's NVLink/RDMA kernels; on gloo the exchange is synchronous.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
@@ -121,3 +124,29 @@ def apply_expert_parallel(model: nn.Module, group, ep: int, ep_rank: int,
 
 def expert_modules(model: nn.Module) -> dict[str, ExpertParallelExperts]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ExpertParallelExperts)}
+
+
+def load_placement(path: str | Path, ep: int, n_experts: int, n_layers: int) -> dict[str, torch.Tensor]:
+    """{MoE module name: phy2log} from `nanoseek eplb --redundant 0 --ranks EP`'s JSON, checked against
+    this run (EP degree, expert count, one permutation per layer)."""
+    path = Path(path)
+    try:
+        rec = json.loads(path.read_text())
+        layers, phy2log = [int(i) for i in rec["layers"]], rec["phy2log"]
+        ranks, redundant = int(rec["ranks"]), int(rec.get("redundant", 0))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"--ep-placement {path}: not a placement written by `nanoseek eplb` "
+                        f"({type(e).__name__}: {e})") from None
+    if redundant:
+        raise UserError(f"--ep-placement {path}: it places {redundant} redundant replicas, which training does "
+                        f"not support; write one with `nanoseek eplb --redundant 0 --ranks {ep}`")
+    if ranks != ep:
+        raise UserError(f"--ep-placement {path}: made for {ranks} ranks, this run has --ep {ep}; write one with "
+                        f"`nanoseek eplb --redundant 0 --ranks {ep}`")
+    if len(phy2log) != len(layers):
+        raise UserError(f"--ep-placement {path}: {len(layers)} layer ids but {len(phy2log)} placements")
+    out = {}
+    for layer, p in zip(layers, phy2log):
+        name = f"layers.{layer}.ffn" if layer < n_layers else f"mtp.{layer - n_layers}.block.ffn"
+        out[name] = check_placement(p, n_experts)
+    return out

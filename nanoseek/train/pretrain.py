@@ -100,6 +100,9 @@ class PretrainConfig:
                                                    "them gathered until backward", "choices": [2, 3]})
     ep: int = field(default=1, metadata={"help": "expert parallelism: split the routed experts over N ranks "
                                                  "(all-to-all dispatch/combine); needs torchrun"})
+    ep_placement: str | None = field(default=None, metadata={"help": "with --ep: expert placement JSON from "
+                                                                   "`nanoseek eplb --run OUT --ranks EP --redundant 0` "
+                                                                   "(applied at start or on --resume)"})
     pp: int = field(default=1, metadata={"help": "pipeline parallelism over N ranks; needs torchrun"})
     pp_schedule: str = field(default="dualpipev", metadata={"help": "pipeline schedule (V-shaped ones keep "
                                                                     "embedding and head on one rank, as MTP needs)",
@@ -318,7 +321,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     dtype = compute_dtype(device, cfg.dtype, mcfg.hidden_size, cfg.batch_size * cfg.seq_len)
     model = Transformer(mcfg).init_weights(cfg.seed).to(device).train()
     n_params, n_mtp = model.num_params(), model.num_params(True) - model.num_params()
-    par = pipe = None
+    par = pipe = placements = None
     if layout is not None:       # nanoseek/distributed applies the layout from outside the model
         from ..distributed.mesh import check_layout, init
         from ..distributed.parallelize import Parallel
@@ -333,7 +336,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
         from ..quant.fp8 import enable_training
         enable_training(model, cfg.fp8_scales)
     if layout is not None:
-        par = Parallel(d, model, dtype, zero2=cfg.zero == 2)
+        if cfg.ep_placement:
+            if layout.ep < 2:
+                raise UserError("--ep-placement places experts over expert-parallel ranks: add --ep N")
+            from ..distributed.expert_parallel import load_placement
+            placements = load_placement(cfg.ep_placement, layout.ep, mcfg.n_routed_experts, mcfg.num_hidden_layers)
+        par = Parallel(d, model, dtype, zero2=cfg.zero == 2, placements=placements)
         print0(f"distributed: {par.describe()}")
         if layout.pp > 1:
             from ..distributed.pipeline import PipelineStep
@@ -345,9 +353,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                 assistant_masks(tok, val_ids) if train_masks is not None else None)
     if pipe is not None and val_batches:
         print0("--pp: validation runs once, on the gathered model at the end")
-    step = 0
+    step, expert_load = 0, {}          # expert_load: {MoE layer id: routed tokens per expert so far}
     if cfg.resume:
-        step = _resume(out, model, opt, loader, par)
+        step, expert_load = _resume(out, model, opt, loader, par)
     metrics_path = out / "metrics.jsonl"
     if rank() == 0:
         _truncate_metrics(metrics_path, step)
@@ -358,7 +366,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     def checkpoint(at: int):
         train_state = {"data": loader.state_dict(), "rng": rng_state(), "step": at, "config": asdict(cfg),
-                       "model_config": mcfg.to_dict()}
+                       "model_config": mcfg.to_dict(), "expert_load": expert_load}
+        if rank() == 0 and expert_load:
+            write_expert_load(out / "expert_load.json", expert_load, at)
         if par is None:
             save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), **train_state},
                             out / "checkpoints", at, keep=cfg.keep)
@@ -431,9 +441,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
             moes = model.moe_layers()
             if par is not None:
                 par.reduce_expert_load(moes)
-            loads = [update_bias(m, gamma) for m in moes]
-            if par is not None and layout.pp > 1:
-                loads = _pipeline_loads(par, model, loads)
+            by_layer = moe_layer_loads(model, [update_bias(m, gamma) for m in moes], par)
+            loads = list(by_layer.values())
+            for i, l in by_layer.items():
+                expert_load[i] = expert_load.get(i, 0) + l.double()
             step += 1
             dt = time.perf_counter() - t_step
             compiler.after_step(step, cfg.max_steps, dt)
@@ -442,6 +453,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                    "max_violation": [round(max_violation(l), 4) for l in loads], "skipped_steps": skipped}
             if loads:
                 rec["max_violation_mean"] = round(float(np.mean(rec["max_violation"])), 4)
+            if par is not None and layout.ep > 1 and by_layer:
+                rec["ep_rank_imbalance"] = round(ep_rank_imbalance(by_layer, placements, layout.ep, mcfg), 4)
             if pipe is None and val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
                 rec["val_loss"] = round(evaluate(model, val_batches, device, dtype, cfg.doc_mask), 5)
             if mf is not None:
@@ -514,45 +527,63 @@ def distributed_layout(cfg: PretrainConfig):
                   pp_schedule=cfg.pp_schedule, pp_microbatches=cfg.pp_microbatches)
 
 
-def _resume(out: Path, model, opt, loader, par) -> int:
+def _resume(out: Path, model, opt, loader, par) -> tuple[int, dict]:
     """Restore the newest checkpoint (a .pt file from one process, or a DCP directory from any layout)."""
     if par is not None:
         from ..distributed import checkpoint as dcp_ckpt
         path = dcp_ckpt.latest(out / "checkpoints")
         if path is None:
             print0(f"--resume: no distributed checkpoint in {out / 'checkpoints'}; starting from scratch")
-            return 0
+            return 0, {}
         state = dcp_ckpt.load(path, model, opt, par)
     else:
         resumed = load_latest(out / "checkpoints")
         if resumed is None:
             print0(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
-            return 0
+            return 0, {}
         state, path = resumed
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
     loader.load_state_dict(state["data"])
     set_rng_state(state["rng"])
     print0(f"resumed from {path} at step {state['step']}")
-    return state["step"]
+    return state["step"], state.get("expert_load", {})
 
 
-def _pipeline_loads(par, model, loads):
-    """Per-layer expert loads of every pipeline rank, for the metrics (rank 0 writes them)."""
-    import torch.distributed as dist
-    mine = {id(m): l for m, l in zip(model.moe_layers(), loads)}
-    named = {n: mine[id(m)] for n, m in model.named_modules() if id(m) in mine}
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, named)
-    merged = {}
-    for p in parts:
-        merged.update(p)
-    return [merged[k] for k in sorted(merged, key=_layer_order)]
-
-
-def _layer_order(name: str):
+def moe_layer_id(name: str, n_layers: int) -> int:
+    """"layers.3.ffn" -> 3, "mtp.0.block.ffn" -> n_layers + 0 (the MTP block's layer id)."""
     head, idx = name.split(".")[:2]
-    return (head != "layers", int(idx))
+    return int(idx) + (n_layers if head == "mtp" else 0)
+
+
+def moe_layer_loads(model, loads, par=None) -> dict[int, torch.Tensor]:
+    """{layer id: this step's global per-expert token counts}, in layer order; under pipelining the
+    layers of every stage (gathered from the other pipeline ranks)."""
+    moes = {id(m) for m in model.moe_layers()}
+    ids = {id(m): moe_layer_id(n, model.cfg.num_hidden_layers) for n, m in model.named_modules() if id(m) in moes}
+    mine = {ids[id(m)]: l.cpu() for m, l in zip(model.moe_layers(), loads)}
+    if par is not None and par.lay.pp > 1:
+        for part in _gather_objects(mine):
+            mine.update(part)
+    return dict(sorted(mine.items()))
+
+
+def ep_rank_imbalance(by_layer: dict, placements: dict | None, ep: int, mcfg) -> float:
+    """Mean over MoE layers of max/mean tokens per expert-parallel rank under the current placement."""
+    ratios = []
+    for i, load in by_layer.items():
+        name = f"layers.{i}.ffn" if i < mcfg.num_hidden_layers else f"mtp.{i - mcfg.num_hidden_layers}.block.ffn"
+        phy2log = (placements or {}).get(name, torch.arange(load.numel()))
+        per_rank = load.double()[phy2log].view(ep, -1).sum(1)
+        if per_rank.sum() > 0:
+            ratios.append(float(per_rank.max() / per_rank.mean()))
+    return float(np.mean(ratios)) if ratios else 1.0
+
+
+def write_expert_load(path: Path, expert_load: dict, steps: int) -> None:
+    """OUT/expert_load.json: routed tokens per expert per MoE layer over the run, what `nanoseek eplb` reads."""
+    path.write_text(json.dumps({"layers": list(expert_load), "steps": steps,
+                                "load": [[round(float(x), 1) for x in l] for l in expert_load.values()]}))
 
 
 def _gather_objects(obj):
