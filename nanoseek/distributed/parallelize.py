@@ -15,8 +15,8 @@ gradient norm, and the all-reduced metrics and expert loads.
 
 Gradient convention: every rank's loss is its share of the global step's loss (sums over its tokens
 divided by the global counts, `train/pretrain.py`'s `LossNorm`), so the sum over ranks is the loss
-one process computes on the whole batch, and gradients are summed, never averaged: FSDP's divide
-factor is set to 1, and the gradients FSDP does not reduce are summed over their replicas.
+one process computes on the whole batch. FSDP averages gradients over dp, so each rank backpropagates
+its share times dp; gradients FSDP does not reduce are summed over their replicas and divided by dp.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _fsdp_blocks(model: nn.Module) -> list[nn.Module]:
 def apply_fsdp(model: nn.Module, d: Dist, param_dtype: torch.dtype | None, zero2: bool = False) -> None:
     """FSDP2 per block, then the root (embedding, head, final norm, MTP projections). Routed experts
     under EP are left to `Parallel.sync_grads` (`ignored_params`): they are sharded over ep already."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = d.mesh["dp_replicate", "dp_shard"]
     experts = {p for m in expert_modules(model).values() for p in m.parameters()}
@@ -46,9 +46,6 @@ def apply_fsdp(model: nn.Module, d: Dist, param_dtype: torch.dtype | None, zero2
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=not zero2,
                     ignored_params={p for p in block.parameters() if p in experts})
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False, ignored_params=experts)
-    for m in model.modules():          # sum, not average: each rank's loss is its share already
-        if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)
     for name in ("hidden", "logits", "mtp_hidden", "mtp_logits"):     # the trainer calls these, not forward
         register_fsdp_forward_method(model, name)
 
@@ -76,9 +73,15 @@ class Parallel:
         n = t.shape[0] // self.lay.dp
         return t[self.d.dp_rank * n:(self.d.dp_rank + 1) * n]
 
+    @property
+    def loss_scale(self) -> float:
+        """Backpropagate loss * this: FSDP's gradient reduction averages over dp."""
+        return float(self.lay.dp)
+
     @torch.no_grad()
     def sync_grads(self) -> None:
-        """Sum the gradients FSDP does not reduce over the ranks that hold the same weights."""
+        """Sum the gradients FSDP does not reduce over the ranks that hold the same weights, / dp."""
+        dp = self.lay.dp
         groups = [(self.experts, self.d.group("edp"))]
         if not self.fsdp:
             groups.append((self.dense, self.d.group("dp")))
@@ -88,6 +91,8 @@ class Parallel:
                 continue
             flat = torch.cat([g.reshape(-1) for g in grads])
             all_reduce(flat, group)
+            if dp > 1:
+                flat /= dp
             for g, new in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(new.view_as(g))
 

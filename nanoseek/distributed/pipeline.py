@@ -65,16 +65,17 @@ def prune(model: nn.Module, lay: Layout, pp_rank: int) -> None:
 
 
 class _WithAux(torch.autograd.Function):
-    """h unchanged; in backward the auxiliary loss gets gradient 1, as if it were added to the loss."""
+    """h unchanged; in backward the auxiliary loss gets gradient `scale` as if it were added to the loss."""
 
     @staticmethod
-    def forward(ctx, h, aux):
+    def forward(ctx, h, aux, scale: float):
+        ctx.scale = scale
         ctx.aux_shape = aux.shape
         return h.clone()       # not `h`: that would be a view, and the pipeline detaches stage outputs in place
 
     @staticmethod
     def backward(ctx, grad_h):
-        return grad_h, torch.ones(ctx.aux_shape, device=grad_h.device)
+        return grad_h, torch.full(ctx.aux_shape, ctx.scale, device=grad_h.device), None
 
 
 class Stage(nn.Module):
@@ -116,7 +117,7 @@ class Stage(nn.Module):
 class PipelineStep:
     """One optimizer step's forward and backward through the pipeline schedule."""
 
-    def __init__(self, model: nn.Module, d: Dist, cfg, head_losses, balance_share,
+    def __init__(self, model: nn.Module, d: Dist, cfg, loss_scale: float, head_losses, balance_share,
                  shapes: tuple[int, int, int]):
         """`head_losses(model, h, batch, cfg, norm, mask)` and `balance_share(moes, n_seq, cfg, norm)`:
         the trainer's loss functions (nanoseek/train/pretrain.py), so both paths compute one loss.
@@ -126,7 +127,7 @@ class PipelineStep:
 
         self._head_losses, self._balance_share = head_losses, balance_share
         lay = d.layout
-        self.model, self.cfg, self.lay = model, cfg, lay
+        self.model, self.cfg, self.lay, self.scale = model, cfg, lay, loss_scale
         self.norm = None
         self.logs: dict[str, float] = {}
         self.mine = stages_of_rank(lay, d.pp_rank)
@@ -156,7 +157,7 @@ class PipelineStep:
         if share is None or not torch.is_grad_enabled():
             return h
         self._log("balance_loss", share)
-        return _WithAux.apply(h, share)
+        return _WithAux.apply(h, share, self.scale)
 
     def _loss(self, output, target):
         h, batch = output
@@ -169,7 +170,7 @@ class PipelineStep:
         for k, v in losses.items():
             self._log(k, v)
         total = losses["loss"] + self.cfg.mtp_lambda * losses.get("mtp_loss", 0.0) + losses.get("balance_loss", 0.0)
-        return total
+        return total * self.scale
 
     def run(self, batch: torch.Tensor, mask: torch.Tensor | None, norm) -> dict[str, float]:
         """Forward + backward of this rank's (B,T+1) rows as micro-batches; returns this rank's loss shares

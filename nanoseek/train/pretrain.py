@@ -345,7 +345,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         print0(f"distributed: {par.describe()}")
         if layout.pp > 1:
             from ..distributed.pipeline import PipelineStep
-            pipe = PipelineStep(model, d, cfg, head_losses, balance_share,
+            pipe = PipelineStep(model, d, cfg, par.loss_scale, head_losses, balance_share,
                                 (cfg.batch_size // layout.dp // layout.microbatches, cfg.seq_len, mcfg.hidden_size))
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, moments=cfg.adam_moments)
     loader = PackedLoader(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed, masks=train_masks)
@@ -413,7 +413,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     if par is None and not torch.isfinite(losses["total"]):
                         finite = False     # one process: skip the backward; with several, all ranks must run it
                         break
-                    losses["total"].backward()
+                    (losses["total"] * (par.loss_scale if par is not None else 1.0)).backward()
                 for k, v in shares.items():
                     logs[k] = logs.get(k, 0.0) + v
             if par is not None:
