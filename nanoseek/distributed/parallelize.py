@@ -17,6 +17,8 @@ Gradient convention: every rank's loss is its share of the global step's loss (s
 divided by the global counts, `train/pretrain.py`'s `LossNorm`), so the sum over ranks is the loss
 one process computes on the whole batch. FSDP averages gradients over dp, so each rank backpropagates
 its share times dp; gradients FSDP does not reduce are summed over their replicas and divided by dp.
+(FSDP's `set_gradient_divide_factor(1)` would say "sum" directly, but needs NCCL's PreMulSum, which
+gloo lacks; dp is a power of two in practice, so the scaling is exact.)
 """
 from __future__ import annotations
 
