@@ -140,6 +140,31 @@ def same_weights(a_dir: Path, b_dir: Path) -> None:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
 
 
+def test_sft_fsdp_and_ep_match_one_process(reference, tmp_path):
+    """`nanoseek sft --dp-shard 2 --ep 2` on 2 ranks: the per-step losses and the fine-tuned weights of one process."""
+    from nanoseek.data.tasks import get_task
+    task = get_task("arithmetic", min_digits=1, max_digits=2)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p.question},
+                                                     {"role": "assistant", "content": task.worked_solution(p)}]}) + "\n"
+                            for p in task.problems(48, seed=0, split="train")))
+    args = ["sft", "--model", str(reference / "tiny" / "final"), "--data", str(data), "--epochs", "2",
+            "--batch-size", "8", "--lr", "3e-3", "--dtype", "float32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_DIST_TIMEOUT_S": "90", "PYTHONPATH": str(ROOT)}
+    for cmd, out in (([sys.executable, "-m", "nanoseek"], tmp_path / "one"),
+                     ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                       "nanoseek"], tmp_path / "two")):
+        extra = ["--dp-shard", "2", "--ep", "2"] if out.name == "two" else []
+        r = subprocess.run(cmd + args + ["--out", str(out)] + extra, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-4000:]
+    a = json.loads((tmp_path / "one" / "summary.json").read_text())["losses"]
+    b = json.loads((tmp_path / "two" / "summary.json").read_text())["losses"]
+    assert len(a) == len(b) == 12 and a[-1] < a[0]
+    assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
+    same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["1f1b", "interleaved", "zbv"])
 def test_other_schedules_match_one_process(tiny4, tmp_path, schedule):

@@ -19,6 +19,7 @@ flag and the fix, raised on every rank before the first collective.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -150,6 +151,19 @@ class Dist:
 
 def launched_with_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def layout_from_env(verb: str, dp_shard: int = 1, ep: int = 1, pp: int = 1, pp_schedule: str = "dualpipev",
+                    pp_microbatches: int = 0) -> Layout | None:
+    """The layout of a run launched by torchrun (even with every degree 1), else None; parallel flags
+    without torchrun are a UserError that gives the launch command."""
+    if not launched_with_torchrun():
+        if dp_shard > 1 or ep > 1 or pp > 1:
+            raise UserError(f"--dp-shard/--ep/--pp need one process per rank: launch with "
+                            f"`torchrun --nproc_per_node {math.lcm(dp_shard, ep) * pp} -m nanoseek {verb} ...`")
+        return None
+    return Layout(world=int(os.environ["WORLD_SIZE"]), dp_shard=dp_shard, ep=ep, pp=pp,
+                  pp_schedule=pp_schedule, pp_microbatches=pp_microbatches)
 
 
 def init(lay: Layout, device: torch.device) -> Dist:

@@ -299,7 +299,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         raise UserError(f"--fp8-scales {cfg.fp8_scales!r}: choose one of {', '.join(SCALE_FORMATS)}")
     if cfg.adam_moments not in MOMENTS:
         raise UserError(f"--adam-moments {cfg.adam_moments!r}: choose one of {', '.join(MOMENTS)}")
-    layout = distributed_layout(cfg)
+    from ..distributed.mesh import layout_from_env
+    layout = layout_from_env("pretrain", cfg.dp_shard, cfg.ep, cfg.pp, cfg.pp_schedule, cfg.pp_microbatches)
     set_threads(cfg.threads or None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -510,22 +511,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 # -------------------------------------------------------------------------------------------------
 # distributed plumbing (the parallelism itself lives in nanoseek/distributed/)
-
-def distributed_layout(cfg: PretrainConfig):
-    """The --dp-shard/--ep/--pp layout when launched by torchrun (even with all of them 1), else None."""
-    from ..distributed.mesh import Layout, launched_with_torchrun
-
-    wanted = cfg.dp_shard > 1 or cfg.ep > 1 or cfg.pp > 1
-    if not launched_with_torchrun():
-        if wanted:
-            n = cfg.dp_shard * cfg.ep * cfg.pp
-            raise UserError(f"--dp-shard/--ep/--pp need one process per rank: launch with "
-                            f"`torchrun --nproc_per_node {n} -m nanoseek pretrain ...`")
-        return None
-    import os
-    return Layout(world=int(os.environ["WORLD_SIZE"]), dp_shard=cfg.dp_shard, ep=cfg.ep, pp=cfg.pp,
-                  pp_schedule=cfg.pp_schedule, pp_microbatches=cfg.pp_microbatches)
-
 
 def _resume(out: Path, model, opt, loader, par) -> tuple[int, dict]:
     """Restore the newest checkpoint (a .pt file from one process, or a DCP directory from any layout)."""

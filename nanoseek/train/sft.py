@@ -44,6 +44,8 @@ class SFTConfig:
     fp8: bool = field(default=False, metadata={"help": "FP8 training (DeepSeek-V3's fine-grained recipe)"})
     fp8_scales: str = field(default="fp32", metadata={"help": "FP8 scale format", "choices": list(SCALE_FORMATS)})
     save_fp8: bool = field(default=False, metadata={"help": "write OUT/final in DeepSeek's FP8 checkpoint format"})
+    dp_shard: int = field(default=1, metadata={"help": "FSDP2 over N data-parallel ranks (ZeRO-3); needs torchrun"})
+    ep: int = field(default=1, metadata={"help": "expert parallelism over N ranks; needs torchrun"})
 
 
 def load_chat_jsonl(path: str | Path, strict: bool = False) -> list[list[dict]]:
@@ -80,24 +82,30 @@ def pad_batch(examples, pad_id: int, device):
     return ids.to(device), mask[:, 1:].to(device)   # mask aligned with targets ids[:, 1:]
 
 
-def sft_loss(model, ids, mask, teacher=None, kd_alpha: float = 0.0, kd_temperature: float = 1.0):
-    """Masked next-token CE (+ kd_alpha * KL(teacher || student) at the same positions)."""
+def sft_loss(model, ids, mask, teacher=None, kd_alpha: float = 0.0, kd_temperature: float = 1.0,
+             count: int | None = None):
+    """Masked next-token CE (+ kd_alpha * KL(teacher || student) at the same positions), summed over the
+    supervised tokens and divided by `count` (default: this batch's; the whole step's when the batch is
+    one rank's share of it, so that the ranks' losses add up to the step's)."""
     h = model.hidden(ids[:, :-1])
     sel = mask.bool()
+    count = max(1, int(sel.sum()) if count is None else count)
     logits = model.logits(h[sel]).float()
-    loss = F.cross_entropy(logits, ids[:, 1:][sel])
+    loss = F.cross_entropy(logits, ids[:, 1:][sel], reduction="sum") / count
     if teacher is not None and kd_alpha > 0:
         with torch.no_grad():
             t_logits = teacher.logits(teacher.hidden(ids[:, :-1])[sel]).float()
         T = kd_temperature
         kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
-                      reduction="batchmean") * T * T
+                      reduction="sum") / count * T * T
         loss = (1 - kd_alpha) * loss + kd_alpha * kd
     return loss
 
 
-def sft_train(model, tok, examples, cfg: SFTConfig, teacher=None, kd_alpha: float = 0.0, desc="sft") -> dict:
-    """The loop, shared by `nanoseek sft` and distillation. Returns summary metrics."""
+def sft_train(model, tok, examples, cfg: SFTConfig, teacher=None, kd_alpha: float = 0.0, desc="sft",
+              par=None) -> dict:
+    """The loop, shared by `nanoseek sft` and distillation. Returns summary metrics. `par`
+    (nanoseek.distributed.parallelize.Parallel): this rank trains on its rows of each step's batch."""
     device = model.device
     dtype = compute_dtype(device, cfg.dtype, getattr(getattr(model, "cfg", None), "hidden_size", 256),
                           cfg.batch_size * 128)
@@ -118,22 +126,32 @@ def sft_train(model, tok, examples, cfg: SFTConfig, teacher=None, kd_alpha: floa
         del order[: cfg.batch_size]
         set_lr(opt, lr_at(step, steps, cfg.lr, "cosine", max(1, steps // 20), 0.1))
         ids, mask = pad_batch(batch, tok.pad_id, device)
+        count = int(mask.sum())                      # supervised tokens in the whole step
+        if par is not None:
+            ids, mask = par.local_rows(ids), par.local_rows(mask)
         with autocast(device, dtype):
-            loss = sft_loss(model, ids, mask, teacher, kd_alpha)
-        loss.backward()
-        clip_grad_norm(model, 1.0)
+            loss = sft_loss(model, ids, mask, teacher, kd_alpha, count=count)
+        (loss * (par.loss_scale if par is not None else 1.0)).backward()
+        if par is not None:
+            par.sync_grads()
+            par.clip_grad_norm(1.0)
+            loss_value = par.reduce_logs({"loss": loss.item()})["loss"]
+        else:
+            clip_grad_norm(model, 1.0)
+            loss_value = loss.item()
         opt.step()
         opt.zero_grad(set_to_none=True)
         for m in model.moe_layers():
             m.expert_load.zero_()
             m.last_scores = m.last_idx = None
-        losses.append(loss.item())
+        losses.append(loss_value)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     model.eval()
     return {"steps": steps, "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])),
-            "examples": len(examples), "seconds": round(time.perf_counter() - t0, 1)}
+            "losses": [round(x, 6) for x in losses], "examples": len(examples),
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv=None) -> None:
@@ -143,18 +161,41 @@ def main(argv=None) -> None:
     from ..checkpoint.hf import from_pretrained, save_pretrained
     from ..tokenizer import Tokenizer
 
+    from ..distributed.mesh import layout_from_env
+    layout = layout_from_env("sft", cfg.dp_shard, cfg.ep)
     set_threads(cfg.threads or None)
     seed_everything(cfg.seed)
     device = autodetect_device(cfg.device)
     tok = Tokenizer.load(cfg.model)
     model = from_pretrained(cfg.model, device=device)
+    par = None
+    if layout is not None:
+        from ..distributed.mesh import check_layout, init
+        check_layout(layout, model.cfg, cfg.batch_size, mtp=False)
+        d = init(layout, device)
     if cfg.fp8:
         from ..quant.fp8 import enable_training
         enable_training(model, cfg.fp8_scales)
+    if layout is not None:
+        from ..distributed.parallelize import Parallel
+        par = Parallel(d, model, compute_dtype(device, cfg.dtype, model.cfg.hidden_size, cfg.batch_size * 128))
+        print0(f"distributed: {par.describe()}")
     examples = encode_conversations(tok, load_chat_jsonl(cfg.data, cfg.strict), cfg.max_len)
     print0(f"sft: {len(examples):,} conversations, {sum(sum(m) for _, m in examples):,} supervised tokens")
-    summary = sft_train(model, tok, examples, cfg)
+    summary = sft_train(model, tok, examples, cfg, par=par)
     out = Path(cfg.out)
+    if par is not None:
+        from ..distributed.checkpoint import export_full_state_dict
+        full_sd = export_full_state_dict(model, par)
+        if par.d.rank != 0:
+            return
+        from ..model import Transformer
+        model = Transformer(model.cfg)
+        if cfg.fp8:
+            from ..quant.fp8 import convert
+            convert(model)
+        model.load_state_dict(full_sd)
+        model.eval()
     save_pretrained(model, out / "final", tokenizer=tok, fp8=cfg.save_fp8)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print0(f"done: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; model in {out / 'final'}")
