@@ -20,6 +20,7 @@ VERBS = {
     "eval": ("nanoseek.train.evaluate", "pass@1 / cons@k on a verifiable task"),
     "r1-zero": ("nanoseek.train.r1_zero", "the main job: pretrain -> pure RL -> eval -> distill, with a report"),
     "pp-sim": ("nanoseek.distributed.pp_sim", "simulate pipeline schedules: bubble and memory per rank"),
+    "export": ("nanoseek.distributed.checkpoint", "write a distributed checkpoint (any layout) as an HF model directory"),
     "eplb": ("nanoseek.distributed.eplb", "place experts (with redundant replicas) from recorded loads; per-rank load before/after"),
 }
 

@@ -130,6 +130,12 @@ def test_export_is_the_one_process_model(reference, tmp_path):
     """The HF export gathered from 2 FSDP + EP ranks holds the weights one process trained."""
     torchrun(2, tmp_path, "--dp-shard", "2", "--ep", "2")
     same_weights(reference / "tiny" / "final", tmp_path / "final")
+    # and `nanoseek export` reads the sharded DCP checkpoint in one process into the same model
+    from nanoseek.cli import main as cli
+    assert cli(["export", str(tmp_path), "--out", str(tmp_path / "exported")]) == 0
+    same_weights(reference / "tiny" / "final", tmp_path / "exported")
+    assert (tmp_path / "exported" / "tokenizer.json").exists()
+    assert cli(["export", str(tmp_path / "final"), "--out", str(tmp_path / "x")]) == 2     # not a checkpoint
 
 
 def same_weights(a_dir: Path, b_dir: Path) -> None:
@@ -202,6 +208,7 @@ def test_pipeline_checkpoint_resumes_under_expert_parallel(reference, tiny4, tmp
     (Layout(world=2, pp=2, pp_schedule="dualpipev"), 8, True, ["4 stages", "num_hidden_layers=2"]),
     (Layout(world=2, pp=2, pp_schedule="1f1b"), 8, True, ["MTP", "dualpipev"]),
     (Layout(world=2, pp=2, pp_schedule="1f1b", pp_microbatches=3), 8, False, ["--pp-microbatches 3"]),
+    (Layout(world=4, pp=2, dp_shard=2, pp_schedule="1f1b"), 8, False, ["--dp-shard 2 with --pp 2"]),
 ])
 def test_bad_layouts_name_the_flag(layout, batch, mtp, words):
     with pytest.raises(UserError) as e:

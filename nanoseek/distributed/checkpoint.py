@@ -183,3 +183,52 @@ def export_full_state_dict(model: nn.Module, par) -> dict | None:
     for part in gathered:
         full.update(part or {})
     return full
+
+
+# -------------------------------------------------------------------------------------------------
+# `nanoseek export`: a DCP checkpoint (any layout) -> an HF-format model directory, in one process
+
+def to_hf(path: str | Path, out: str | Path, fp8: bool = False) -> Path:
+    """Read the model part of a DCP checkpoint (a step directory, or a run directory: its newest
+    checkpoint) into a full single-device model and write it with `save_pretrained`."""
+    from ..checkpoint.hf import save_pretrained
+    from ..common import UserError
+    from ..config import ModelConfig
+    from ..model import Transformer
+
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        path = latest(path / "checkpoints") or path
+    if not (path / COMPLETE).exists() or not (path / "train_state.pt").exists():
+        raise UserError(f"{path}: not a complete distributed checkpoint (a step_NNNNNN directory with "
+                        f"{COMPLETE} and train_state.pt, or a run directory holding checkpoints/)")
+    state = torch.load(path / "train_state.pt", weights_only=False)
+    mcfg = ModelConfig(**state["model_config"])
+    model = Transformer(mcfg)
+    if state["config"].get("fp8"):
+        from ..quant.fp8 import convert
+        convert(model)
+    sd = model.state_dict()
+    dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)     # one process reads every shard
+    model.load_state_dict(sd)
+    tok = None
+    tok_dir = path.parent.parent / "tokenizer"
+    if (tok_dir / "tokenizer.json").exists():
+        from ..tokenizer import Tokenizer
+        tok = Tokenizer.load(tok_dir)
+    save_pretrained(model.eval(), out, tokenizer=tok, fp8=fp8)
+    return Path(out)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    from ..common import print0
+    ap = argparse.ArgumentParser(prog="nanoseek export", description="write a distributed (DCP) training "
+                                 "checkpoint, saved under any layout, as an HF-format model directory")
+    ap.add_argument("checkpoint", help="OUT/checkpoints/step_NNNNNN, or a run directory (its newest checkpoint)")
+    ap.add_argument("--out", required=True, help="model directory to write")
+    ap.add_argument("--fp8", action="store_true", help="DeepSeek's FP8 checkpoint format (e4m3 + block scales)")
+    args = ap.parse_args(argv)
+    out = to_hf(args.checkpoint, args.out, args.fp8)
+    print0(f"exported {args.checkpoint} -> {out}")

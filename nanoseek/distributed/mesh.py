@@ -98,6 +98,10 @@ def check_layout(lay: Layout, mcfg: ModelConfig, batch_size: int, mtp: bool) -> 
     if batch_size % lay.dp:
         raise UserError(f"--batch-size {batch_size} does not split over {lay.dp} data-parallel ranks: use a "
                         f"multiple of {lay.dp}")
+    if lay.pp > 1 and lay.dp_shard > 1:
+        raise UserError(f"--dp-shard {lay.dp_shard} with --pp {lay.pp} is not supported (FSDP inside pipeline "
+                        "stages is not wired): drop --dp-shard (the ranks beyond pp then replicate the stages) "
+                        "or drop --pp")
     if lay.pp > 1:
         L = mcfg.num_hidden_layers
         if L % lay.n_stages:
