@@ -17,6 +17,7 @@ stages), where the trainer writes it in the HF format the rest of the project re
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -209,7 +210,9 @@ def to_hf(path: str | Path, out: str | Path, fp8: bool = False) -> Path:
         from ..quant.fp8 import convert
         convert(model)
     sd = model.state_dict()
-    dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)     # one process reads every shard
+    with warnings.catch_warnings():       # DCP warns that no process group exists: that is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)     # one process reads every shard
     model.load_state_dict(sd)
     tok = None
     tok_dir = path.parent.parent / "tokenizer"
