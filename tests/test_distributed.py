@@ -19,7 +19,7 @@ from nanoseek.train.pretrain import PretrainConfig, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = dict(n_docs=2000, batch_size=8, seq_len=64, eval_every=0, plots=False, dtype="float32", compile="off",
-           max_steps=6, warmup=2)
+           max_steps=12, warmup=2)
 KEYS = ("loss", "mtp_loss", "grad_norm")          # balance_loss is ~4e-4, logged to 5 decimals
 
 
@@ -98,10 +98,10 @@ def test_dualpipev_matches_one_process_with_mtp(reference, tiny4, tmp_path):
 
 def test_resume_on_another_world_size(reference, tmp_path):
     """Saved by 2 ranks (FSDP + EP), resumed by 1: the next losses are the uninterrupted run's."""
-    torchrun(2, tmp_path, "--dp-shard", "2", "--ep", "2", save_every=3, keep=5)
-    shutil.rmtree(tmp_path / "checkpoints" / "step_000006")      # as if the run died after step 3
+    torchrun(2, tmp_path, "--dp-shard", "2", "--ep", "2", save_every=6, keep=5)
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000012")      # as if the run died after step 6
     torchrun(1, tmp_path, "--resume")
-    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 7))
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 13))
     assert_same_curve(reference / "tiny", tmp_path)
 
 
@@ -109,8 +109,8 @@ def test_eplb_placement_applied_at_a_checkpoint_boundary(reference, tmp_path):
     """Resume an --ep 2 run with the placement `nanoseek eplb` computed from its recorded loads: the experts
     move between ranks, the losses stay those of one process, the rank-load imbalance is logged."""
     from nanoseek.distributed.eplb import main as eplb
-    torchrun(2, tmp_path, "--ep", "2", save_every=3, keep=5)
-    shutil.rmtree(tmp_path / "checkpoints" / "step_000006")
+    torchrun(2, tmp_path, "--ep", "2", save_every=6, keep=5)
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000012")
     rec = json.loads((tmp_path / "expert_load.json").read_text())
     assert rec["layers"] == [1, 2] and len(rec["load"][0]) == 8
     plan = eplb(["--run", str(tmp_path), "--ranks", "2", "--redundant", "0"])
@@ -123,7 +123,7 @@ def test_eplb_placement_applied_at_a_checkpoint_boundary(reference, tmp_path):
         from nanoseek.distributed.expert_parallel import load_placement
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps({**plan, "redundant": 2}))
-        load_placement(bad, 2, 8, 2)
+        load_placement(bad, 2, load_preset("tiny"))
 
 
 def test_export_is_the_one_process_model(reference, tmp_path):
@@ -138,12 +138,22 @@ def test_export_is_the_one_process_model(reference, tmp_path):
     assert cli(["export", str(tmp_path / "final"), "--out", str(tmp_path / "x")]) == 2     # not a checkpoint
 
 
-def same_weights(a_dir: Path, b_dir: Path) -> None:
+def same_weights(a_dir: Path, b_dir: Path, atol: float = 1e-6) -> None:
     from safetensors.torch import load_file
     a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=atol), (k, (a[k] - b[k]).abs().max())
+
+
+def test_expert_parallel_layer_with_an_empty_rank():
+    """One MoE layer under EP == the layer in one process (output, input and expert gradients), with a
+    router that sends every token to rank 0's experts: rank 1 receives nothing and gets zero gradients."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "tests" / "ep_unit_worker.py")], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.count("ok=True") == 2, r.stdout[-2000:] + r.stderr[-4000:]
 
 
 def test_sft_fsdp_and_ep_match_one_process(reference, tmp_path):
@@ -168,7 +178,9 @@ def test_sft_fsdp_and_ep_match_one_process(reference, tmp_path):
     b = json.loads((tmp_path / "two" / "summary.json").read_text())["losses"]
     assert len(a) == len(b) == 12 and a[-1] < a[0]
     assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
-    same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")
+    # weights ~0.1: summation-order differences of ~1e-7 in a gradient come out of Adam's normalisation
+    # as up to ~1e-5 after 12 steps (measured 8e-6)
+    same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final", atol=2e-5)
 
 
 @pytest.mark.slow
@@ -191,8 +203,8 @@ def test_four_ranks_two_axes(reference, tiny4, tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_checkpoint_resumes_under_expert_parallel(reference, tiny4, tmp_path):
-    torchrun(2, tmp_path, "--pp", "2", preset=tiny4, save_every=3, keep=5)
-    shutil.rmtree(tmp_path / "checkpoints" / "step_000006")
+    torchrun(2, tmp_path, "--pp", "2", preset=tiny4, save_every=6, keep=5)
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000012")
     torchrun(2, tmp_path, "--ep", "2", "--resume", preset=tiny4)
     assert_same_curve(reference / "tiny4", tmp_path)
 
@@ -209,15 +221,53 @@ def test_pipeline_checkpoint_resumes_under_expert_parallel(reference, tiny4, tmp
     (Layout(world=2, pp=2, pp_schedule="1f1b"), 8, True, ["MTP", "dualpipev"]),
     (Layout(world=2, pp=2, pp_schedule="1f1b", pp_microbatches=3), 8, False, ["--pp-microbatches 3"]),
     (Layout(world=4, pp=2, dp_shard=2, pp_schedule="1f1b"), 8, False, ["--dp-shard 2 with --pp 2"]),
+    (Layout(world=2, pp=2, pp_schedule="interleaved", pp_microbatches=5), 10, False, ["--pp-microbatches 5"]),
 ])
 def test_bad_layouts_name_the_flag(layout, batch, mtp, words):
+    cfg = load_preset("tiny")
+    if layout.pp_schedule == "interleaved":
+        cfg = cfg.replace(num_hidden_layers=4)           # 2 stages per rank
     with pytest.raises(UserError) as e:
-        check_layout(layout, load_preset("tiny"), batch, mtp)
+        check_layout(layout, cfg, batch, mtp)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
 
 
-def test_parallel_flags_without_torchrun_say_how_to_launch(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "nanoseek", "pretrain", "--ep", "2", "--out", str(tmp_path)],
+@pytest.mark.parametrize("args, words", [
+    (["--ep", "2"], "torchrun --nproc_per_node 2"),
+    (["--dp-shard", "2", "--ep", "2"], "torchrun --nproc_per_node 2"),       # EP borrows the data-parallel ranks
+    (["--ep-placement", "eplb.json"], "add --ep N"),
+])
+def test_parallel_flags_without_torchrun_say_how_to_launch(tmp_path, args, words):
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "pretrain", *args, "--out", str(tmp_path)],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 2 and "torchrun --nproc_per_node 2" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_resume_refuses_the_other_launch_mode(tmp_path):
+    """A one-process run's checkpoints resumed under torchrun (and the reverse) is an error naming the
+    launch to use - not a silent fresh start that truncates the run's metrics."""
+    one, dcp_run = tmp_path / "one", tmp_path / "dcp"
+    short = {**RUN, "max_steps": 2}
+    pretrain(PretrainConfig(preset="tiny", out=str(one), **short))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+                        "nanoseek", "pretrain", "--preset", "tiny", "--out", str(one), "--resume",
+                        *flags({**RUN, "max_steps": 4})], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "one-process run" in r.stderr
+    assert len(metrics(one)) == 2
+    torchrun(1, dcp_run, **short)
+    with pytest.raises(UserError, match="resume under torchrun"):
+        pretrain(PretrainConfig(preset="tiny", out=str(dcp_run), resume=True, **{**RUN, "max_steps": 4}))
+    assert len(metrics(dcp_run)) == 2
+
+
+def test_placement_for_another_model_is_refused(tmp_path):
+    from nanoseek.distributed.expert_parallel import load_placement
+    f = tmp_path / "eplb.json"
+    f.write_text(json.dumps({"layers": [0], "phy2log": [list(range(8))], "ranks": 2, "redundant": 0}))
+    with pytest.raises(UserError, match="layer 0 is not a MoE layer"):
+        load_placement(f, 2, load_preset("tiny"))
+    f.write_text(json.dumps({"layers": [1], "phy2log": [list(range(8))], "ranks": 4, "redundant": 0}))
+    with pytest.raises(UserError, match="made for 4 ranks"):
+        load_placement(f, 2, load_preset("tiny"))

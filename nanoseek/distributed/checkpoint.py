@@ -120,6 +120,9 @@ def save(path: Path, model: nn.Module, opt, par, train_state: dict, keep: int = 
     """Write a DCP checkpoint of this step (collective: every rank calls it)."""
     path = Path(path)
     msd, osd, _, _ = _states(model, opt, par)
+    if dist.get_rank() == 0 and (path / COMPLETE).exists():    # overwriting: not complete until rewritten
+        (path / COMPLETE).unlink()
+    dist.barrier()
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
     if dist.get_rank() == 0:
         torch.save(train_state, path / "train_state.pt")
@@ -131,9 +134,14 @@ def save(path: Path, model: nn.Module, opt, par, train_state: dict, keep: int = 
     return path
 
 
-def latest(ckpt_dir: Path) -> Path | None:
+def latest(ckpt_dir: Path, agree: bool = False) -> Path | None:
+    """The newest complete checkpoint; `agree`: rank 0's answer on every rank (ranks on other machines
+    may list a shared directory differently)."""
     done = sorted(p for p in Path(ckpt_dir).glob("step_*") if p.is_dir() and (p / COMPLETE).exists())
-    return done[-1] if done else None
+    found = [str(done[-1]) if done else None]
+    if agree and dist.is_initialized():
+        dist.broadcast_object_list(found, src=0)
+    return Path(found[0]) if found[0] else None
 
 
 def load(path: Path, model: nn.Module, opt, par) -> dict:

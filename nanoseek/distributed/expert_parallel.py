@@ -19,7 +19,7 @@ equal to one process: the router, the shared expert and everything dense are rep
 auxiliary-loss-free bias update sees the load all-reduced over the data-parallel group (the
 trainer does that), and each expert's gradient is summed over the ranks that replicate it (`edp`).
 
-Placement: by default expert e lives on rank e // El. `placement` (a permutation of the E experts,
+Placement: by default expert e lives on rank e // El. `placements` (per MoE layer, a permutation of the E experts,
 e.g. from EPLB without redundant replicas, `nanoseek eplb`) puts logical expert phy2log[s] in
 physical slot s instead; checkpoints keep logical order, so a new placement can be applied at any
 checkpoint boundary. Redundant replicas (two slots holding one expert) are not supported in training:
@@ -30,6 +30,7 @@ DeepEP's NVLink/RDMA kernels; on gloo the exchange is synchronous.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -40,16 +41,20 @@ from torch import nn
 
 from ..common import UserError
 from ..model.moe import Experts, MoE, sorted_experts
+from ..quant.fp8 import fp8_matmul
 
 
 class ExpertParallelExperts(nn.Module):
     """This rank's El experts (w13 (El, 2F, D), w2 (El, D, F), same names as `Experts`) plus the
     dispatch/combine around them. `slot_of` (E,) maps a logical expert to its physical slot."""
 
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, slot_of: torch.Tensor, group, ep: int, mm=None):
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, phy2log: torch.Tensor, group, ep: int, mm=None):
         super().__init__()
         self.w13, self.w2 = nn.Parameter(w13), nn.Parameter(w2)
-        self.register_buffer("slot_of", slot_of, persistent=False)
+        slot_of = torch.empty_like(phy2log)
+        slot_of[phy2log] = torch.arange(phy2log.numel())
+        self.register_buffer("phy2log", phy2log.clone(), persistent=False)    # logical expert in each slot
+        self.register_buffer("slot_of", slot_of, persistent=False)            # slot of each logical expert
         self.group, self.ep, self.mm = group, ep, mm
 
     def forward(self, x_TD, weights_TK, idx_TK, impl: str):
@@ -68,8 +73,16 @@ class ExpertParallelExperts(nn.Module):
         xr = wait_tensor(all_to_all_single_autograd(xs, recv, send, self.group))
         local = torch.arange(El, device=x_TD.device).repeat(self.ep).repeat_interleave(recv_counts.flatten())
         ones = torch.ones(local.numel(), 1, dtype=weights_TK.dtype, device=x_TD.device)
+        # "dense"/"gather" (every expert on every token / per-token weight gathers) are one-process shortcuts
+        # for few tokens; here the rows arrive grouped by expert, so the sorted layout is always right
         impl = "grouped" if impl == "grouped" else "loop" if impl == "loop" else "padded"
-        yr = sorted_experts(xr, ones, local.unsqueeze(1), self.w13, self.w2, impl, mm=self.mm)
+        if xr.shape[0] == 0:
+            # none of this rank's experts was chosen. The output must still depend on xr (so that backward
+            # runs the reverse all-to-all every other rank waits for) and on the weights (zero gradients,
+            # not missing ones, for the gradient all-reduce)
+            yr = xr * 0 + 0 * (self.w13.sum() + self.w2.sum()).to(xr.dtype)
+        else:
+            yr = sorted_experts(xr, ones, local.unsqueeze(1), self.w13, self.w2, impl, mm=self.mm)
         ys = wait_tensor(all_to_all_single_autograd(yr.contiguous(), send, recv, self.group))
         ys = ys * weights_TK.flatten()[order].unsqueeze(1).to(ys.dtype)
         return torch.zeros_like(x_TD, dtype=ys.dtype).index_add_(0, token, ys)
@@ -104,20 +117,12 @@ def apply_expert_parallel(model: nn.Module, group, ep: int, ep_rank: int,
         El = E // ep
         phy2log = check_placement((placements or {}).get(name, identity_placement(E)), E)
         mine = phy2log[ep_rank * El:(ep_rank + 1) * El]
-        slot_of = torch.empty_like(phy2log)
-        slot_of[phy2log] = torch.arange(E)
         recipe = getattr(experts, "recipe", None)
-        mm = None
-        if recipe is not None:                      # FP8Experts: keep its FP8 GEMMs
-            import functools
-
-            from ..quant.fp8 import fp8_matmul
-            mm = functools.partial(fp8_matmul, recipe=recipe)
+        mm = functools.partial(fp8_matmul, recipe=recipe) if recipe is not None else None  # FP8Experts: keep FP8
         with torch.no_grad():
             w13 = experts.w13.detach()[mine].clone()
             w2 = experts.w2.detach()[mine].clone()
-        moe.experts = ExpertParallelExperts(w13, w2, slot_of.to(w13.device), group, ep, mm)
-        moe.experts.phy2log = phy2log
+        moe.experts = ExpertParallelExperts(w13, w2, phy2log.to(w13.device), group, ep, mm)
         names += [f"{name}.experts.w13", f"{name}.experts.w2"]
     return names
 
@@ -126,7 +131,7 @@ def expert_modules(model: nn.Module) -> dict[str, ExpertParallelExperts]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ExpertParallelExperts)}
 
 
-def load_placement(path: str | Path, ep: int, n_experts: int, n_layers: int) -> dict[str, torch.Tensor]:
+def load_placement(path: str | Path, ep: int, mcfg) -> dict[str, torch.Tensor]:
     """{MoE module name: phy2log} from `nanoseek eplb --redundant 0 --ranks EP`'s JSON, checked against
     this run (EP degree, expert count, one permutation per layer)."""
     path = Path(path)
@@ -145,8 +150,12 @@ def load_placement(path: str | Path, ep: int, n_experts: int, n_layers: int) -> 
                         f"`nanoseek eplb --redundant 0 --ranks {ep}`")
     if len(phy2log) != len(layers):
         raise UserError(f"--ep-placement {path}: {len(layers)} layer ids but {len(phy2log)} placements")
-    out = {}
+    L, out = mcfg.num_hidden_layers, {}
+    moe_ids = [i for i in range(L + mcfg.num_nextn_predict_layers) if mcfg.is_moe_layer(i)]
     for layer, p in zip(layers, phy2log):
-        name = f"layers.{layer}.ffn" if layer < n_layers else f"mtp.{layer - n_layers}.block.ffn"
-        out[name] = check_placement(p, n_experts)
+        if layer not in moe_ids:
+            raise UserError(f"--ep-placement {path}: layer {layer} is not a MoE layer of this model "
+                            f"(MoE layers: {moe_ids}); was it written for another run?")
+        name = f"layers.{layer}.ffn" if layer < L else f"mtp.{layer - L}.block.ffn"
+        out[name] = check_placement(p, mcfg.n_routed_experts)
     return out

@@ -22,12 +22,16 @@ import datetime
 import math
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from ..common import UserError
 from ..config import ModelConfig
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 PP_SCHEDULES = ("1f1b", "interleaved", "zbv", "dualpipev")
 STAGES_PER_RANK = {"1f1b": 1, "interleaved": 2, "zbv": 2, "dualpipev": 2}
@@ -112,6 +116,10 @@ def check_layout(lay: Layout, mcfg: ModelConfig, batch_size: int, mtp: bool) -> 
         if local % lay.microbatches:
             raise UserError(f"--pp-microbatches {lay.microbatches}: the per-rank batch {local} (--batch-size "
                             f"{batch_size} / dp {lay.dp}) must be a multiple of it")
+        rounds = max(1, lay.microbatches // lay.pp)
+        if lay.pp_schedule == "interleaved" and lay.microbatches % rounds:
+            raise UserError(f"--pp-microbatches {lay.microbatches}: interleaved 1F1B runs them in rounds of pp "
+                            f"({lay.pp}); use a multiple of {lay.pp} (or fewer than {2 * lay.pp})")
         if lay.microbatches < lay.n_stages:
             raise UserError(f"--pp-microbatches {lay.microbatches} < {lay.n_stages} stages: the schedule needs "
                             f"at least one micro-batch per stage")
@@ -122,8 +130,9 @@ def check_layout(lay: Layout, mcfg: ModelConfig, batch_size: int, mtp: bool) -> 
         if mcfg.tie_word_embeddings:
             raise UserError("--pp with tie_word_embeddings: the embedding and the head would live in "
                             "different stages; untie them or drop --pp")
-    if mcfg.tie_word_embeddings and lay.dp_shard > 1:
-        raise UserError("--dp-shard with tie_word_embeddings is not supported; untie the embedding")
+    if mcfg.tie_word_embeddings and lay.dp > 1:
+        raise UserError("data parallelism (FSDP2) with tie_word_embeddings is not supported: the head and the "
+                        "embedding would be sharded as two parameters; untie them or run one data-parallel rank")
 
 
 @dataclass
@@ -132,8 +141,8 @@ class Dist:
     layout: Layout
     rank: int
     device: torch.device
-    mesh: object = None            # DeviceMesh (pp, dp_replicate, dp_shard)
-    emesh: object = None           # DeviceMesh (pp, edp, ep)
+    mesh: "DeviceMesh | None" = None       # (pp, dp_replicate, dp_shard)
+    emesh: "DeviceMesh | None" = None      # (pp, edp, ep)
     groups: dict = field(default_factory=dict)
 
     @property
@@ -149,7 +158,7 @@ class Dist:
         return self.dp_rank % self.layout.ep
 
     def group(self, name: str):
-        """"dp", "ep", "edp", "pp" or "world" process group (None when that dimension is 1)."""
+        """The "dp", "ep", "edp", "pp" or "world" process group (None when that dimension is 1)."""
         return self.groups.get(name)
 
 
@@ -157,7 +166,7 @@ def launched_with_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def layout_from_env(verb: str, dp_shard: int = 1, ep: int = 1, pp: int = 1, pp_schedule: str = "dualpipev",
+def layout_from_env(verb: str, dp_shard: int = 1, ep: int = 1, pp: int = 1, pp_schedule: str = "1f1b",
                     pp_microbatches: int = 0) -> Layout | None:
     """The layout of a run launched by torchrun (even with every degree 1), else None; parallel flags
     without torchrun are a UserError that gives the launch command."""
@@ -179,7 +188,8 @@ def init(lay: Layout, device: torch.device) -> Dist:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # on GPUs, NCCL for CUDA tensors and gloo beside it for the few CPU-side collectives (objects, metrics)
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         # a collective one rank never joins fails after this long instead of hanging (tests set it short)
         timeout = float(os.environ.get("NANOSEEK_DIST_TIMEOUT_S", 600))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
@@ -194,7 +204,6 @@ def init(lay: Layout, device: torch.device) -> Dist:
                 "pp": dp_mesh.get_group("pp") if lay.pp > 1 else None,
                 "ep": d.emesh.get_group("ep") if lay.ep > 1 else None,
                 "edp": d.emesh.get_group("edp") if lay.edp > 1 else None}
-    d.dp_mesh = dp_mesh
     return d
 
 

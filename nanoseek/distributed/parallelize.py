@@ -4,9 +4,9 @@
                         stages need them): `pipeline.prune`
     2. FP8 conversion   (the trainer, before this file: FP8 modules are what gets sharded)
     3. expert parallel  each MoE keeps this rank's experts; all-to-all dispatch/combine around them
-    4. FSDP2            `fully_shard` each transformer block, then the root, over (dp_replicate,
-                        dp_shard): ZeRO-3 sharding of dense parameters, gradients and AdamW state
-                        (`--zero2` keeps parameters gathered between forward and backward)
+    4. FSDP2            `fully_shard` each router (fp32), each transformer block, then the root, over
+                        (dp_replicate, dp_shard): ZeRO-3 sharding of dense parameters, gradients and
+                        AdamW state (`--zero 2` keeps parameters gathered between forward and backward)
 
 as torchtitan's `parallelize.py` does. `Parallel` then carries what the training loop does
 differently on more than one process: the rows of the global batch this rank trains on, gradient
@@ -18,7 +18,7 @@ divided by the global counts, `train/pretrain.py`'s `LossNorm`), so the sum over
 one process computes on the whole batch. FSDP averages gradients over dp, so each rank backpropagates
 its share times dp; gradients FSDP does not reduce are summed over their replicas and divided by dp.
 (FSDP's `set_gradient_divide_factor(1)` would say "sum" directly, but needs NCCL's PreMulSum, which
-gloo lacks; dp is a power of two in practice, so the scaling is exact.)
+gloo lacks; multiplying by dp and averaging again is exact when dp is a power of two.)
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..model.moe import MoE
 from .expert_parallel import apply_expert_parallel, expert_modules
 from .mesh import Dist, all_reduce
 
@@ -44,7 +45,10 @@ def apply_fsdp(model: nn.Module, d: Dist, param_dtype: torch.dtype | None, zero2
     experts = {p for m in expert_modules(model).values() for p in m.parameters()}
     mp = MixedPrecisionPolicy(param_dtype=param_dtype if param_dtype != torch.float32 else None,
                               reduce_dtype=torch.float32)
+    fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for block in _fsdp_blocks(model):
+        if isinstance(block.ffn, MoE):     # the router keeps fp32 weights, as in one process (logits in fp32)
+            fully_shard(block.ffn.gate, mesh=mesh, mp_policy=fp32, reshard_after_forward=not zero2)
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=not zero2,
                     ignored_params={p for p in block.parameters() if p in experts})
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False, ignored_params=experts)
@@ -88,7 +92,10 @@ class Parallel:
         if not self.fsdp:
             groups.append((self.dense, self.d.group("dp")))
         for params, group in groups:
-            grads = [p.grad for p in params if p.grad is not None]
+            for p in params:          # a parameter no token reached here still joins the all-reduce
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
             if not grads:
                 continue
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -102,13 +109,13 @@ class Parallel:
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global gradient norm over every rank's shards (each counted once), clipped as torch does."""
         lay = self.lay
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.d.device)
         for p in self.dense + self.experts:
             if p.grad is None:
                 continue
             g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
             copies = lay.edp if id(p) in self._expert_ids else lay.dp_replicate if self.fsdp else lay.dp
-            sq += g.double().pow(2).sum().cpu() / copies
+            sq += g.double().pow(2).sum() / copies
         all_reduce(sq, self.d.group("world"))
         norm = float(sq.sqrt())
         if max_norm > 0:
@@ -123,7 +130,8 @@ class Parallel:
     def reduce_logs(self, logs: dict[str, float], keys=("loss", "mtp_loss", "balance_loss")) -> dict[str, float]:
         """Sum each rank's share of the step's losses over the world (each share counted once). Ranks may
         hold different subsets of `keys` (a pipeline stage without the head has no "loss")."""
-        t = torch.tensor([[logs.get(k, 0.0) for k in keys], [float(k in logs) for k in keys]], dtype=torch.float64)
+        t = torch.tensor([[logs.get(k, 0.0) for k in keys], [float(k in logs) for k in keys]], dtype=torch.float64,
+                         device=self.d.device)
         all_reduce(t, self.d.group("world"))
         return {k: v for k, v, has in zip(keys, t[0].tolist(), t[1].tolist()) if has}
 

@@ -36,8 +36,8 @@ from ..data.loader import PackedLoader, document_mask, fixed_batches
 from ..distributed.mesh import PP_SCHEDULES
 from ..model import Transformer
 from ..model.moe import balance_loss, max_violation, update_bias
-from .compiled import StepCompiler
 from ..quant.fp8 import SCALE_FORMATS
+from .compiled import StepCompiler
 from .optim import MOMENTS, build_optimizer, clip_grad_norm, lr_at, set_lr, state_bytes
 
 
@@ -301,6 +301,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         raise UserError(f"--adam-moments {cfg.adam_moments!r}: choose one of {', '.join(MOMENTS)}")
     from ..distributed.mesh import layout_from_env
     layout = layout_from_env("pretrain", cfg.dp_shard, cfg.ep, cfg.pp, cfg.pp_schedule, cfg.pp_microbatches)
+    if cfg.ep_placement and (layout is None or layout.ep < 2):
+        raise UserError("--ep-placement places experts over expert-parallel ranks: add --ep N and launch with "
+                        "torchrun")
     set_threads(cfg.threads or None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -330,6 +333,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         check_layout(layout, mcfg, cfg.batch_size, cfg.mtp_lambda > 0 and mcfg.num_nextn_predict_layers > 0)
         d = init(layout, device)
         device = d.device
+        model.to(device)                  # (cuda:LOCAL_RANK under torchrun)
         if layout.pp > 1:
             from ..distributed.pipeline import prune
             prune(model, layout, d.pp_rank)
@@ -338,10 +342,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         enable_training(model, cfg.fp8_scales)
     if layout is not None:
         if cfg.ep_placement:
-            if layout.ep < 2:
-                raise UserError("--ep-placement places experts over expert-parallel ranks: add --ep N")
             from ..distributed.expert_parallel import load_placement
-            placements = load_placement(cfg.ep_placement, layout.ep, mcfg.n_routed_experts, mcfg.num_hidden_layers)
+            placements = load_placement(cfg.ep_placement, layout.ep, mcfg)
         par = Parallel(d, model, dtype, zero2=cfg.zero == 2, placements=placements)
         print0(f"distributed: {par.describe()}")
         if layout.pp > 1:
@@ -424,7 +426,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 grad_norm = par.clip_grad_norm(cfg.grad_clip)
             else:
                 grad_norm = clip_grad_norm(model, cfg.grad_clip) if finite else float("nan")
-            logs["total"] = logs.get("loss", 0.0)
             if finite and math.isfinite(grad_norm):
                 opt.step()
                 bad_in_a_row = 0
@@ -449,7 +450,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             step += 1
             dt = time.perf_counter() - t_step
             compiler.after_step(step, cfg.max_steps, dt)
-            rec = {"step": step, **{k: round(v, 5) for k, v in logs.items() if k != "total"}, "lr": lr,
+            rec = {"step": step, **{k: round(v, 5) for k, v in logs.items()}, "lr": lr,
                    "grad_norm": round(grad_norm, 4), "tokens_per_s": round(cfg.batch_size * cfg.seq_len * cfg.grad_accum / dt, 1),
                    "max_violation": [round(max_violation(l), 4) for l in loads], "skipped_steps": skipped}
             if loads:
@@ -514,17 +515,24 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 def _resume(out: Path, model, opt, loader, par) -> tuple[int, dict]:
     """Restore the newest checkpoint (a .pt file from one process, or a DCP directory from any layout)."""
+    from ..distributed import checkpoint as dcp_ckpt
+    ckpts = out / "checkpoints"
     if par is not None:
-        from ..distributed import checkpoint as dcp_ckpt
-        path = dcp_ckpt.latest(out / "checkpoints")
+        path = dcp_ckpt.latest(ckpts, agree=True)
         if path is None:
-            print0(f"--resume: no distributed checkpoint in {out / 'checkpoints'}; starting from scratch")
+            if any(ckpts.glob("step_*.pt")):
+                raise UserError(f"--resume: {ckpts} holds checkpoints of a one-process run; resume it without "
+                                "torchrun (or start a new --out)")
+            print0(f"--resume: no distributed checkpoint in {ckpts}; starting from scratch")
             return 0, {}
         state = dcp_ckpt.load(path, model, opt, par)
     else:
-        resumed = load_latest(out / "checkpoints")
+        if dcp_ckpt.latest(ckpts) is not None and not any(ckpts.glob("step_*.pt")):
+            raise UserError(f"--resume: {ckpts} holds distributed checkpoints; resume under torchrun (any number "
+                            f"of processes, e.g. `torchrun --nproc_per_node 1 -m nanoseek pretrain ... --resume`)")
+        resumed = load_latest(ckpts)
         if resumed is None:
-            print0(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
+            print0(f"--resume: no checkpoint in {ckpts}; starting from scratch")
             return 0, {}
         state, path = resumed
         model.load_state_dict(state["model"])
@@ -536,7 +544,7 @@ def _resume(out: Path, model, opt, loader, par) -> tuple[int, dict]:
 
 
 def moe_layer_id(name: str, n_layers: int) -> int:
-    """"layers.3.ffn" -> 3, "mtp.0.block.ffn" -> n_layers + 0 (the MTP block's layer id)."""
+    """Layer id of a MoE module: "layers.3.ffn" -> 3, "mtp.0.block.ffn" -> n_layers + 0 (the MTP block's)."""
     head, idx = name.split(".")[:2]
     return int(idx) + (n_layers if head == "mtp" else 0)
 

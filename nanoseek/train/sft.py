@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import args as argparse_dc
-from ..common import (UserError, autocast, read_jsonl, autodetect_device, compute_dtype, print0, progress, seed_everything,
-                      set_threads)
+from ..common import (UserError, autocast, autodetect_device, compute_dtype, print0, progress, read_jsonl,
+                      seed_everything, set_threads)
 from ..quant.fp8 import SCALE_FORMATS
 from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 
@@ -173,6 +173,8 @@ def main(argv=None) -> None:
         from ..distributed.mesh import check_layout, init
         check_layout(layout, model.cfg, cfg.batch_size, mtp=False)
         d = init(layout, device)
+        device = d.device
+        model.to(device)                  # (cuda:LOCAL_RANK under torchrun)
     if cfg.fp8:
         from ..quant.fp8 import enable_training
         enable_training(model, cfg.fp8_scales)
