@@ -94,3 +94,107 @@ def test_engine_logprobs_equal_trainer_logprobs():
     engine = torch.zeros_like(trainer)
     engine[mask.bool()] = torch.tensor([lp for s in seqs for lp in s.logprobs])
     assert (trainer - engine).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# the update: minibatches, accumulation, off-policy ratios
+
+class _Policy:
+    def __init__(self, model):
+        self.model = model
+
+    def sync_weights(self):
+        pass
+
+
+class _RecordingOpt:
+    """Records each step's gradients instead of stepping (to compare accumulation with one big batch)."""
+
+    def __init__(self, model):
+        self.params, self.steps = list(model.parameters()), []
+
+    def step(self):
+        self.steps.append([p.grad.clone() if p.grad is not None else None for p in self.params])
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def _update_batch(seed=0, n=5, length=12):
+    model = randomize(Transformer(random_cfg(vocab_size=50, num_hidden_layers=2)).eval(), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (n, length), generator=g)
+    mask = torch.zeros(n, length - 1)
+    for i in range(n):                       # completions of different lengths after a 3-token prompt
+        mask[i, 2: 2 + 3 + 2 * i] = 1.0
+    adv = torch.randn(n, generator=g)
+    return model, ids, mask, adv
+
+
+def _cfg(**kw):
+    from nanoseek.train.grpo import GRPOConfig
+    base = dict(max_new_tokens=16, temperature=1.0, eps_low=0.2, eps_high=0.28, beta=0.0, loss_type="dapo",
+                mu=1, minibatches=1, grad_accum=1, grad_clip=0.0)
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def test_update_plan_splits_evenly():
+    from nanoseek.train.grpo import update_plan
+    plan = update_plan(5, 2, 1)
+    assert [[mb.tolist() for mb in step] for step in plan] == [[[0, 1, 2]], [[3, 4]]]
+    plan = update_plan(5, 3, 2)
+    assert [[mb.tolist() for mb in step] for step in plan] == [[[0, 1], [2, 3]], [[4]]]
+    assert len(update_plan(2, 8, 1)) == 2                  # never an empty minibatch
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_accumulated_uneven_minibatches_equal_one_batch(loss_type):
+    """3 uneven minibatches (2, 2, 1 rows; different token counts) accumulated into one step give the
+    gradient of the whole batch: each is normalised by the step's counts, not by a third."""
+    from nanoseek.train.grpo import train_on_batch
+    model, ids, mask, adv = _update_batch()
+    grads = []
+    for mbs in (1, 3):
+        opt = _RecordingOpt(model)
+        st = train_on_batch(_Policy(model), None, opt, ids, mask, adv,
+                            _cfg(minibatches=mbs, grad_accum=mbs, loss_type=loss_type), torch.device("cpu"),
+                            torch.float32)
+        assert len(opt.steps) == 1 and st["optimizer_steps"] == 1
+        assert st["ratio_min"] == st["ratio_max"] == 1.0           # one step: on-policy
+        grads.append(opt.steps[0])
+    for a, b in zip(*grads):
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_minibatches_after_a_step_see_the_true_ratio():
+    """Two optimizer steps per rollout batch with mu=1: the second minibatch is off-policy. The old
+    log-probs come from before the first step, so its ratio moves away from 1 (and clipping can act);
+    with one step per batch the ratio is exactly 1."""
+    from nanoseek.train.grpo import train_on_batch
+    from nanoseek.train.optim import build_optimizer
+    model, ids, mask, adv = _update_batch()
+    opt = build_optimizer(model, 0.05, 0.0)
+    st = train_on_batch(_Policy(model), None, opt, ids, mask, adv, _cfg(minibatches=2), torch.device("cpu"),
+                        torch.float32)
+    assert st["optimizer_steps"] == 2
+    assert st["ratio_max"] > 1.01 or st["ratio_min"] < 0.99, st
+    model, ids, mask, adv = _update_batch()
+    st = train_on_batch(_Policy(model), None, build_optimizer(model, 0.05, 0.0), ids, mask, adv,
+                        _cfg(minibatches=2, grad_accum=2), torch.device("cpu"), torch.float32)
+    assert st["optimizer_steps"] == 1 and st["ratio_min"] == st["ratio_max"] == 1.0
+
+
+def test_negative_advantage_below_the_clip_has_zero_gradient():
+    """A < 0 and ratio < 1 - eps_low: the clipped term is the minimum, constant in the policy -> no gradient."""
+    logp = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    old = torch.tensor([[math.log(1.0)]])                        # ratio 0.5 < 1 - 0.2
+    loss, st = grpo_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), 0.2, 0.2, loss_type="dapo")
+    loss.backward()
+    assert logp.grad.item() == 0.0 and st["clip_low"] == 1.0
+    logp = torch.tensor([[math.log(0.9)]], requires_grad=True)   # inside the clip range: gradient flows
+    loss, _ = grpo_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), 0.2, 0.2, loss_type="dapo")
+    loss.backward()
+    assert logp.grad.item() == pytest.approx(0.9)                # d(-rho*A)/dlogp = rho

@@ -14,7 +14,9 @@
 
 Policies: nanoseek models sample with our engine (fast, latent cache); HF causal LMs
 (`AutoModelForCausalLM`, for users with their own models) sample with `model.generate`.
-Old-policy log-probs are recomputed by the trainer when mu > 1 (with mu == 1 the ratio is exactly 1).
+Old-policy log-probs are computed by the trainer whenever one rollout batch feeds more than one
+optimizer step (mu > 1, or several minibatches not accumulated into one step); otherwise the ratio is
+exactly 1.
 The model stays in eval mode: there is no dropout, and MoE routing statistics are not needed here.
 """
 from __future__ import annotations
@@ -62,7 +64,9 @@ class GRPOConfig:
     loss_type: str = field(default="dapo", metadata={"help": "loss aggregation", "choices": list(LOSS_TYPES)})
     scale_rewards: str = field(default="group", metadata={"help": "advantage std scaling", "choices": list(SCALES)})
     mu: int = field(default=1, metadata={"help": "optimisation passes per rollout batch"})
-    minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass"})
+    minibatches: int = field(default=1, metadata={"help": "minibatches per pass over a rollout batch"})
+    grad_accum: int = field(default=1, metadata={"help": "minibatches whose gradients are accumulated into one "
+                                                         "optimizer step (minibatches / grad_accum steps per pass)"})
     dynamic_sampling: bool = field(default=True, metadata={"help": "drop zero-variance groups and refill (DAPO)"})
     max_refill: int = field(default=2, metadata={"help": "extra rollout rounds to refill dropped groups"})
     mask_truncated: bool = field(default=False, metadata={"help": "no loss on completions cut at max_new_tokens"})
@@ -176,7 +180,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
     from ..inference.sampling import SamplingParams
     from ..rewards import build_reward
 
-    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mu", "minibatches"):
+    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mu", "minibatches", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
     if cfg.group_size < 2:
@@ -320,36 +324,60 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
     return summary
 
 
+def update_plan(n_rows: int, minibatches: int, grad_accum: int) -> list[list[torch.Tensor]]:
+    """One pass over a rollout batch of n_rows: optimizer steps, each a list of minibatches (row indices).
+    Minibatches are as even as possible (sizes differ by at most one row); the last step may hold fewer
+    than grad_accum of them."""
+    mbs = [mb for mb in torch.arange(n_rows).tensor_split(min(minibatches, n_rows)) if mb.numel()]
+    return [mbs[i: i + grad_accum] for i in range(0, len(mbs), grad_accum)]
+
+
 def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dtype) -> dict:
-    N = ids.shape[0]
-    n_tokens, max_len = mask.sum().clamp(min=1), cfg.max_new_tokens
-    old_logp = None
-    ref_logp = None
+    """mu passes over the rollout batch, each `update_plan` optimizer steps. Whenever the batch feeds more
+    than one optimizer step, later minibatches are off-policy (the weights moved since the rollout), so
+    the old policy's log-probs are computed once, before the first step, and the ratio is the true one.
+    Each step's loss is normalised by the tokens (sequences) of the minibatches it accumulates, not by
+    an assumed equal share."""
+    N, max_len = ids.shape[0], cfg.max_new_tokens
+    plan = update_plan(N, cfg.minibatches, cfg.grad_accum)
+    off_policy = cfg.mu * len(plan) > 1
+    old_logp = ref_logp = None
     with torch.no_grad(), autocast(device, dtype):
-        if cfg.mu > 1:
+        if off_policy:
             old_logp = policy_logprobs(policy.model, ids, mask, cfg.temperature).detach()
         if ref is not None:
             ref_logp = policy_logprobs(ref, ids, mask, cfg.temperature).detach()
     stats_acc: dict[str, list] = {}
-    order = torch.arange(N)
     for _ in range(cfg.mu):
-        for mb in order.chunk(cfg.minibatches):
-            with autocast(device, dtype):
-                logp, ent = policy_logprobs(policy.model, ids[mb], mask[mb], cfg.temperature, with_entropy=True)
-                old = old_logp[mb] if old_logp is not None else logp.detach()
-                loss, st = grpo_loss(logp, old, adv[mb], mask[mb], cfg.eps_low, cfg.eps_high, cfg.beta,
-                                     ref_logp[mb] if ref_logp is not None else None, cfg.loss_type, max_len,
-                                     n_tokens=n_tokens / cfg.minibatches, n_seqs=max(1, N // cfg.minibatches))
-            loss.backward()
+        for step_mbs in plan:
+            rows = torch.cat(step_mbs)
+            n_tokens, n_seqs = mask[rows].sum().clamp(min=1), rows.numel()
+            losses = []
+            for mb in step_mbs:
+                with autocast(device, dtype):
+                    logp, ent = policy_logprobs(policy.model, ids[mb], mask[mb], cfg.temperature, with_entropy=True)
+                    old = old_logp[mb] if old_logp is not None else logp.detach()
+                    loss, st = grpo_loss(logp, old, adv[mb], mask[mb], cfg.eps_low, cfg.eps_high, cfg.beta,
+                                         ref_logp[mb] if ref_logp is not None else None, cfg.loss_type, max_len,
+                                         n_tokens=n_tokens, n_seqs=n_seqs)
+                loss.backward()
+                losses.append(loss.item())
+                st["entropy"] = float(ent.mean()) if ent.numel() else 0.0
+                for k, v in st.items():
+                    stats_acc.setdefault(k, []).append(v)
             gn = clip_grad_norm(policy.model, cfg.grad_clip)
             if math.isfinite(gn):
                 opt.step()
                 policy.sync_weights()         # the sampler's derived decode weights follow the step
             opt.zero_grad(set_to_none=True)
-            st.update({"loss": loss.item(), "grad_norm": gn, "entropy": float(ent.mean()) if ent.numel() else 0.0})
-            for k, v in st.items():
-                stats_acc.setdefault(k, []).append(v)
-    return {k: float(np.mean(v)) for k, v in stats_acc.items()}
+            stats_acc.setdefault("loss", []).append(sum(losses))
+            stats_acc.setdefault("grad_norm", []).append(gn)
+    out = {k: float(np.mean(v)) for k, v in stats_acc.items()}
+    for k in ("ratio_min", "ratio_max"):              # extremes over the whole update, not means
+        if k in stats_acc:
+            out[k] = float((min if k == "ratio_min" else max)(stats_acc[k]))
+    out["optimizer_steps"] = cfg.mu * len(plan)
+    return out
 
 
 def main(argv=None) -> None:

@@ -76,6 +76,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mas
         stats = {"clip_frac": float(((low + high) * mask).sum() / denom),
                  "clip_low": float((low * mask).sum() / denom), "clip_high": float((high * mask).sum() / denom),
                  "ratio_mean": float((ratio * mask).sum() / denom)}
+        if mask.any():
+            stats["ratio_min"] = float(ratio[mask.bool()].min())
+            stats["ratio_max"] = float(ratio[mask.bool()].max())
         if kl is not None:
             stats["kl"] = float((kl * mask).sum() / denom)
     return loss, stats
