@@ -198,3 +198,23 @@ def test_negative_advantage_below_the_clip_has_zero_gradient():
     loss, _ = grpo_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), 0.2, 0.2, loss_type="dapo")
     loss.backward()
     assert logp.grad.item() == pytest.approx(0.9)                # d(-rho*A)/dlogp = rho
+
+
+def test_hf_rollouts_sample_the_trained_distribution():
+    """The model's generation_config (here top_k=1 and a repetition penalty, as a hub model may ship) must
+    not narrow what GRPO samples: the trainer scores softmax(logits / T) with top-p only."""
+    transformers = pytest.importorskip("transformers")
+    from nanoseek.inference.sampling import SamplingParams
+    from nanoseek.train.rollout import HFSampler
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.generation_config.top_k = 1
+    model.generation_config.repetition_penalty = 5.0
+
+    class Tok:
+        eos_id = 39
+    groups = HFSampler(model, Tok(), "cpu").rollout([[1, 2, 3]], SamplingParams(n=16, temperature=1.0, max_tokens=6))
+    distinct = {tuple(c["ids"]) for c in groups[0]}
+    assert len(distinct) > 4, distinct                   # top_k=1 would make all 16 identical

@@ -171,3 +171,32 @@ def test_r1_zero_smoke(tmp_path):
     assert saved == json.loads(json.dumps(rep))
     md = (tmp_path / "report.md").read_text()
     assert "pass@1" in md and (tmp_path / "plots" / "grpo.png").exists()
+
+
+def test_long_prompts_size_the_context_and_too_long_ones_are_refused(base, tmp_path):
+    """A 700-token prompt trains (the context was max_new_tokens + 256); one past the model's limit stops
+    before any work with the numbers and the fix."""
+    from nanoseek.common import UserError
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.grpo import grpo
+    from nanoseek.train.rollout import context_length, prompt_ids
+    tok = Tokenizer.load(base)
+    long_q = "Add the numbers. " + "12 plus 34, " * 55 + "what is 1+1?"
+    assert 600 < len(prompt_ids(tok, long_q)) < 1000
+    f = tmp_path / "tasks.jsonl"
+    rows = [{"prompt": long_q.replace("1+1", f"{i}+1"), "answer": str(i + 1)} for i in range(12)]
+    rows += [{"prompt": f"{i}+2=?", "answer": str(i + 2)} for i in range(12)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = grpo(small_grpo(base, tmp_path / "run", tasks_file=str(f), steps=1, eval_n=2, plots=False, save_final=False))
+    assert "accuracy_after" in s
+    with pytest.raises(UserError, match="max_position_embeddings=1024"):
+        context_length(tok, [long_q], 600, 1024)
+    with pytest.raises(UserError, match="--max-new-tokens"):
+        grpo(small_grpo(base, tmp_path / "run2", tasks_file=str(f), steps=1, max_new_tokens=600))
+
+
+def test_dr_grpo_drops_the_std_scaling():
+    from nanoseek.train.grpo import GRPOConfig, scale_rewards
+    assert scale_rewards(GRPOConfig(loss_type="dr_grpo")) == "none"
+    assert scale_rewards(GRPOConfig(loss_type="dapo")) == "group"
+    assert scale_rewards(GRPOConfig(loss_type="dr_grpo", scale_rewards="batch")) == "batch"   # explicit wins

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import args as argparse_dc
 from ..common import UserError, autodetect_device, print0, seed_everything, set_threads
-from .rollout import EngineSampler, evaluate
+from .rollout import EngineSampler, context_length, evaluate
 from .sample import SampleConfig, rejection_sample
 from .sft import SFTConfig, sft_train
 
@@ -49,7 +49,7 @@ def distill(cfg: DistillConfig, teacher=None, tok=None, student=None) -> dict:
     from ..config import load_preset
     from ..model import Transformer
     from ..tokenizer import Tokenizer
-    from .grpo import GRPOConfig, make_task
+    from ..data.tasks import make_task
     from .sft import encode_conversations
 
     set_threads(cfg.threads or None)
@@ -70,12 +70,16 @@ def distill(cfg: DistillConfig, teacher=None, tok=None, student=None) -> dict:
     if student.cfg.vocab_size != teacher.cfg.vocab_size:
         raise UserError(f"student vocab {student.cfg.vocab_size} != teacher vocab {teacher.cfg.vocab_size}: "
                         "distillation needs the teacher's tokenizer")
-    task = make_task(GRPOConfig(task=cfg.task, task_args=cfg.task_args))
-    t_sampler = EngineSampler(teacher, tok, max_batch=256, max_len=cfg.max_new_tokens + 256, seed=cfg.seed)
+    task = make_task(task=cfg.task, task_args=cfg.task_args)
+    problems = task.problems(cfg.n_prompts, seed=cfg.seed + 1, split="train")
+    held_out = task.problems(cfg.eval_n, seed=cfg.eval_seed, split="test")
+    questions = [p.question for p in problems + held_out]
+    t_sampler = EngineSampler(teacher, tok, max_batch=256, seed=cfg.seed,
+                              max_len=context_length(tok, questions, cfg.max_new_tokens,
+                                                     teacher.cfg.max_position_embeddings))
     scfg_ = SampleConfig(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                          seed=cfg.seed)
-    rows, sample_stats = rejection_sample(t_sampler, tok, task.problems(cfg.n_prompts, seed=cfg.seed + 1,
-                                                                         split="train"), scfg_)
+    rows, sample_stats = rejection_sample(t_sampler, tok, problems, scfg_)
     if not rows:
         raise UserError("the teacher produced no verified traces to distil; train it longer or raise --k")
     out = Path(cfg.out)
@@ -88,8 +92,9 @@ def distill(cfg: DistillConfig, teacher=None, tok=None, student=None) -> dict:
     sft_summary = sft_train(student, tok, examples, SFTConfig(epochs=cfg.epochs, batch_size=cfg.batch_size,
                                                                lr=cfg.lr, seed=cfg.seed),
                             teacher=teacher if cfg.kd_alpha > 0 else None, kd_alpha=cfg.kd_alpha, desc="distill")
-    held_out = task.problems(cfg.eval_n, seed=cfg.eval_seed, split="test")
-    s_eval = evaluate(EngineSampler(student, tok, max_len=cfg.max_new_tokens + 256), tok, held_out, cfg.max_new_tokens)
+    s_eval = evaluate(EngineSampler(student, tok, max_len=context_length(
+        tok, [p.question for p in held_out], cfg.max_new_tokens, student.cfg.max_position_embeddings)),
+        tok, held_out, cfg.max_new_tokens)
     t_eval = evaluate(t_sampler, tok, held_out, cfg.max_new_tokens)
     save_pretrained(student, out / "final", tokenizer=tok)
     summary = {"teacher_accuracy": t_eval["accuracy"], "student_accuracy": s_eval["accuracy"],

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .. import args as argparse_dc
 from ..common import UserError, autodetect_device, print0, seed_everything, set_threads
-from .rollout import EngineSampler, evaluate
+from .rollout import EngineSampler, context_length, evaluate, position_limit
 
 
 @dataclass
@@ -35,7 +35,7 @@ class EvalConfig:
 def run_eval(cfg: EvalConfig) -> dict:
     from ..checkpoint.hf import from_pretrained
     from ..tokenizer import Tokenizer
-    from .grpo import GRPOConfig, make_task
+    from ..data.tasks import make_task
 
     if not cfg.model:
         raise UserError("--model is required")
@@ -45,11 +45,12 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise UserError("--samples > 1 needs --temperature > 0 (greedy samples are all the same)")
     set_threads(cfg.threads or None)
     seed_everything(cfg.seed)
-    task = make_task(GRPOConfig(task=cfg.task, task_args=cfg.task_args, tasks_file=cfg.tasks_file))
+    task = make_task(task=cfg.task, task_args=cfg.task_args, tasks_file=cfg.tasks_file)
     problems = task.problems(cfg.n, seed=cfg.seed, split="test")
     tok = Tokenizer.load(cfg.model)
     model = from_pretrained(cfg.model, device=autodetect_device(cfg.device))
-    sampler = EngineSampler(model, tok, max_batch=256, max_len=cfg.max_new_tokens + 256, seed=cfg.seed)
+    max_len = context_length(tok, [p.question for p in problems], cfg.max_new_tokens, position_limit(cfg.model))
+    sampler = EngineSampler(model, tok, max_batch=256, max_len=max_len, seed=cfg.seed)
     res = evaluate(sampler, tok, problems, cfg.max_new_tokens, cfg.temperature, cfg.samples, cfg.top_p, cfg.seed)
     res.update({"task": cfg.task, "model": cfg.model})
     return res

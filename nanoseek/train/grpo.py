@@ -37,7 +37,7 @@ from ..common import (UserError, autocast, autodetect_device, compute_dtype, pri
                       set_threads)
 from ..quant.fp8 import SCALE_FORMATS
 from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, token_logprobs
-from .rollout import REFLECTION, EngineSampler, HFSampler, evaluate, prompt_ids
+from .rollout import REFLECTION, EngineSampler, HFSampler, context_length, evaluate, position_limit, prompt_ids
 from .optim import build_optimizer, clip_grad_norm
 
 @dataclass
@@ -62,7 +62,9 @@ class GRPOConfig:
     eps_low: float = field(default=0.2, metadata={"help": "clip 1 - eps_low"})
     eps_high: float = field(default=0.28, metadata={"help": "clip 1 + eps_high (DAPO clip-higher)"})
     loss_type: str = field(default="dapo", metadata={"help": "loss aggregation", "choices": list(LOSS_TYPES)})
-    scale_rewards: str = field(default="group", metadata={"help": "advantage std scaling", "choices": list(SCALES)})
+    scale_rewards: str | None = field(default=None, metadata={"help": "advantage std scaling (default: group; none "
+                                                                     "with --loss-type dr_grpo, which drops it)",
+                                                             "choices": list(SCALES)})
     mu: int = field(default=1, metadata={"help": "optimisation passes per rollout batch"})
     minibatches: int = field(default=1, metadata={"help": "minibatches per pass over a rollout batch"})
     grad_accum: int = field(default=1, metadata={"help": "minibatches whose gradients are accumulated into one "
@@ -94,19 +96,22 @@ class GRPOConfig:
 COMPILE = {"auto": "auto", "on": True, "off": False}
 
 
-def load_policy(cfg: GRPOConfig, device):
+def load_policy(cfg: GRPOConfig, device, questions: list[str]):
+    """The policy and its sampler; the engine's context fits the longest of `questions` (every prompt
+    the run can draw) plus --max-new-tokens, checked against the model's limit before any work."""
     from ..tokenizer import Tokenizer
 
     path = Path(cfg.model)
     if not (path / "config.json").exists():
         raise UserError(f"--model {cfg.model!r}: not a model directory (no config.json)")
     tok = Tokenizer.load(path)
+    max_len = context_length(tok, questions, cfg.max_new_tokens, position_limit(path))
     model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
     if model_type in ("deepseek_v3", "deepseek_v2"):
         from ..checkpoint.hf import from_pretrained
         model = from_pretrained(path, device=device)
         return EngineSampler(model, tok, max_batch=max(cfg.max_batch, cfg.group_size),
-                             max_len=cfg.max_new_tokens + 256, seed=cfg.seed,
+                             max_len=max_len, seed=cfg.seed,
                              rollout_dtype=cfg.rollout_dtype, compile=COMPILE[cfg.compile]), model, tok
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
@@ -149,28 +154,9 @@ def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: f
     return (full, ent) if with_entropy else full
 
 
-def parse_knobs(text: str) -> dict:
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if "=" not in part:
-            raise UserError(f"--task-args {text!r}: expected key=value pairs, got {part!r}")
-        k, v = part.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v.strip()
-    return out
-
-
 def make_task(cfg: GRPOConfig):
-    from ..data.tasks import JsonlTask, get_task, load_jsonl_problems
-
-    if cfg.tasks_file:
-        return JsonlTask(load_jsonl_problems(cfg.tasks_file))
-    try:
-        return get_task(cfg.task, **parse_knobs(cfg.task_args))
-    except (ValueError, TypeError) as e:
-        raise UserError(f"--task {cfg.task} --task-args {cfg.task_args!r}: {e}") from None
+    from ..data.tasks import make_task as task_of_flags
+    return task_of_flags(cfg.task, cfg.task_args, cfg.tasks_file)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -191,8 +177,13 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    task = make_task(cfg)
+    rng = random.Random(cfg.seed)
+    pool = task.problems(max(4096, cfg.steps * cfg.prompts_per_step * 2), seed=cfg.seed, split="train")
+    rng.shuffle(pool)
+    held_out = task.problems(cfg.eval_n, seed=cfg.eval_seed, split="test")
     if policy is None:
-        policy, model, tok = load_policy(cfg, device)
+        policy, model, tok = load_policy(cfg, device, [p.question for p in pool + held_out])
     model = policy.model
     model.eval()
     if cfg.save_fp8 and not isinstance(policy, EngineSampler):
@@ -206,12 +197,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
         reward_fn = build_reward(cfg.reward)
     except ValueError as e:
         raise UserError(f"--reward {cfg.reward!r}: {e}") from None
-    task = make_task(cfg)
-    rng = random.Random(cfg.seed)
-    pool = task.problems(max(4096, cfg.steps * cfg.prompts_per_step * 2), seed=cfg.seed, split="train")
-    rng.shuffle(pool)
     pool_iter = iter(pool * 1000)
-    held_out = task.problems(cfg.eval_n, seed=cfg.eval_seed, split="test")
     ref = None
     if cfg.beta > 0:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
@@ -286,7 +272,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
         # ---- update ----------------------------------------------------------------------------
         t1 = time.perf_counter()
         if kept_prompts:
-            adv = group_advantages(torch.tensor(kept_rewards), cfg.group_size, cfg.scale_rewards)
+            adv = group_advantages(torch.tensor(kept_rewards), cfg.group_size, scale_rewards(cfg))
             ids, mask, adv = build_batch(kept_prompts, kept_comps, adv, tok.eos_id, cfg.mask_truncated, device)
             stats = train_on_batch(policy, ref, opt, ids, mask, adv, cfg, device, dtype)
             rec.update(stats)
@@ -322,6 +308,11 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
         plot_grpo(metrics_path, out / "plots" / "grpo.png")
     print0(f"done: held-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}")
     return summary
+
+
+def scale_rewards(cfg: GRPOConfig) -> str:
+    """Dr. GRPO removes both biases of GRPO: the length normalisation (its loss) and the std scaling."""
+    return cfg.scale_rewards or ("none" if cfg.loss_type == "dr_grpo" else "group")
 
 
 def update_plan(n_rows: int, minibatches: int, grad_accum: int) -> list[list[torch.Tensor]]:

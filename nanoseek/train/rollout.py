@@ -17,7 +17,7 @@ import re
 import numpy as np
 import torch
 
-from ..common import parse_dtype
+from ..common import UserError, parse_dtype
 from ..inference.sampling import SamplingParams
 
 REFLECTION = re.compile(r"\b(wait|check|verify|recheck)\b", re.IGNORECASE)
@@ -26,6 +26,25 @@ REFLECTION = re.compile(r"\b(wait|check|verify|recheck)\b", re.IGNORECASE)
 def prompt_ids(tok, question: str) -> list[int]:
     """The chat prompt for one question: BOS <｜User｜> question <｜Assistant｜>."""
     return tok.encode(tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True))
+
+
+def context_length(tok, questions, max_new_tokens: int, limit: int | None) -> int:
+    """Engine context for these prompts: the longest chat prompt + max_new_tokens, refused with the
+    numbers and the fix when it exceeds the model's max_position_embeddings (`limit`)."""
+    longest = max((len(prompt_ids(tok, q)) for q in questions), default=1)
+    need = longest + max_new_tokens
+    if limit is not None and need > limit:
+        raise UserError(f"the longest prompt has {longest} tokens; with --max-new-tokens {max_new_tokens} a sequence "
+                        f"needs {need} positions, more than the model's max_position_embeddings={limit}: lower "
+                        f"--max-new-tokens to {limit - longest} or shorten the prompts")
+    return need
+
+
+def position_limit(model_dir) -> int | None:
+    import json
+    from pathlib import Path
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return cfg.get("max_position_embeddings")
 
 
 class EngineSampler:
@@ -58,20 +77,34 @@ class EngineSampler:
 
 
 class HFSampler:
-    """transformers causal LMs: one `generate` call per prompt with n return sequences."""
+    """transformers causal LMs: one `generate` call per prompt with n return sequences.
+
+    The sampling distribution must be the one the trainer scores (softmax(logits / T), top-p only):
+    `generate` would otherwise add transformers' default top_k=50 and whatever the model's
+    `generation_config.json` sets (penalties, no-repeat n-grams, min length), so every knob is given
+    explicitly in a fresh GenerationConfig."""
 
     def __init__(self, model, tok, device):
         self.model, self.tok, self.device = model, tok, device
 
+    def generation_config(self, params: SamplingParams):
+        from transformers import GenerationConfig
+        eos = self.tok.eos_id
+        sample = params.temperature > 0
+        return GenerationConfig(do_sample=sample, temperature=params.temperature if sample else None,
+                                top_p=params.top_p if sample else None, top_k=0 if sample else None,
+                                repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+                                max_new_tokens=params.max_tokens, pad_token_id=eos, eos_token_id=eos,
+                                num_beams=1)
+
     def rollout(self, prompts, params: SamplingParams):
         eos = self.tok.eos_id
+        gc = self.generation_config(params)
         out = []
         for p in prompts:
             x = torch.tensor([p], device=self.device).repeat(params.n, 1)
             with torch.no_grad():
-                g = self.model.generate(x, attention_mask=torch.ones_like(x), do_sample=params.temperature > 0,
-                                        temperature=params.temperature or None, top_p=params.top_p,
-                                        max_new_tokens=params.max_tokens, pad_token_id=eos, eos_token_id=eos)
+                g = self.model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc)
             group = []
             for i in range(params.n):
                 ids = g[i, len(p):].tolist()

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import args as argparse_dc
 from ..common import UserError, autodetect_device, print0, seed_everything, set_threads
 from ..inference.sampling import SamplingParams
-from .rollout import EngineSampler, prompt_ids
+from .rollout import EngineSampler, context_length, position_limit, prompt_ids
 
 
 @dataclass
@@ -68,15 +68,17 @@ def main(argv=None) -> None:
         raise UserError("--model is required")
     from ..checkpoint.hf import from_pretrained
     from ..tokenizer import Tokenizer
-    from .grpo import GRPOConfig, make_task
+    from ..data.tasks import make_task
 
     set_threads(cfg.threads or None)
     seed_everything(cfg.seed)
-    task = make_task(GRPOConfig(task=cfg.task, task_args=cfg.task_args, tasks_file=cfg.tasks_file))
+    task = make_task(task=cfg.task, task_args=cfg.task_args, tasks_file=cfg.tasks_file)
     tok = Tokenizer.load(cfg.model)
     model = from_pretrained(cfg.model, device=autodetect_device(cfg.device))
-    sampler = EngineSampler(model, tok, max_batch=256, max_len=cfg.max_new_tokens + 256, seed=cfg.seed)
-    rows, stats = rejection_sample(sampler, tok, task.problems(cfg.n_prompts, seed=cfg.seed, split="train"), cfg)
+    problems = task.problems(cfg.n_prompts, seed=cfg.seed, split="train")
+    max_len = context_length(tok, [p.question for p in problems], cfg.max_new_tokens, position_limit(cfg.model))
+    sampler = EngineSampler(model, tok, max_batch=256, max_len=max_len, seed=cfg.seed)
+    rows, stats = rejection_sample(sampler, tok, problems, cfg)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     with open(cfg.out, "w") as f:
         for r in rows:
