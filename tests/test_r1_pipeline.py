@@ -200,3 +200,27 @@ def test_dr_grpo_drops_the_std_scaling():
     assert scale_rewards(GRPOConfig(loss_type="dr_grpo")) == "none"
     assert scale_rewards(GRPOConfig(loss_type="dapo")) == "group"
     assert scale_rewards(GRPOConfig(loss_type="dr_grpo", scale_rewards="batch")) == "batch"   # explicit wins
+
+
+def test_grpo_resume_equals_an_uninterrupted_run(base, tmp_path):
+    """Stop after step 2 (its checkpoint kept, later ones gone) and resume: steps 3-4 log exactly what the
+    uninterrupted run logged (rollouts, rewards, losses), and the final model is the same."""
+    import shutil
+
+    from nanoseek.train.grpo import grpo
+    cfg = dict(steps=4, save_every=2, keep=5, compile="off", eval_every=0, plots=False, mu=2, minibatches=2)
+    grpo(small_grpo(base, tmp_path, **cfg))
+    timing = ("gen_s", "train_s", "tokens_per_s")
+
+    def records():
+        return [{k: v for k, v in json.loads(l).items() if k not in timing}
+                for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    full = records()
+    final = (tmp_path / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "final")
+    for ck in (tmp_path / "checkpoints").glob("step_000004*"):
+        ck.unlink()
+    s = grpo(small_grpo(base, tmp_path, resume=True, **cfg))
+    assert records() == full
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == final
+    assert s["accuracy_before"] == full[0]["eval_accuracy"]

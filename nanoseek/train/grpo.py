@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from .. import args as argparse_dc
-from ..common import (UserError, autocast, autodetect_device, compute_dtype, print0, progress, seed_everything,
-                      set_threads)
+from ..checkpoint.state import load_latest, save_checkpoint
+from ..common import (UserError, autocast, autodetect_device, compute_dtype, print0, progress, rng_state,
+                      seed_everything, set_rng_state, set_threads)
 from ..quant.fp8 import SCALE_FORMATS
 from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, token_logprobs
 from .rollout import REFLECTION, EngineSampler, HFSampler, context_length, evaluate, position_limit, prompt_ids
@@ -90,6 +91,11 @@ class GRPOConfig:
     fp8_scales: str = field(default="fp32", metadata={"help": "FP8 scale format", "choices": list(SCALE_FORMATS)})
     save_fp8: bool = field(default=False, metadata={"help": "write OUT/final in DeepSeek's FP8 checkpoint format"})
     save_final: bool = field(default=True, metadata={"help": "write OUT/final (HF format)"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint (model, optimizer, RNG, step, prompt position) "
+                                                         "every N steps (0 = only at the end)"})
+    keep: int = field(default=2, metadata={"help": "checkpoints to keep"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out exactly "
+                                                          "(use --compile off for bit-equal rollouts)"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots"})
 
 
@@ -197,15 +203,44 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
         reward_fn = build_reward(cfg.reward)
     except ValueError as e:
         raise UserError(f"--reward {cfg.reward!r}: {e}") from None
-    pool_iter = iter(pool * 1000)
+    cursor = 0                          # position in the (cyclic) prompt pool: part of the resumable state
+
+    def next_problems(n: int):
+        nonlocal cursor
+        out_ = [pool[(cursor + i) % len(pool)] for i in range(n)]
+        cursor += n
+        return out_
     ref = None
     if cfg.beta > 0:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.99))
     sp = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
     metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
     evals = []
+    start = 1
+    resumed = load_latest(out / "checkpoints") if cfg.resume else None
+    if cfg.resume and resumed is None:
+        print0(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
+    if resumed is not None:
+        state, path = resumed
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        if state.get("sampler_rng") is not None:
+            policy.engine.gen.set_state(state["sampler_rng"])
+        policy.sync_weights()
+        cursor, evals, start = state["cursor"], state["evals"], state["step"] + 1
+        keep = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= state["step"]]
+        metrics_path.write_text("".join(l + "\n" for l in keep))
+        print0(f"resumed from {path} at step {state['step']}")
+    else:
+        metrics_path.write_text("")
+
+    def checkpoint(at: int):
+        save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
+                         "sampler_rng": policy.engine.gen.get_state() if isinstance(policy, EngineSampler) else None,
+                         "cursor": cursor, "evals": evals, "step": at, "config": asdict(cfg)},
+                        out / "checkpoints", at, keep=cfg.keep)
 
     def run_eval(at: int):
         r = evaluate(policy, tok, held_out, cfg.max_new_tokens, seed=cfg.eval_seed)
@@ -217,10 +252,11 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
                f"mean length {r['mean_length']:.1f}")
         return r
 
-    run_eval(0)
-    bar = progress(total=cfg.steps, desc="grpo")
+    if not evals:
+        run_eval(0)
+    bar = progress(total=cfg.steps, initial=start - 1, desc="grpo")
     t_start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+    for step in range(start, cfg.steps + 1):
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup))
@@ -232,7 +268,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
             need = cfg.prompts_per_step - len(kept_prompts) // cfg.group_size
             if need <= 0:
                 break
-            probs = [next(pool_iter) for _ in range(need if round_ == 0 else max(need, cfg.prompts_per_step // 2))]
+            probs = next_problems(need if round_ == 0 else max(need, cfg.prompts_per_step // 2))
             prompts = [prompt_ids(tok, p.question) for p in probs]
             groups = policy.rollout(prompts, sp)
             flat = [c for g in groups for c in g]
@@ -287,8 +323,11 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
                         len=f"{rec['completion_len']:.0f}")
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             run_eval(step)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            checkpoint(step)
     bar.close()
     final_eval = run_eval(cfg.steps)
+    checkpoint(cfg.steps)
     summary = {"accuracy_before": evals[0]["accuracy"], "accuracy_after": final_eval["accuracy"],
                "think_rate_before": evals[0]["think_rate"], "think_rate_after": final_eval["think_rate"],
                "length_before": evals[0]["mean_length"], "length_after": final_eval["mean_length"],
