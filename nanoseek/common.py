@@ -15,10 +15,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from .errors import UserError  # noqa: F401  (re-exported: most modules import it from here)
 
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, bad file, bad config). The CLI prints the message
-    and exits with status 2 instead of a traceback."""
+
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Callable
 
-from ...common import UserError
+from ...errors import UserError
 
 from .arithmetic import Arithmetic, needs_carry
 from .common import Problem, Task, extract_answer, extract_think, is_well_formatted, split_of

@@ -27,8 +27,6 @@ SPLITS = ("train", "test")
 TEST_FRACTION_PER_MILLE = 100          # 10% of the question space is held out for "test"
 
 _THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-_WELL_FORMED_RE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
-_TAG_RE = re.compile(r"</?(?:think|answer)>")
 
 
 @dataclass(frozen=True)
@@ -80,14 +78,20 @@ def extract_think(completion: str) -> str | None:
 
 
 def is_well_formatted(completion: str) -> bool:
-    """Exactly one think block then one non-empty answer block, only whitespace around them."""
+    """Exactly one think block then one non-empty answer block, only whitespace around them. Linear
+    time: the equivalent regex (`\\s*<think>(.*?)</think>\\s*<answer>(.*?)</answer>\\s*` with no tag inside)
+    backtracks quadratically on completions with many tags (10 s on 160k characters)."""
     if not isinstance(completion, str):
         return False
-    m = _WELL_FORMED_RE.fullmatch(completion)
-    if m is None:
+    s = completion.strip()
+    if not (s.startswith("<think>") and s.endswith("</answer>")):
         return False
-    think, answer = m.group(1), m.group(2)
-    return not _TAG_RE.search(think) and not _TAG_RE.search(answer) and bool(answer.strip())
+    if any(s.count(tag) != 1 for tag in ("<think>", "</think>", "<answer>", "</answer>")):
+        return False
+    end_think, start_answer = s.find("</think>"), s.find("<answer>")
+    if end_think > start_answer or s[end_think + len("</think>"):start_answer].strip():
+        return False
+    return bool(s[start_answer + len("<answer>"):-len("</answer>")].strip())
 
 
 def split_of(question: str) -> str:
