@@ -218,3 +218,16 @@ def test_hf_rollouts_sample_the_trained_distribution():
     groups = HFSampler(model, Tok(), "cpu").rollout([[1, 2, 3]], SamplingParams(n=16, temperature=1.0, max_tokens=6))
     distinct = {tuple(c["ids"]) for c in groups[0]}
     assert len(distinct) > 4, distinct                   # top_k=1 would make all 16 identical
+
+
+def test_failed_rewards_are_left_out_of_the_baseline():
+    nan = float("nan")
+    adv = group_advantages(torch.tensor([1.0, nan, 0.0, 0.0]), 4, "none")
+    assert adv.tolist() == pytest.approx([2 / 3, 0.0, -1 / 3, -1 / 3])       # mean over the 3 scored
+    adv = group_advantages(torch.tensor([1.0, nan, 0.0, 0.0]), 4, "group", eps=0.0)
+    std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
+    assert adv.tolist() == pytest.approx([2 / 3 / std, 0.0, -1 / 3 / std, -1 / 3 / std])
+    assert group_advantages(torch.tensor([nan, nan]), 2).tolist() == [0.0, 0.0]
+    same = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.25]), 4, "group")    # no NaN: as before
+    r = torch.tensor([1.0, 0.0, 0.5, 0.25])
+    assert torch.allclose(same, (r - r.mean()) / (r.std() + 1e-4))

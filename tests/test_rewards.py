@@ -76,7 +76,7 @@ def test_combine_weighted_sum_and_components():
     completions = ["<think>x</think><answer>632</answer>", "<answer>632</answer>", "<answer>1</answer>"]
     got = r([""] * 3, completions, [ADD] * 3, completion_lengths=[10, 90, 120])
     assert got == [1.5, 0.5, -1.0]
-    assert r.last_components == {"accuracy_reward": [1.0, 1.0, 0.0], "format_reward": [1.0, 0.0, 0.0],
+    assert r.score([""] * 3, completions, [ADD] * 3, completion_lengths=[10, 90, 120]).components == {"accuracy_reward": [1.0, 1.0, 0.0], "format_reward": [1.0, 0.0, 0.0],
                                  "soft_overlong_punishment": [0.0, -0.5, -1.0]}
     with pytest.raises(ValueError, match="names"):
         combine([(format_reward, 1.0)], names=["a", "b"])
@@ -152,3 +152,33 @@ def test_arithmetic_check_reachable_via_registry_defaults():
     # checkers ignore knobs: a 5-digit problem graded by the default (max 3 digits) task
     p = Arithmetic(min_digits=5, max_digits=5).problems(1, 0)[0]
     assert call(accuracy_reward, [f"<answer>{p.answer}</answer>"], [p]) == [1.0]
+
+
+def _slow_on_x(prompts, completions, problems, **kw):
+    import time
+    if any("x" in c for c in completions):
+        time.sleep(30)                       # a reward that hangs on some completions
+    return [1.0 for _ in completions]
+
+
+def test_reward_time_budget_failures_and_baseline():
+    """With a budget, a reward that hangs on one completion costs about the budget twice (the batch, then
+    that sample), scores the others, and reports the hung sample as failed (NaN total, counted)."""
+    import time
+    r = combine([(_slow_on_x, 1.0), (lambda p, c, pr, **kw: [0.5] * len(c), 1.0)], names=["slow", "flat"],
+                timeout_s=0.5)
+    t = time.perf_counter()
+    s = r.score([""] * 3, ["a", "x", "b"], [ADD] * 3)
+    assert time.perf_counter() - t < 5
+    assert s.failed == [False, True, False] and s.failures == {"slow": 1, "flat": 0}
+    assert s.total[0] == 1.5 and math.isnan(s.total[1]) and s.total[2] == 1.5
+    assert r([""] * 2, ["a", "b"], [ADD] * 2) == [1.5, 1.5]          # the worker came back for the next call
+    with pytest.raises(RewardInputError):                             # wiring bugs still surface through it
+        combine([(soft_overlong_punishment(100, 20), 1.0)], timeout_s=1.0)([""], ["c"], [ADD])
+
+
+def test_quadratic_format_input_is_fast_now():
+    import time
+    t = time.perf_counter()
+    assert format_reward([""], ["<think>" + "</think><answer>" * 20000 + "x"], [ADD]) == [0.0]
+    assert time.perf_counter() - t < 0.1

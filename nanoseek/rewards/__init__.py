@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from .accuracy import accuracy_reward, countdown_reward
-from .combine import CombinedReward, RewardInputError, combine
+from .combine import CombinedReward, RewardInputError, RewardScores, combine
 from .format import format_reward, tag_count_reward
 from .language import language_consistency_reward
 from .length import soft_overlong_punishment
@@ -24,7 +24,7 @@ REWARDS = {
 }
 
 
-def build_reward(spec: str) -> CombinedReward:
+def build_reward(spec: str, timeout_s: float | None = None) -> CombinedReward:
     """"name:weight,name:weight" (a bare name means weight 1.0) -> combined reward."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"reward spec must look like 'accuracy:1.0,format:0.2', got {spec!r}")
@@ -47,9 +47,9 @@ def build_reward(spec: str) -> CombinedReward:
             raise ValueError(f"weight of reward {name!r} must be finite, got {weight_text!r}")
         pairs.append((REWARDS[name], weight))
         names.append(name)
-    return combine(pairs, names)
+    return combine(pairs, names, timeout_s)
 
 
-__all__ = ["REWARDS", "build_reward", "combine", "CombinedReward", "RewardInputError", "accuracy_reward",
+__all__ = ["REWARDS", "build_reward", "combine", "CombinedReward", "RewardInputError", "RewardScores", "accuracy_reward",
            "countdown_reward", "format_reward", "tag_count_reward", "language_consistency_reward",
            "soft_overlong_punishment"]

@@ -5,24 +5,34 @@ may carry per-sample lists (`completion_lengths`, `truncated`) that line up with
 
 A GRPO run scores millions of completions written by a policy that is still learning, so some of
 them will break some reward (a regex on pathological text, math_verify on a 10k-digit number). A
-crash there would lose hours, and a silent 0 would hide a real bug. So: when a component raises
-on a batch it is re-run sample by sample; a sample that still raises, or a value that is None,
-NaN, infinite or not a number, scores 0.0 for that component, and a warning naming the component,
-the exception and a shortened copy of the completion goes to stderr once per (component, kind of
-failure) per combined reward. `RewardInputError` (the caller forgot an input the reward needs)
-is a wiring bug, not a bad sample, and is raised as is.
+crash there would lose hours, a hang would stall the run, and a silent 0 would hide a real bug. So:
 
-The unweighted per-component scores of the last call stay on the object (`last_components`) for
-logging; the state lives on the instance, never in the module.
+- with a time budget (`timeout_s`, `nanoseek grpo --reward-timeout`), the reward functions run in a
+  forked worker process; a call that overruns is abandoned (the worker is killed and replaced);
+- when a component raises on a batch or overruns, it is re-run sample by sample (each with the
+  budget); a sample that still raises or overruns, or a value that is None, NaN, infinite or not a
+  number, is a *failure* of that component for that sample;
+- `score()` returns the weighted totals, the per-component scores, which samples failed and how many
+  failures each component had (for the metrics); a failed sample's total is NaN, which GRPO leaves
+  out of its group's baseline (as TRL does with rewards that return None);
+- a warning naming the component, the failure and a shortened copy of the completion goes to stderr
+  once per (component, kind of failure) per combined reward. `RewardInputError` (the caller forgot
+  an input the reward needs) is a wiring bug, not a bad sample, and is raised as is.
+
+`reward(prompts, completions, problems)` (calling the object) returns the totals with a failed component
+counted as 0.0.
 """
 from __future__ import annotations
 
 import math
+import multiprocessing
 import sys
+from dataclasses import dataclass, field
 from typing import Callable
 
 RewardFn = Callable[..., list]
 SHOWN_CHARS = 200
+_FAILED = object()          # a sample on which a component raised or overran (already warned about)
 
 
 class RewardInputError(ValueError):
@@ -34,13 +44,90 @@ def _shorten(text, limit: int = SHOWN_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+@dataclass
+class RewardScores:
+    total: list[float]                       # weighted sum per sample; NaN where a component failed
+    components: dict[str, list[float]]       # unweighted scores per component (0.0 where it failed)
+    failed: list[bool]                       # per sample: did any component fail?
+    failures: dict[str, int] = field(default_factory=dict)   # per component: samples it failed on
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _RemoteError(Exception):
+    """An exception the reward raised in the worker, carried back as its type name and message."""
+
+    def __init__(self, kind: str, msg: str):
+        super().__init__(f"{kind}: {msg}")
+        self.kind = kind
+
+
+def _serve(fns, conn) -> None:
+    """The worker's loop: run fns[k](*args, **kw), send back ("ok", values) or ("error", ...)."""
+    while True:
+        try:
+            k, args, kw = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send(("ok", list(fns[k](*args, **kw))))
+        except Exception as e:       # sent back as text: exceptions need not pickle
+            conn.send(("error", (type(e).__name__, str(e)[:1000], isinstance(e, RewardInputError))))
+
+
+class _Worker:
+    """A forked process holding the reward functions (inherited, never pickled); killed and replaced
+    when a call overruns its budget, since neither a thread nor a signal can stop a regex in C."""
+
+    def __init__(self, fns):
+        self.fns, self.proc = fns, None
+
+    def _start(self):
+        ctx = multiprocessing.get_context("fork")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(self.fns, child), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def call(self, k: int, args, kw, timeout: float) -> list:
+        if self.proc is None or not self.proc.is_alive():
+            self._start()
+        self.conn.send((k, args, kw))
+        if not self.conn.poll(timeout):
+            self.close()
+            raise _Timeout(f"took more than {timeout:g} s")
+        status, payload = self.conn.recv()
+        if status == "ok":
+            return payload
+        name, msg, wiring = payload
+        if wiring:
+            raise RewardInputError(msg)
+        raise _RemoteError(name, msg)
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.join()
+            self.conn.close()
+            self.proc = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 class CombinedReward:
-    def __init__(self, rewards: list[tuple[RewardFn, float]], names: list[str]):
+    def __init__(self, rewards: list[tuple[RewardFn, float]], names: list[str], timeout_s: float | None = None):
         self.fns = [fn for fn, _ in rewards]
         self.weights = [float(w) for _, w in rewards]
         self.names = names
-        self.last_components: dict[str, list[float]] = {}
         self._warned: set[tuple[str, str]] = set()
+        self.timeout_s = timeout_s if timeout_s and "fork" in multiprocessing.get_all_start_methods() else None
+        self._worker = _Worker(self.fns) if self.timeout_s else None
 
     def _warn(self, name: str, kind: str, detail: str, completion) -> None:
         if (name, kind) in self._warned:
@@ -49,58 +136,75 @@ class CombinedReward:
         print(f"warning: reward {name!r} {detail} on completion {_shorten(completion)!r}; scored 0.0 "
               f"(further {kind} from {name!r} are not reported)", file=sys.stderr)
 
-    def _clean(self, name: str, value, completion) -> float:
+    def _clean(self, name: str, value, completion) -> float | None:
+        """The value as a finite float, or None (a failure, warned about)."""
         try:
             x = float(value)
         except (TypeError, ValueError):
             self._warn(name, "non-numeric values", f"returned {value!r}, not a number", completion)
-            return 0.0
+            return None
         if not math.isfinite(x):
             self._warn(name, "non-finite values", f"returned {x}", completion)
-            return 0.0
+            return None
         return x
 
-    @staticmethod
-    def _run(fn, prompts, completions, problems, kw) -> list:
-        values = list(fn(prompts, completions, problems, **kw))
+    def _run(self, k: int, prompts, completions, problems, kw) -> list:
+        if self._worker is not None:
+            values = self._worker.call(k, (prompts, completions, problems), kw, self.timeout_s)
+        else:
+            values = list(self.fns[k](prompts, completions, problems, **kw))
         if len(values) != len(completions):
             raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
         return values
 
-    def _component(self, name, fn, prompts, completions, problems, kw) -> list[float]:
-        n = len(completions)
+    def _component(self, k: int, prompts, completions, problems, kw) -> list[float | None]:
+        name, n = self.names[k], len(completions)
         try:
-            values = self._run(fn, prompts, completions, problems, kw)
+            values = self._run(k, prompts, completions, problems, kw)
         except RewardInputError:
             raise
         except Exception:
             values = []
             for i in range(n):
-                kw_i = {k: v[i:i + 1] if isinstance(v, (list, tuple)) and len(v) == n else v for k, v in kw.items()}
+                kw_i = {k_: v[i:i + 1] if isinstance(v, (list, tuple)) and len(v) == n else v for k_, v in kw.items()}
                 try:
-                    values.append(self._run(fn, prompts[i:i + 1], completions[i:i + 1],
-                                            problems[i:i + 1], kw_i)[0])
+                    values.append(self._run(k, prompts[i:i + 1], completions[i:i + 1], problems[i:i + 1], kw_i)[0])
                 except RewardInputError:
                     raise
+                except _Timeout as e:
+                    self._warn(name, "timeouts", str(e), completions[i])
+                    values.append(_FAILED)
+                except _RemoteError as e:
+                    self._warn(name, e.kind, f"raised {_shorten(str(e))}", completions[i])
+                    values.append(_FAILED)
                 except Exception as e:
                     self._warn(name, type(e).__name__, f"raised {type(e).__name__}: {_shorten(str(e))}", completions[i])
-                    values.append(0.0)
-        return [self._clean(name, v, c) for v, c in zip(values, completions)]
+                    values.append(_FAILED)
+        return [None if v is _FAILED else self._clean(name, v, c) for v, c in zip(values, completions)]
 
-    def __call__(self, prompts: list[str], completions: list[str], problems: list, **kw) -> list[float]:
+    def score(self, prompts: list[str], completions: list[str], problems: list, **kw) -> RewardScores:
         n = len(completions)
         if len(prompts) != n or len(problems) != n:
             raise ValueError(f"reward called with {len(prompts)} prompts, {n} completions, {len(problems)} problems")
-        components = {name: self._component(name, fn, list(prompts), list(completions), list(problems), kw)
-                      for name, fn in zip(self.names, self.fns)}
-        self.last_components = components
-        return [sum(w * components[name][i] for name, w in zip(self.names, self.weights)) for i in range(n)]
+        raw = {name: self._component(k, list(prompts), list(completions), list(problems), kw)
+               for k, name in enumerate(self.names)}
+        failed = [any(raw[name][i] is None for name in self.names) for i in range(n)]
+        components = {name: [0.0 if v is None else v for v in vals] for name, vals in raw.items()}
+        total = [float("nan") if failed[i] else sum(w * components[name][i] for name, w in zip(self.names, self.weights))
+                 for i in range(n)]
+        return RewardScores(total, components, failed, {name: sum(v is None for v in vals) for name, vals in raw.items()})
+
+    def __call__(self, prompts: list[str], completions: list[str], problems: list, **kw) -> list[float]:
+        """Weighted totals, a failed component counting 0.0 (score() says which samples failed)."""
+        c = self.score(prompts, completions, problems, **kw).components
+        return [sum(w * c[name][i] for name, w in zip(self.names, self.weights)) for i in range(len(completions))]
 
     def __repr__(self) -> str:
         return "combine(" + ", ".join(f"{n}:{w:g}" for n, w in zip(self.names, self.weights)) + ")"
 
 
-def combine(rewards: list[tuple[RewardFn, float]], names: list[str] | None = None) -> CombinedReward:
+def combine(rewards: list[tuple[RewardFn, float]], names: list[str] | None = None,
+            timeout_s: float | None = None) -> CombinedReward:
     if not rewards:
         raise ValueError("combine() needs at least one (reward_fn, weight) pair")
     for item in rewards:
@@ -121,4 +225,4 @@ def combine(rewards: list[tuple[RewardFn, float]], names: list[str] | None = Non
         raise ValueError(f"combine() got {len(names)} names for {len(rewards)} rewards")
     if len(set(names)) != len(names):
         raise ValueError(f"combine() names must be unique, got {names}")
-    return CombinedReward(list(rewards), names)
+    return CombinedReward(list(rewards), names, timeout_s)

@@ -49,6 +49,9 @@ class GRPOConfig:
     task_args: str = field(default="", metadata={"help": "task knobs, e.g. 'min_digits=3,max_digits=3'"})
     tasks_file: str | None = field(default=None, metadata={"help": "JSONL of {prompt, answer[, task]} instead of --task"})
     reward: str = field(default="accuracy", metadata={"help": "weighted rewards, e.g. 'accuracy:1,format:0.2'"})
+    reward_timeout: float = field(default=10.0, metadata={"help": "seconds a reward may spend on one batch (then on "
+                                                                  "each sample); an overrun is a failure, left out of "
+                                                                  "the group baseline and counted (0 = no budget)"})
     steps: int = field(default=100, metadata={"help": "RL steps (one rollout batch each)"})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts (groups) per step"})
     group_size: int = field(default=8, metadata={"help": "G: samples per prompt"})
@@ -200,7 +203,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
     hidden = getattr(getattr(model, "cfg", None), "hidden_size", None) or model.config.hidden_size
     dtype = compute_dtype(device, cfg.dtype, hidden, cfg.prompts_per_step * cfg.group_size * cfg.max_new_tokens)
     try:
-        reward_fn = build_reward(cfg.reward)
+        reward_fn = build_reward(cfg.reward, cfg.reward_timeout or None)
     except ValueError as e:
         raise UserError(f"--reward {cfg.reward!r}: {e}") from None
     cursor = 0                          # position in the (cyclic) prompt pool: part of the resumable state
@@ -263,7 +266,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
         # ---- rollouts (+ dynamic sampling) -----------------------------------------------------
         kept_prompts, kept_comps, kept_rewards = [], [], []
         n_groups = n_zero_std = 0
-        all_comps, all_rewards, comps_text, components = [], [], [], {}
+        all_comps, all_rewards, comps_text, components, failures = [], [], [], {}, {}
         for round_ in range(1 + (cfg.max_refill if cfg.dynamic_sampling else 0)):
             need = cfg.prompts_per_step - len(kept_prompts) // cfg.group_size
             if need <= 0:
@@ -274,19 +277,23 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
             flat = [c for g in groups for c in g]
             texts = [tok.decode(c["ids"]) for c in flat]
             G = cfg.group_size
-            rewards_flat = reward_fn([tok.decode(p) for p in prompts for _ in range(G)], texts,
+            scores = reward_fn.score([tok.decode(p) for p in prompts for _ in range(G)], texts,
                                      [p for p in probs for _ in range(G)],
                                      completion_lengths=[len(c["ids"]) for c in flat],
                                      truncated=[c["truncated"] for c in flat])
-            for k, v in getattr(reward_fn, "last_components", {}).items():
+            rewards_flat = scores.total                       # NaN where a reward failed
+            for k, v in scores.components.items():
                 components.setdefault(k, []).extend(v)
+            for k, v in scores.failures.items():
+                failures[k] = failures.get(k, 0) + v
             all_comps += flat
             all_rewards += rewards_flat
             comps_text += texts
             for i, (prob, p_ids, group) in enumerate(zip(probs, prompts, groups)):
                 rewards = rewards_flat[i * G: (i + 1) * G]
+                scored = [r for r in rewards if not math.isnan(r)]
                 n_groups += 1
-                if max(rewards) - min(rewards) < 1e-9:
+                if len(scored) < 2 or max(scored) - min(scored) < 1e-9:
                     n_zero_std += 1
                     if cfg.dynamic_sampling:
                         continue
@@ -297,7 +304,9 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
                 kept_rewards += rewards
         t_gen = time.perf_counter() - t0
         comp_tokens = sum(len(c["ids"]) for c in all_comps)
-        rec = {"step": step, "reward": float(np.mean(all_rewards)), "reward_std": float(np.std(all_rewards)),
+        scored = [r for r in all_rewards if not math.isnan(r)] or [0.0]
+        rec = {"step": step, "reward": float(np.mean(scored)), "reward_std": float(np.std(scored)),
+               "reward_failures": sum(failures.values()),
                "frac_zero_std": n_zero_std / max(1, n_groups), "groups_trained": len(kept_prompts) // cfg.group_size,
                "completion_len": comp_tokens / max(1, len(all_comps)),
                "think_rate": float(np.mean(["<think>" in t for t in comps_text])),

@@ -21,17 +21,21 @@ SCALES = ("group", "batch", "none")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
-    """rewards (N,) laid out group after group -> advantages (N,). Zero-variance groups get 0."""
+    """rewards (N,) laid out group after group -> advantages (N,). Zero-variance groups get 0. A NaN
+    reward (a sample the reward failed on) is left out of its group's mean and std and gets advantage 0."""
     if scale not in SCALES:
         raise ValueError(f"scale_rewards={scale!r}: choose one of {SCALES}")
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards is not a multiple of group_size={group_size}")
     r = rewards.float().view(-1, group_size)
-    adv = r - r.mean(dim=1, keepdim=True)
-    if scale == "group":
-        adv = adv / (r.std(dim=1, keepdim=True) + eps)       # unbiased std, as TRL
+    valid = ~torch.isnan(r)
+    n = valid.sum(dim=1, keepdim=True)
+    mean = torch.where(valid, r, 0.0).sum(dim=1, keepdim=True) / n.clamp(min=1)
+    adv = torch.where(valid, r - mean, 0.0)
+    if scale == "group":                                          # unbiased std, as TRL
+        adv = adv / ((adv.pow(2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt() + eps)
     elif scale == "batch":
-        adv = adv / (rewards.float().std() + eps)
+        adv = adv / (rewards.float()[~torch.isnan(rewards.float())].std() + eps)
     return torch.nan_to_num(adv.view(-1))
 
 
