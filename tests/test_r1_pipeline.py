@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import nanoseek
 
@@ -224,3 +225,21 @@ def test_grpo_resume_equals_an_uninterrupted_run(base, tmp_path):
     assert records() == full
     assert (tmp_path / "final" / "model.safetensors").read_bytes() == final
     assert s["accuracy_before"] == full[0]["eval_accuracy"]
+
+
+def test_steps_without_a_reward_signal_are_warned_counted_and_do_not_step(base, tmp_path, capsys):
+    """Every group all-equal (no answer can match): the run says so once, counts the short steps, and a
+    step with no group trains at lr x 0 (the weights stay those of the base)."""
+    from safetensors.torch import load_file
+
+    from nanoseek.train.grpo import grpo
+    f = tmp_path / "tasks.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"{i}+1=?", "answer": "no such answer"}) + "\n" for i in range(40)))
+    s = grpo(small_grpo(base, tmp_path / "run", tasks_file=str(f), steps=2, eval_n=2, plots=False, max_refill=1))
+    assert s["short_steps"] == 2
+    err = capsys.readouterr().out
+    assert err.count("had a reward signal") == 1 and "--max-refill" in err
+    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["groups_trained"] for r in recs if "groups_trained" in r] == [0, 0]
+    a, b = load_file(base / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -221,6 +221,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
     metrics_path = out / "metrics.jsonl"
     evals = []
     start = 1
+    resumed_spare, resumed_short = [], 0
     resumed = load_latest(out / "checkpoints") if cfg.resume else None
     if cfg.resume and resumed is None:
         print0(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
@@ -233,6 +234,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
             policy.engine.gen.set_state(state["sampler_rng"])
         policy.sync_weights()
         cursor, evals, start = state["cursor"], state["evals"], state["step"] + 1
+        resumed_spare, resumed_short = state.get("spare", []), state.get("short_steps", 0)
         keep = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= state["step"]]
         metrics_path.write_text("".join(l + "\n" for l in keep))
         print0(f"resumed from {path} at step {state['step']}")
@@ -242,7 +244,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
     def checkpoint(at: int):
         save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
                          "sampler_rng": policy.engine.gen.get_state() if isinstance(policy, EngineSampler) else None,
-                         "cursor": cursor, "evals": evals, "step": at, "config": asdict(cfg)},
+                         "cursor": cursor, "evals": evals, "spare": spare, "short_steps": short_steps, "step": at,
+                         "config": asdict(cfg)},
                         out / "checkpoints", at, keep=cfg.keep)
 
     def run_eval(at: int):
@@ -255,16 +258,23 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
                f"mean length {r['mean_length']:.1f}")
         return r
 
+    spare: list = list(resumed_spare)   # groups with a signal beyond this step's batch, for the next one
+    short_steps, warned_short = resumed_short, False
     if not evals:
         run_eval(0)
     bar = progress(total=cfg.steps, initial=start - 1, desc="grpo")
     t_start = time.perf_counter()
     for step in range(start, cfg.steps + 1):
         t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup))
+        lr_now = cfg.lr * min(1.0, step / max(1, cfg.warmup))
         # ---- rollouts (+ dynamic sampling) -----------------------------------------------------
         kept_prompts, kept_comps, kept_rewards = [], [], []
+        n_carried = min(len(spare), cfg.prompts_per_step)      # surplus groups of the last step come first
+        for p_ids, group, rewards in spare[:n_carried]:
+            kept_prompts += [p_ids] * cfg.group_size
+            kept_comps += group
+            kept_rewards += rewards
+        spare.clear()                # at most one step old: older ones would be too far off-policy
         n_groups = n_zero_std = 0
         all_comps, all_rewards, comps_text, components, failures = [], [], [], {}, {}
         for round_ in range(1 + (cfg.max_refill if cfg.dynamic_sampling else 0)):
@@ -298,6 +308,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
                     if cfg.dynamic_sampling:
                         continue
                 if len(kept_prompts) // G >= cfg.prompts_per_step:
+                    spare.append((p_ids, group, rewards))
                     continue
                 kept_prompts += [p_ids] * G
                 kept_comps += group
@@ -308,6 +319,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
         rec = {"step": step, "reward": float(np.mean(scored)), "reward_std": float(np.std(scored)),
                "reward_failures": sum(failures.values()),
                "frac_zero_std": n_zero_std / max(1, n_groups), "groups_trained": len(kept_prompts) // cfg.group_size,
+               "groups_carried": n_carried,
                "completion_len": comp_tokens / max(1, len(all_comps)),
                "think_rate": float(np.mean(["<think>" in t for t in comps_text])),
                "reflection_rate": float(np.mean([bool(REFLECTION.search(t)) for t in comps_text])),
@@ -316,6 +328,18 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
             rec[f"reward_{k}"] = float(np.mean(v)) if v else 0.0
         # ---- update ----------------------------------------------------------------------------
         t1 = time.perf_counter()
+        trained = len(kept_prompts) // cfg.group_size
+        if trained < cfg.prompts_per_step:
+            short_steps += 1
+            if not warned_short:
+                warned_short = True
+                print0(f"warning: step {step}: only {trained} of {cfg.prompts_per_step} groups had a reward signal after "
+                       f"{cfg.max_refill} refill rounds ({n_zero_std} of {n_groups} groups all-equal); such steps "
+                       f"train at lr x {trained}/{cfg.prompts_per_step} and are counted (short_steps). Raise "
+                       f"--max-refill, or make the task easier/harder so groups disagree")
+        for g in opt.param_groups:       # a partial batch is a noisier gradient: a proportionally smaller step
+            g["lr"] = lr_now * trained / cfg.prompts_per_step
+        rec["short_steps"] = short_steps
         if kept_prompts:
             adv = group_advantages(torch.tensor(kept_rewards), cfg.group_size, scale_rewards(cfg))
             ids, mask, adv = build_batch(kept_prompts, kept_comps, adv, tok.eos_id, cfg.mask_truncated, device)
@@ -340,7 +364,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
     summary = {"accuracy_before": evals[0]["accuracy"], "accuracy_after": final_eval["accuracy"],
                "think_rate_before": evals[0]["think_rate"], "think_rate_after": final_eval["think_rate"],
                "length_before": evals[0]["mean_length"], "length_after": final_eval["mean_length"],
-               "seconds": round(time.perf_counter() - t_start, 1), "steps": cfg.steps}
+               "seconds": round(time.perf_counter() - t_start, 1), "steps": cfg.steps, "short_steps": short_steps}
     if cfg.save_final:
         final = out / "final"
         if isinstance(policy, EngineSampler):
