@@ -321,3 +321,90 @@ def _chat_pieces(messages: list[dict], thinking: bool) -> list[tuple[str, bool]]
                 content = content.rsplit(THINK_END, 1)[-1]
             pieces += [(ASSISTANT, False), (content, True), (EOS, True)]
     return pieces
+
+
+# -------------------------------------------------------------------------------------------------
+# any Hugging Face tokenizer, behind the same interface (for users' own models in grpo/sft/sample/eval)
+
+class HFChatTokenizer:
+    """A `transformers` tokenizer with its own chat template, EOS and specials, exposing what the R1
+    trainers use from `Tokenizer`: encode/decode, bos/eos/pad ids, `apply_chat_template` and
+    `encode_chat` (ids + a mask that is 1 on the assistant replies). The mask comes from rendering the
+    conversation prefix by prefix with the model's own template: the characters each assistant turn
+    adds are the trained ones (tokens are mapped to them by their character offsets)."""
+
+    def __init__(self, tok):
+        if tok.chat_template is None:
+            raise ValueError("this tokenizer has no chat_template: the R1 trainers render prompts with it")
+        if tok.eos_token_id is None:
+            raise ValueError("this tokenizer has no eos_token: generation could not stop")
+        self.hf = tok
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.hf.encode(text, add_special_tokens=False)
+        return ([self.hf.bos_token_id] + ids) if add_bos and self.hf.bos_token_id is not None else ids
+
+    def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
+        return [self.encode(t, add_bos) for t in texts]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.hf.bos_token_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.hf.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            thinking: bool = False) -> str:
+        _check_messages(messages)
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def encode_chat(self, messages: list[dict], thinking: bool = False) -> tuple[list[int], list[int]]:
+        _check_messages(messages)
+        full = self.apply_chat_template(messages, add_generation_prompt=False)
+        trained = [False] * len(full)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(self.apply_chat_template(messages[:i], add_generation_prompt=True)) if i else 0
+            upto = self.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+            end = len(upto)
+            if not full.startswith(upto):
+                raise ValueError("this chat template renders earlier turns differently once later turns follow; "
+                                 "the assistant loss mask cannot be derived from it")
+            trained[start:end] = [True] * (end - start)
+        enc = self.hf(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        mask = [int(any(trained[a:b])) for a, b in enc["offset_mapping"]]
+        return ids, mask
+
+    def save(self, path: str | Path, model_max_length: int | None = None) -> None:
+        self.hf.save_pretrained(str(path))
+
+
+def load_tokenizer(path: str | Path):
+    """nanoseek's tokenizer for a directory written by nanoseek (DeepSeek's specials), else the
+    directory's own Hugging Face tokenizer (`AutoTokenizer`) behind the same interface."""
+    path = Path(path)
+    try:
+        return Tokenizer.load(path)
+    except (FileNotFoundError, ValueError) as ours:
+        try:
+            from transformers import AutoTokenizer
+            hf = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: neither a nanoseek tokenizer ({ours}) nor one transformers can load "
+                             f"({type(e).__name__}: {e})") from None
+        return HFChatTokenizer(hf)

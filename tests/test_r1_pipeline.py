@@ -1,6 +1,7 @@
 """The R1 pipeline end to end on the tiny preset: GRPO (nanoseek and HF policies), SFT, rejection
 sampling, distillation, eval, r1-zero - and the mistakes users make with their files and flags."""
 import json
+import os
 import subprocess
 import sys
 
@@ -243,3 +244,73 @@ def test_steps_without_a_reward_signal_are_warned_counted_and_do_not_step(base, 
     assert [r["groups_trained"] for r in recs if "groups_trained" in r] == [0, 0]
     a, b = load_file(base / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    """A tiny Qwen2 with its own byte-level BPE, specials, EOS (<|im_end|>) and chat template - nothing of
+    nanoseek's tokenizer in the directory."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    texts = [f"{a}+{b}=? <think>{a}+{b}={a + b}</think><answer>{a + b}</answer> user assistant"
+             for a in range(30) for b in range(30)]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                               pad_token="<|endoftext|>", chat_template=QWEN_TEMPLATE)
+    d = tmp_path_factory.mktemp("qwen")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    assert not (d / "special_tokens_map.json").exists() or "begin" not in (d / "special_tokens_map.json").read_text()
+    return d
+
+
+def test_any_hf_model_with_its_own_tokenizer_end_to_end(qwen_dir, tmp_path):
+    """grpo -> eval -> sample -> sft on a Qwen2 with its own tokenizer and chat template, through the CLI:
+    every verb exits 0 with no traceback (the run used to stop on the missing DeepSeek tokenizer)."""
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "nanoseek", *args], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "NANOSEEK_NO_PROGRESS": "1"})
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args[0], r.stderr[-3000:])
+        return r
+    task = ["--task", "arithmetic", "--task-args", "min_digits=1,max_digits=1"]
+    run("grpo", "--model", str(qwen_dir), "--out", str(tmp_path / "rl"), *task, "--steps", "2",
+        "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "12", "--eval-n", "4",
+        "--eval-every", "0", "--no-plots", "--dtype", "float32")
+    rl = tmp_path / "rl" / "final"
+    assert (rl / "tokenizer_config.json").exists() and "im_end" in (rl / "tokenizer_config.json").read_text()
+    r = run("eval", "--model", str(rl), *task, "--n", "4", "--max-new-tokens", "12", "--json")
+    assert json.loads(r.stdout)["n"] == 4
+    run("sample", "--model", str(rl), *task, "--n-prompts", "4", "--k", "2", "--max-new-tokens", "12",
+        "--out", str(tmp_path / "traces.jsonl"))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{a}+1=?"},
+                                                     {"role": "assistant", "content": f"<answer>{a + 1}</answer>"}]})
+                            + "\n" for a in range(16)))
+    run("sft", "--model", str(rl), "--data", str(chat), "--out", str(tmp_path / "sft"), "--epochs", "1",
+        "--batch-size", "8", "--dtype", "float32")
+    assert (tmp_path / "sft" / "final" / "config.json").exists()
+
+
+def test_hf_chat_mask_marks_exactly_the_assistant_replies(qwen_dir):
+    from nanoseek.tokenizer import HFChatTokenizer, load_tokenizer
+    tok = load_tokenizer(qwen_dir)
+    assert isinstance(tok, HFChatTokenizer) and tok.decode([tok.eos_id], skip_special_tokens=False) == "<|im_end|>"
+    msgs = [{"role": "user", "content": "1+2=?"}, {"role": "assistant", "content": "<answer>3</answer>"},
+            {"role": "user", "content": "2+2=?"}, {"role": "assistant", "content": "<answer>4</answer>"}]
+    ids, mask = tok.encode_chat(msgs)
+    trained = tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+    assert trained == "<answer>3</answer><|im_end|>\n<answer>4</answer><|im_end|>\n"
+    assert tok.decode(ids, skip_special_tokens=False) == tok.apply_chat_template(msgs, add_generation_prompt=False)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import args as argparse_dc
 from ..common import UserError, autodetect_device, print0, seed_everything, set_threads
-from .rollout import EngineSampler, context_length, evaluate
+from .rollout import EngineSampler, context_length, evaluate, load_for_sampling
 from .sample import SampleConfig, rejection_sample
 from .sft import SFTConfig, sft_train
 
@@ -48,35 +48,37 @@ def distill(cfg: DistillConfig, teacher=None, tok=None, student=None) -> dict:
     from ..checkpoint.hf import from_pretrained, save_pretrained
     from ..config import load_preset
     from ..model import Transformer
-    from ..tokenizer import Tokenizer
     from ..data.tasks import make_task
     from .sft import encode_conversations
 
     set_threads(cfg.threads or None)
     seed_everything(cfg.seed)
     device = autodetect_device(cfg.device)
-    if teacher is None:
-        if not cfg.teacher:
-            raise UserError("--teacher is required")
-        tok = Tokenizer.load(cfg.teacher)
-        teacher = from_pretrained(cfg.teacher, device=device)
-    if student is None:
-        if cfg.student:
-            student = from_pretrained(cfg.student, device=device)
-        else:
-            scfg = load_preset(cfg.student_preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                               eos_token_id=tok.eos_id)
-            student = Transformer(scfg).init_weights(cfg.seed).to(device)
-    if student.cfg.vocab_size != teacher.cfg.vocab_size:
-        raise UserError(f"student vocab {student.cfg.vocab_size} != teacher vocab {teacher.cfg.vocab_size}: "
-                        "distillation needs the teacher's tokenizer")
     task = make_task(task=cfg.task, task_args=cfg.task_args)
     problems = task.problems(cfg.n_prompts, seed=cfg.seed + 1, split="train")
     held_out = task.problems(cfg.eval_n, seed=cfg.eval_seed, split="test")
     questions = [p.question for p in problems + held_out]
-    t_sampler = EngineSampler(teacher, tok, max_batch=256, seed=cfg.seed,
-                              max_len=context_length(tok, questions, cfg.max_new_tokens,
-                                                     teacher.cfg.max_position_embeddings))
+    if teacher is None:
+        if not cfg.teacher:
+            raise UserError("--teacher is required")
+        # any causal LM with its own tokenizer: the student learns in the teacher's vocabulary
+        t_sampler, teacher, tok = load_for_sampling(cfg.teacher, device, questions, cfg.max_new_tokens, seed=cfg.seed)
+    else:
+        t_sampler = EngineSampler(teacher, tok, max_batch=256, seed=cfg.seed,
+                                  max_len=context_length(tok, questions, cfg.max_new_tokens,
+                                                         teacher.cfg.max_position_embeddings))
+    t_cfg = getattr(teacher, "cfg", None) or teacher.config
+    if student is None:
+        if cfg.student:
+            student = from_pretrained(cfg.student, device=device)
+        else:
+            bos = tok.bos_id if tok.bos_id is not None else tok.eos_id
+            scfg = load_preset(cfg.student_preset, vocab_size=t_cfg.vocab_size, bos_token_id=bos,
+                               eos_token_id=tok.eos_id)
+            student = Transformer(scfg).init_weights(cfg.seed).to(device)
+    if student.cfg.vocab_size != t_cfg.vocab_size:
+        raise UserError(f"student vocab {student.cfg.vocab_size} != teacher vocab {t_cfg.vocab_size}: "
+                        "distillation needs the teacher's tokenizer")
     scfg_ = SampleConfig(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                          seed=cfg.seed)
     rows, sample_stats = rejection_sample(t_sampler, tok, problems, scfg_)

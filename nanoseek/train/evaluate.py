@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .. import args as argparse_dc
 from ..common import UserError, autodetect_device, print0, seed_everything, set_threads
-from .rollout import EngineSampler, context_length, evaluate, position_limit
+from .rollout import evaluate, load_for_sampling
 
 
 @dataclass
@@ -33,8 +33,6 @@ class EvalConfig:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from ..checkpoint.hf import from_pretrained
-    from ..tokenizer import Tokenizer
     from ..data.tasks import make_task
 
     if not cfg.model:
@@ -47,10 +45,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     seed_everything(cfg.seed)
     task = make_task(task=cfg.task, task_args=cfg.task_args, tasks_file=cfg.tasks_file)
     problems = task.problems(cfg.n, seed=cfg.seed, split="test")
-    tok = Tokenizer.load(cfg.model)
-    model = from_pretrained(cfg.model, device=autodetect_device(cfg.device))
-    max_len = context_length(tok, [p.question for p in problems], cfg.max_new_tokens, position_limit(cfg.model))
-    sampler = EngineSampler(model, tok, max_batch=256, max_len=max_len, seed=cfg.seed)
+    sampler, _, tok = load_for_sampling(cfg.model, autodetect_device(cfg.device), [p.question for p in problems],
+                                        cfg.max_new_tokens, seed=cfg.seed)
     res = evaluate(sampler, tok, problems, cfg.max_new_tokens, cfg.temperature, cfg.samples, cfg.top_p, cfg.seed)
     res.update({"task": cfg.task, "model": cfg.model})
     return res

@@ -38,7 +38,7 @@ from ..common import (UserError, autocast, autodetect_device, compute_dtype, pri
                       seed_everything, set_rng_state, set_threads)
 from ..quant.fp8 import SCALE_FORMATS
 from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, token_logprobs
-from .rollout import REFLECTION, EngineSampler, HFSampler, context_length, evaluate, position_limit, prompt_ids
+from .rollout import REFLECTION, EngineSampler, evaluate, load_for_sampling, prompt_ids
 from .optim import build_optimizer, clip_grad_norm
 
 @dataclass
@@ -106,25 +106,10 @@ COMPILE = {"auto": "auto", "on": True, "off": False}
 
 
 def load_policy(cfg: GRPOConfig, device, questions: list[str]):
-    """The policy and its sampler; the engine's context fits the longest of `questions` (every prompt
-    the run can draw) plus --max-new-tokens, checked against the model's limit before any work."""
-    from ..tokenizer import Tokenizer
-
-    path = Path(cfg.model)
-    if not (path / "config.json").exists():
-        raise UserError(f"--model {cfg.model!r}: not a model directory (no config.json)")
-    tok = Tokenizer.load(path)
-    max_len = context_length(tok, questions, cfg.max_new_tokens, position_limit(path))
-    model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
-    if model_type in ("deepseek_v3", "deepseek_v2"):
-        from ..checkpoint.hf import from_pretrained
-        model = from_pretrained(path, device=device)
-        return EngineSampler(model, tok, max_batch=max(cfg.max_batch, cfg.group_size),
-                             max_len=max_len, seed=cfg.seed,
-                             rollout_dtype=cfg.rollout_dtype, compile=COMPILE[cfg.compile]), model, tok
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-    return HFSampler(model, tok, device), model, tok
+    """The policy and its sampler (nanoseek engine or transformers), with the model's own tokenizer."""
+    return load_for_sampling(cfg.model, device, questions, cfg.max_new_tokens, seed=cfg.seed,
+                             max_batch=max(cfg.max_batch, cfg.group_size), rollout_dtype=cfg.rollout_dtype,
+                             compile=COMPILE[cfg.compile])
 
 
 # -------------------------------------------------------------------------------------------------

@@ -40,6 +40,32 @@ def context_length(tok, questions, max_new_tokens: int, limit: int | None) -> in
     return need
 
 
+def load_for_sampling(model_dir, device, questions: list[str], max_new_tokens: int, seed: int = 0,
+                      max_batch: int = 256, **engine_kw):
+    """(sampler, model, tokenizer) for a model directory: nanoseek (DeepSeek-V3/V2) models on the engine,
+    any other causal LM through transformers, each with its own tokenizer and chat template; the
+    engine's context fits the longest of `questions` + max_new_tokens (checked against the model)."""
+    import json
+    from pathlib import Path
+
+    from ..tokenizer import load_tokenizer
+    path = Path(model_dir)
+    if not (path / "config.json").exists():
+        raise UserError(f"{model_dir}: not a model directory (no config.json)")
+    try:
+        tok = load_tokenizer(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    max_len = context_length(tok, questions, max_new_tokens, position_limit(path))
+    if json.loads((path / "config.json").read_text()).get("model_type", "") in ("deepseek_v3", "deepseek_v2"):
+        from ..checkpoint.hf import from_pretrained
+        model = from_pretrained(path, device=device)
+        return EngineSampler(model, tok, max_batch=max_batch, max_len=max_len, seed=seed, **engine_kw), model, tok
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    return HFSampler(model, tok, device), model, tok
+
+
 def position_limit(model_dir) -> int | None:
     import json
     from pathlib import Path

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import args as argparse_dc
 from ..common import UserError, autodetect_device, print0, seed_everything, set_threads
 from ..inference.sampling import SamplingParams
-from .rollout import EngineSampler, context_length, position_limit, prompt_ids
+from .rollout import load_for_sampling, prompt_ids
 
 
 @dataclass
@@ -66,18 +66,14 @@ def main(argv=None) -> None:
     cfg = argparse_dc.parse(SampleConfig, argv, prog="nanoseek sample", description=__doc__.splitlines()[0])
     if not cfg.model:
         raise UserError("--model is required")
-    from ..checkpoint.hf import from_pretrained
-    from ..tokenizer import Tokenizer
     from ..data.tasks import make_task
 
     set_threads(cfg.threads or None)
     seed_everything(cfg.seed)
     task = make_task(task=cfg.task, task_args=cfg.task_args, tasks_file=cfg.tasks_file)
-    tok = Tokenizer.load(cfg.model)
-    model = from_pretrained(cfg.model, device=autodetect_device(cfg.device))
     problems = task.problems(cfg.n_prompts, seed=cfg.seed, split="train")
-    max_len = context_length(tok, [p.question for p in problems], cfg.max_new_tokens, position_limit(cfg.model))
-    sampler = EngineSampler(model, tok, max_batch=256, max_len=max_len, seed=cfg.seed)
+    sampler, _, tok = load_for_sampling(cfg.model, autodetect_device(cfg.device), [p.question for p in problems],
+                                        cfg.max_new_tokens, seed=cfg.seed)
     rows, stats = rejection_sample(sampler, tok, problems, cfg)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     with open(cfg.out, "w") as f:

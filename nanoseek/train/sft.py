@@ -82,19 +82,27 @@ def pad_batch(examples, pad_id: int, device):
     return ids.to(device), mask[:, 1:].to(device)   # mask aligned with targets ids[:, 1:]
 
 
+def logits_at(model, ids: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """Logits at the selected positions: nanoseek runs its head only there; any other causal LM (a
+    transformers model) returns all of them."""
+    from ..model import Transformer
+    if isinstance(model, Transformer):
+        return model.logits(model.hidden(ids)[sel])
+    return model(ids).logits[sel]
+
+
 def sft_loss(model, ids, mask, teacher=None, kd_alpha: float = 0.0, kd_temperature: float = 1.0,
              count: int | None = None):
     """Masked next-token CE (+ kd_alpha * KL(teacher || student) at the same positions), summed over the
     supervised tokens and divided by `count` (default: this batch's; the whole step's when the batch is
     one rank's share of it, so that the ranks' losses add up to the step's)."""
-    h = model.hidden(ids[:, :-1])
     sel = mask.bool()
     count = max(1, int(sel.sum()) if count is None else count)
-    logits = model.logits(h[sel]).float()
+    logits = logits_at(model, ids[:, :-1], sel).float()
     loss = F.cross_entropy(logits, ids[:, 1:][sel], reduction="sum") / count
     if teacher is not None and kd_alpha > 0:
         with torch.no_grad():
-            t_logits = teacher.logits(teacher.hidden(ids[:, :-1])[sel]).float()
+            t_logits = logits_at(teacher, ids[:, :-1], sel).float()
         T = kd_temperature
         kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
                       reduction="sum") / count * T * T
@@ -141,7 +149,7 @@ def sft_train(model, tok, examples, cfg: SFTConfig, teacher=None, kd_alpha: floa
             loss_value = loss.item()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        for m in model.moe_layers():
+        for m in getattr(model, "moe_layers", list)():
             m.expert_load.zero_()
             m.last_scores = m.last_idx = None
         losses.append(loss_value)
@@ -159,15 +167,24 @@ def main(argv=None) -> None:
     if not cfg.data or not cfg.model:
         raise UserError("--data (chat JSONL) and --model (model directory) are required")
     from ..checkpoint.hf import from_pretrained, save_pretrained
-    from ..tokenizer import Tokenizer
+    from ..tokenizer import load_tokenizer
 
     from ..distributed.mesh import layout_from_env
     layout = layout_from_env("sft", cfg.dp_shard, cfg.ep)
     set_threads(cfg.threads or None)
     seed_everything(cfg.seed)
     device = autodetect_device(cfg.device)
-    tok = Tokenizer.load(cfg.model)
-    model = from_pretrained(cfg.model, device=device)
+    try:
+        tok = load_tokenizer(cfg.model)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if json.loads((Path(cfg.model) / "config.json").read_text()).get("model_type") in ("deepseek_v3", "deepseek_v2"):
+        model = from_pretrained(cfg.model, device=device)
+    else:                                              # any causal LM, with its own tokenizer and template
+        if layout is not None:
+            raise UserError("--dp-shard/--ep apply to nanoseek (DeepSeek-V3-format) models; drop them for this model")
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(cfg.model).to(device)
     par = None
     if layout is not None:
         from ..distributed.mesh import check_layout, init
@@ -198,6 +215,12 @@ def main(argv=None) -> None:
             convert(model)
         model.load_state_dict(full_sd)
         model.eval()
-    save_pretrained(model, out / "final", tokenizer=tok, fp8=cfg.save_fp8)
+    if hasattr(model, "save_pretrained"):            # a transformers model: its own format and tokenizer files
+        if cfg.save_fp8:
+            raise UserError("--save-fp8 writes DeepSeek's FP8 format, for nanoseek (DeepSeek-V3-format) models only")
+        model.save_pretrained(out / "final")
+        tok.save(out / "final")
+    else:
+        save_pretrained(model, out / "final", tokenizer=tok, fp8=cfg.save_fp8)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print0(f"done: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; model in {out / 'final'}")
