@@ -314,3 +314,13 @@ def test_hf_chat_mask_marks_exactly_the_assistant_replies(qwen_dir):
     trained = tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
     assert trained == "<answer>3</answer><|im_end|>\n<answer>4</answer><|im_end|>\n"
     assert tok.decode(ids, skip_special_tokens=False) == tok.apply_chat_template(msgs, add_generation_prompt=False)
+
+
+def test_grpo_takes_reward_functions_from_the_api(base, tmp_path):
+    from nanoseek.train.grpo import train
+
+    def short(prompts, completions, problems, **kw):
+        return [-len(c) / 100 for c in completions]
+    s = train(small_grpo(base, tmp_path, steps=1, plots=False, save_final=False), rewards=[(short, 2.0)])
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
+    assert "reward_short" in rec and rec["reward"] <= 0 and "accuracy_after" in s

@@ -182,3 +182,18 @@ def test_quadratic_format_input_is_fast_now():
     t = time.perf_counter()
     assert format_reward([""], ["<think>" + "</think><answer>" * 20000 + "x"], [ADD]) == [0.0]
     assert time.perf_counter() - t < 0.1
+
+
+def test_user_rewards_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def brevity(prompts, completions, problems, **kw):\n    return [1.0 / (1 + len(c)) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from nanoseek.rewards import build_reward
+    r = build_reward("accuracy:1,my_rewards:brevity:0.5")
+    assert r.names == ["accuracy", "brevity"]
+    assert r([""], ["<answer>632</answer>"], [ADD]) == [1.0 + 0.5 / 21]
+    assert build_reward("my_rewards:brevity").weights == [1.0]
+    with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
+        build_reward("no_such_module:fn")
+    with pytest.raises(ValueError, match="has no 'nope'"):
+        build_reward("my_rewards:nope:1")

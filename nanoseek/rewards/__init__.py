@@ -24,8 +24,31 @@ REWARDS = {
 }
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def import_reward(module: str, function: str):
+    """A user's reward function `fn(prompts, completions, problems, **kw) -> list[float]` by import path."""
+    import importlib
+    try:
+        fn = getattr(importlib.import_module(module), function)
+    except ImportError as e:
+        raise ValueError(f"reward {module}:{function}: cannot import {module!r} ({e}); is it on PYTHONPATH?") from None
+    except AttributeError:
+        raise ValueError(f"reward {module}:{function}: module {module!r} has no {function!r}") from None
+    if not callable(fn):
+        raise ValueError(f"reward {module}:{function} is a {type(fn).__name__}, not a function")
+    return fn
+
+
 def build_reward(spec: str, timeout_s: float | None = None) -> CombinedReward:
-    """"name:weight,name:weight" (a bare name means weight 1.0) -> combined reward."""
+    """"name:weight,name:weight" (a bare name means weight 1.0; a name may also be your own function as
+    module.path:function, e.g. "accuracy:1,mypkg.rewards:brevity:0.1") -> combined reward."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"reward spec must look like 'accuracy:1.0,format:0.2', got {spec!r}")
     pairs, names = [], []
@@ -33,19 +56,25 @@ def build_reward(spec: str, timeout_s: float | None = None) -> CombinedReward:
         part = part.strip()
         if not part:
             raise ValueError(f"empty entry in reward spec {spec!r}")
-        name, colon, weight_text = part.partition(":")
-        name = name.strip()
-        if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r} in spec {spec!r}; known rewards: {', '.join(REWARDS)}")
+        fields = [f.strip() for f in part.split(":")]
+        if len(fields) == 3 or (len(fields) == 2 and not _is_number(fields[1])):   # module:function[:weight]
+            fn, name = import_reward(fields[0], fields[1]), fields[1]
+            weight_text = fields[2] if len(fields) == 3 else "1"
+        else:
+            name, weight_text = fields[0], fields[1] if len(fields) == 2 else "1"
+            if name not in REWARDS:
+                raise ValueError(f"unknown reward {name!r} in spec {spec!r}; known rewards: {', '.join(REWARDS)} "
+                                 "(or your own as module.path:function[:weight])")
+            fn = REWARDS[name]
         if name in names:
             raise ValueError(f"reward {name!r} appears twice in spec {spec!r}")
         try:
-            weight = float(weight_text) if colon else 1.0
+            weight = float(weight_text)
         except ValueError:
             raise ValueError(f"weight of reward {name!r} must be a number, got {weight_text!r}") from None
         if not math.isfinite(weight):
             raise ValueError(f"weight of reward {name!r} must be finite, got {weight_text!r}")
-        pairs.append((REWARDS[name], weight))
+        pairs.append((fn, weight))
         names.append(name)
     return combine(pairs, names, timeout_s)
 

@@ -156,9 +156,11 @@ def make_task(cfg: GRPOConfig):
 # -------------------------------------------------------------------------------------------------
 # the loop
 
-def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
+def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
+    """The run. `rewards`: reward functions `fn(prompts, completions, problems, **kw) -> list[float]`, or
+    (fn, weight) pairs, used instead of --reward (which also takes module.path:function entries)."""
     from ..inference.sampling import SamplingParams
-    from ..rewards import build_reward
+    from ..rewards import build_reward, combine
 
     for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mu", "minibatches", "grad_accum"):
         if getattr(cfg, name) < 1:
@@ -188,9 +190,13 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None) -> dict:
     hidden = getattr(getattr(model, "cfg", None), "hidden_size", None) or model.config.hidden_size
     dtype = compute_dtype(device, cfg.dtype, hidden, cfg.prompts_per_step * cfg.group_size * cfg.max_new_tokens)
     try:
-        reward_fn = build_reward(cfg.reward, cfg.reward_timeout or None)
+        if rewards is not None:
+            pairs = [r if isinstance(r, tuple) else (r, 1.0) for r in rewards]
+            reward_fn = combine(pairs, timeout_s=cfg.reward_timeout or None)
+        else:
+            reward_fn = build_reward(cfg.reward, cfg.reward_timeout or None)
     except ValueError as e:
-        raise UserError(f"--reward {cfg.reward!r}: {e}") from None
+        raise UserError(f"--reward {cfg.reward!r}: {e}" if rewards is None else f"rewards: {e}") from None
     cursor = 0                          # position in the (cyclic) prompt pool: part of the resumable state
 
     def next_problems(n: int):
@@ -426,6 +432,9 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
             out[k] = float((min if k == "ratio_min" else max)(stats_acc[k]))
     out["optimizer_steps"] = cfg.mu * len(plan)
     return out
+
+
+train = grpo          # nanoseek.train.grpo.train(cfg, rewards=[fn, ...])
 
 
 def main(argv=None) -> None:
