@@ -87,13 +87,12 @@ def test_engine_logprobs_equal_trainer_logprobs():
     seqs = []
     while eng.has_work():
         seqs += [s for s in eng.step() if s.finish_reason]
-    comps = [{"ids": s.out_ids, "truncated": False} for s in seqs]
-    ids, mask, _ = build_batch([s.prompt_ids for s in seqs], comps, torch.zeros(len(seqs)), 0, False, "cpu")
+    comps = [{"ids": s.out_ids, "truncated": False, "logprobs": s.logprobs} for s in seqs]
+    ids, mask, _, engine = build_batch([s.prompt_ids for s in seqs], comps, torch.zeros(len(seqs)), 0, False, "cpu")
     with torch.no_grad():
         trainer = policy_logprobs(model, ids, mask, temperature)
-    engine = torch.zeros_like(trainer)
-    engine[mask.bool()] = torch.tensor([lp for s in seqs for lp in s.logprobs])
-    assert (trainer - engine).abs().max() < 1e-5
+    assert int(mask.sum()) == sum(len(s.logprobs) for s in seqs)
+    assert (trainer - engine).abs().max() < 1e-5          # build_batch lays the engine's log-probs out as the trainer's
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,3 +230,35 @@ def test_failed_rewards_are_left_out_of_the_baseline():
     same = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.25]), 4, "group")    # no NaN: as before
     r = torch.tensor([1.0, 0.0, 0.5, 0.25])
     assert torch.allclose(same, (r - r.mean()) / (r.std() + 1e-4))
+
+
+def test_gspo_sequence_ratio_by_hand():
+    """GSPO: one ratio per sequence, exp(mean of the token log-ratios), clipped as a whole."""
+    logp = torch.tensor([[0.2, 0.0, 9.0]], requires_grad=True)         # third position is padding
+    old = torch.zeros(1, 3)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, st = grpo_loss(logp, old, torch.tensor([1.0]), mask, 0.2, 0.2, loss_type="dapo", level="sequence")
+    r = math.exp(0.1)
+    assert st["ratio_min"] == pytest.approx(r) and st["ratio_max"] == pytest.approx(r)
+    assert loss.item() == pytest.approx(-r)                             # -(r*A) on 2 tokens / 2 tokens
+    loss.backward()
+    assert logp.grad[0].tolist() == pytest.approx([-r / 2, -r / 2, 0.0])   # loss = -r, dr/dlogp_t = r/|o|
+    logp.grad = None
+    loss, st = grpo_loss(logp, old, torch.tensor([1.0]), mask, 0.05, 0.05, loss_type="dapo", level="sequence")
+    loss.backward()                                                     # r = 1.105 > 1 + 0.05, A > 0: clipped
+    assert st["clip_high"] == 1.0 and logp.grad.abs().max() == 0
+
+
+def test_rollout_importance_weights_truncate_and_mask():
+    from nanoseek.train.grpo import rollout_weights
+    old = torch.log(torch.tensor([[0.5, 0.9, 0.2]]))
+    rollout = torch.log(torch.tensor([[0.5, 0.3, 0.4]]))                 # w = 1, 3, 0.5
+    w, over = rollout_weights(old, rollout, "truncate", 2.0)
+    assert w[0].tolist() == pytest.approx([1.0, 2.0, 0.5]) and over.tolist() == [[False, True, False]]
+    w, _ = rollout_weights(old, rollout, "mask", 2.0)
+    assert w[0].tolist() == pytest.approx([1.0, 0.0, 0.5])
+    # the weight scales each token's policy-gradient term
+    logp = torch.zeros(1, 3, requires_grad=True)
+    loss, _ = grpo_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 3), loss_type="dapo", is_weight=w)
+    loss.backward()
+    assert logp.grad[0].tolist() == pytest.approx([-1 / 3, 0.0, -0.5 / 3])

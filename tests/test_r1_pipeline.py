@@ -324,3 +324,19 @@ def test_grpo_takes_reward_functions_from_the_api(base, tmp_path):
     s = train(small_grpo(base, tmp_path, steps=1, plots=False, save_final=False), rewards=[(short, 2.0)])
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
     assert "reward_short" in rec and rec["reward"] <= 0 and "accuracy_after" in s
+
+
+def test_rollout_mismatch_is_logged_and_corrected(base, tmp_path):
+    """fp32 rollouts: the engine's log-probs equal the trainer's (gap ~0); bf16 rollouts against fp32
+    training: a measurable gap, and --rollout-is truncate weights it (the share of capped tokens logged)."""
+    from nanoseek.train.grpo import grpo
+
+    def last(out):
+        return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "rollout_logp_gap" in l][-1]
+    grpo(small_grpo(base, tmp_path / "fp32", steps=1, plots=False, save_final=False, rollout_dtype="float32",
+                    compile="off", dynamic_sampling=False))
+    assert last(tmp_path / "fp32")["rollout_logp_gap"] < 1e-4
+    grpo(small_grpo(base, tmp_path / "bf16", steps=1, plots=False, save_final=False, rollout_dtype="bfloat16",
+                    compile="off", dynamic_sampling=False, rollout_is="truncate", rollout_is_cap=1.002))
+    rec = last(tmp_path / "bf16")
+    assert rec["rollout_logp_gap"] > 1e-3 and 0 < rec["rollout_is_capped"] < 1

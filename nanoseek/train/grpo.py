@@ -37,7 +37,7 @@ from ..checkpoint.state import load_latest, save_checkpoint
 from ..common import (UserError, autocast, autodetect_device, compute_dtype, print0, progress, rng_state,
                       seed_everything, set_rng_state, set_threads)
 from ..quant.fp8 import SCALE_FORMATS
-from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, token_logprobs
+from .grpo_loss import LEVELS, LOSS_TYPES, SCALES, group_advantages, grpo_loss, token_logprobs
 from .rollout import REFLECTION, EngineSampler, evaluate, load_for_sampling, prompt_ids
 from .optim import build_optimizer, clip_grad_norm
 
@@ -69,6 +69,15 @@ class GRPOConfig:
     scale_rewards: str | None = field(default=None, metadata={"help": "advantage std scaling (default: group; none "
                                                                      "with --loss-type dr_grpo, which drops it)",
                                                              "choices": list(SCALES)})
+    importance_level: str = field(default="token", metadata={"help": "ratio per token (GRPO) or per sequence (GSPO: "
+                                                                      "use --eps-low 3e-4 --eps-high 4e-4)",
+                                                              "choices": list(LEVELS)})
+    rollout_is: str = field(default="off", metadata={"help": "correct for the sampler-vs-trainer mismatch with "
+                                                            "importance weights pi_old/pi_rollout per token: "
+                                                            "truncate (TIS: min(w, cap)) or mask (MIS: drop tokens "
+                                                            "with w > cap); nanoseek models (engine log-probs)",
+                                                    "choices": ["off", "truncate", "mask"]})
+    rollout_is_cap: float = field(default=2.0, metadata={"help": "the cap C of --rollout-is"})
     mu: int = field(default=1, metadata={"help": "optimisation passes per rollout batch"})
     minibatches: int = field(default=1, metadata={"help": "minibatches per pass over a rollout batch"})
     grad_accum: int = field(default=1, metadata={"help": "minibatches whose gradients are accumulated into one "
@@ -124,11 +133,15 @@ def build_batch(prompts: list[list[int]], completions: list[dict], adv: torch.Te
     L = -(-(max(len(s) for s in seqs) - 1) // multiple) * multiple + 1
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), L - 1)
+    with_logp = all(c.get("logprobs") is not None for c in completions)
+    rollout_logp = torch.zeros(len(seqs), L - 1)           # the sampler's log-probs of the tokens it drew
     for i, (p, c) in enumerate(zip(prompts, completions)):
         ids[i, : len(seqs[i])] = torch.tensor(seqs[i])
         if not (mask_truncated and c["truncated"]):
             mask[i, len(p) - 1: len(p) - 1 + len(c["ids"])] = 1.0
-    return ids.to(device), mask.to(device), adv.to(device)
+        if with_logp:
+            rollout_logp[i, len(p) - 1: len(p) - 1 + len(c["ids"])] = torch.tensor(c["logprobs"], dtype=torch.float)
+    return ids.to(device), mask.to(device), adv.to(device), (rollout_logp.to(device) if with_logp else None)
 
 
 def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, with_entropy=False):
@@ -333,8 +346,9 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
         rec["short_steps"] = short_steps
         if kept_prompts:
             adv = group_advantages(torch.tensor(kept_rewards), cfg.group_size, scale_rewards(cfg))
-            ids, mask, adv = build_batch(kept_prompts, kept_comps, adv, tok.eos_id, cfg.mask_truncated, device)
-            stats = train_on_batch(policy, ref, opt, ids, mask, adv, cfg, device, dtype)
+            ids, mask, adv, rollout_logp = build_batch(kept_prompts, kept_comps, adv, tok.eos_id, cfg.mask_truncated,
+                                                       device)
+            stats = train_on_batch(policy, ref, opt, ids, mask, adv, cfg, device, dtype, rollout_logp)
             rec.update(stats)
         t_train = time.perf_counter() - t1
         rec.update({"gen_s": round(t_gen, 3), "train_s": round(t_train, 3),
@@ -386,7 +400,17 @@ def update_plan(n_rows: int, minibatches: int, grad_accum: int) -> list[list[tor
     return [mbs[i: i + grad_accum] for i in range(0, len(mbs), grad_accum)]
 
 
-def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dtype) -> dict:
+def rollout_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mode: str, cap: float):
+    """Per-token importance weights pi_old / pi_rollout for the sampler-vs-trainer mismatch (the engine
+    decodes in another precision, with other kernels): truncated at `cap` (TIS) or zeroed above it (MIS).
+    Returns (weights, share of tokens the cap acted on)."""
+    w = (old_logp - rollout_logp).clamp(-20, 20).exp()
+    over = w > cap
+    w = w.clamp(max=cap) if mode == "truncate" else torch.where(over, torch.zeros_like(w), w)
+    return w.detach(), over
+
+
+def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dtype, rollout_logp=None) -> dict:
     """mu passes over the rollout batch, each `update_plan` optimizer steps. Whenever the batch feeds more
     than one optimizer step, later minibatches are off-policy (the weights moved since the rollout), so
     the old policy's log-probs are computed once, before the first step, and the ratio is the true one.
@@ -395,14 +419,20 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
     N, max_len = ids.shape[0], cfg.max_new_tokens
     plan = update_plan(N, cfg.minibatches, cfg.grad_accum)
     off_policy = cfg.mu * len(plan) > 1
-    old_logp = ref_logp = None
+    use_is = cfg.rollout_is != "off"
+    if use_is and rollout_logp is None:
+        raise UserError("--rollout-is needs the sampler's log-probs, which only nanoseek models' engine returns")
+    old_logp = ref_logp = is_w = None
+    stats_acc: dict[str, list] = {}
     with torch.no_grad(), autocast(device, dtype):
-        if off_policy:
+        if off_policy or use_is:
             old_logp = policy_logprobs(policy.model, ids, mask, cfg.temperature).detach()
+        if use_is:
+            is_w, over = rollout_weights(old_logp, rollout_logp, cfg.rollout_is, cfg.rollout_is_cap)
+            stats_acc["rollout_is_capped"] = [float((over & mask.bool()).sum() / mask.sum().clamp(min=1))]
         if ref is not None:
             ref_logp = policy_logprobs(ref, ids, mask, cfg.temperature).detach()
-    stats_acc: dict[str, list] = {}
-    for _ in range(cfg.mu):
+    for pass_ in range(cfg.mu):
         for step_mbs in plan:
             rows = torch.cat(step_mbs)
             n_tokens, n_seqs = mask[rows].sum().clamp(min=1), rows.numel()
@@ -413,7 +443,11 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
                     old = old_logp[mb] if old_logp is not None else logp.detach()
                     loss, st = grpo_loss(logp, old, adv[mb], mask[mb], cfg.eps_low, cfg.eps_high, cfg.beta,
                                          ref_logp[mb] if ref_logp is not None else None, cfg.loss_type, max_len,
-                                         n_tokens=n_tokens, n_seqs=n_seqs)
+                                         n_tokens=n_tokens, n_seqs=n_seqs, level=cfg.importance_level,
+                                         is_weight=is_w[mb] if is_w is not None else None)
+                if rollout_logp is not None and pass_ == 0:     # how far the sampler's log-probs are from the trainer's
+                    sel = mask[mb].bool()
+                    st["rollout_logp_gap"] = float((old[sel] - rollout_logp[mb][sel]).abs().mean()) if sel.any() else 0.0
                 loss.backward()
                 losses.append(loss.item())
                 st["entropy"] = float(ent.mean()) if ent.numel() else 0.0

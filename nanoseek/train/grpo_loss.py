@@ -18,6 +18,7 @@ import torch
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
+LEVELS = ("token", "sequence")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
@@ -47,19 +48,31 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
               eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, ref_logp: torch.Tensor | None = None,
               loss_type: str = "dapo", max_len: int | None = None, n_tokens: float | None = None,
-              n_seqs: int | None = None):
+              n_seqs: int | None = None, level: str = "token", is_weight: torch.Tensor | None = None):
     """logp/old_logp/ref_logp/mask (N,T), adv (N,) -> (loss, stats dict of floats).
 
     `n_tokens` / `n_seqs` let a minibatch be normalised by the whole rollout batch (DAPO's "global
     accumulated batch"); by default they are this batch's own counts.
+    `level="sequence"` is GSPO (Zheng et al. 2025): one ratio per sequence, the geometric mean of its
+    token ratios, exp(mean_t(logp - old_logp)), clipped as a whole (GSPO uses eps ~3e-4 / 4e-4);
+    the gradient reaches each token as ratio_i / |o_i|.
+    `is_weight` (N,T), detached: a per-token importance weight on the policy-gradient term (rollout
+    correction: the trainer's old policy over the sampler's, truncated or masked by the caller).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: choose one of {LOSS_TYPES}")
+    if level not in LEVELS:
+        raise ValueError(f"importance level {level!r}: choose one of {LEVELS}")
     mask = mask.float()
-    ratio = (logp - old_logp).clamp(-20, 20).exp()
+    log_ratio = logp - old_logp
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(logp)
+    ratio = log_ratio.clamp(-20, 20).exp()
     a = adv.unsqueeze(1)
     unclipped, clipped = ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a
     per_token = torch.minimum(unclipped, clipped)
+    if is_weight is not None:
+        per_token = per_token * is_weight
     kl = None
     if beta and ref_logp is not None:
         kl = k3_kl(logp, ref_logp)
