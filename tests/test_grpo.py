@@ -213,7 +213,7 @@ def test_hf_rollouts_sample_the_trained_distribution():
     model.generation_config.repetition_penalty = 5.0
 
     class Tok:
-        eos_id = 39
+        eos_id = pad_id = 39
     groups = HFSampler(model, Tok(), "cpu").rollout([[1, 2, 3]], SamplingParams(n=16, temperature=1.0, max_tokens=6))
     distinct = {tuple(c["ids"]) for c in groups[0]}
     assert len(distinct) > 4, distinct                   # top_k=1 would make all 16 identical
@@ -262,3 +262,34 @@ def test_rollout_importance_weights_truncate_and_mask():
     loss, _ = grpo_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 3), loss_type="dapo", is_weight=w)
     loss.backward()
     assert logp.grad[0].tolist() == pytest.approx([-1 / 3, 0.0, -0.5 / 3])
+
+
+def test_batched_hf_rollouts_equal_one_prompt_at_a_time():
+    """Greedy: left-padded batched generation gives each prompt the tokens it gets alone."""
+    transformers = pytest.importorskip("transformers")
+    from nanoseek.inference.sampling import SamplingParams
+    from nanoseek.train.rollout import HFSampler
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+
+    class Tok:
+        eos_id, pad_id = 39, 0
+    sampler = HFSampler(model, Tok(), "cpu")
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    sp = SamplingParams(n=2, temperature=0.0, max_tokens=8)
+    together = sampler.rollout(prompts, sp)
+    alone = [sampler.rollout([p], sp)[0] for p in prompts]
+    assert [[c["ids"] for c in g] for g in together] == [[c["ids"] for c in g] for g in alone]
+
+
+def test_truncated_completions_carry_no_loss_when_masked():
+    prompts = [[1, 2, 3], [1, 2]]
+    comps = [{"ids": [5, 6, 7], "truncated": True, "logprobs": [-1.0, -2.0, -3.0]},
+             {"ids": [8, 9], "truncated": False, "logprobs": [-0.5, -0.25]}]
+    ids, mask, _, lp = build_batch(prompts, comps, torch.zeros(2), 0, True, "cpu", multiple=1)
+    assert mask[0].sum() == 0 and mask[1].tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
+    assert ids[1, :4].tolist() == [1, 2, 8, 9] and lp[1, 1:3].tolist() == [-0.5, -0.25]
+    _, mask, _, _ = build_batch(prompts, comps, torch.zeros(2), 0, False, "cpu", multiple=1)
+    assert mask[0].tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]       # targets at positions 2..4 predict 5, 6, 7

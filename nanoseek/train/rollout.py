@@ -103,7 +103,7 @@ class EngineSampler:
 
 
 class HFSampler:
-    """transformers causal LMs: one `generate` call per prompt with n return sequences.
+    """transformers causal LMs: batched `generate` over every prompt and sample of a rollout.
 
     The sampling distribution must be the one the trainer scores (softmax(logits / T), top-p only):
     `generate` would otherwise add transformers' default top_k=50 and whatever the model's
@@ -123,18 +123,26 @@ class HFSampler:
                                 max_new_tokens=params.max_tokens, pad_token_id=eos, eos_token_id=eos,
                                 num_beams=1)
 
-    def rollout(self, prompts, params: SamplingParams):
-        eos = self.tok.eos_id
+    def rollout(self, prompts, params: SamplingParams, max_rows: int = 256):
+        """All prompts x n samples in as few `generate` calls as fit `max_rows`, prompts left-padded
+        (the attention mask hides the padding; transformers derives positions from it)."""
+        eos, pad = self.tok.eos_id, self.tok.pad_id
         gc = self.generation_config(params)
-        out = []
-        for p in prompts:
-            x = torch.tensor([p], device=self.device).repeat(params.n, 1)
+        rows = [p for p in prompts for _ in range(params.n)]
+        texts = []
+        for start in range(0, len(rows), max_rows):
+            chunk = rows[start: start + max_rows]
+            width = max(len(p) for p in chunk)
+            x = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=self.device)
+            attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
             with torch.no_grad():
-                g = self.model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc)
+                g = self.model.generate(x, attention_mask=attn, generation_config=gc)
+            texts += g[:, width:].tolist()
+        out = []
+        for i in range(len(prompts)):
             group = []
-            for i in range(params.n):
-                ids = g[i, len(p):].tolist()
-                if eos in ids:
+            for ids in texts[i * params.n: (i + 1) * params.n]:
+                if eos in ids:           # finished rows are padded after their EOS; unfinished ones have none
                     ids = ids[: ids.index(eos) + 1]
                 group.append({"ids": ids, "logprobs": None, "truncated": eos not in ids})
             out.append(group)
