@@ -293,3 +293,18 @@ def test_truncated_completions_carry_no_loss_when_masked():
     assert ids[1, :4].tolist() == [1, 2, 8, 9] and lp[1, 1:3].tolist() == [-0.5, -0.25]
     _, mask, _, _ = build_batch(prompts, comps, torch.zeros(2), 0, False, "cpu", multiple=1)
     assert mask[0].tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]       # targets at positions 2..4 predict 5, 6, 7
+
+
+def test_carried_over_groups_use_their_samplers_logprobs_as_the_old_policy():
+    """Groups carried from the previous step were sampled by the previous policy: their ratio is taken
+    against the sampler's log-probs (here 0.5 nats below the current policy's), not forced to 1."""
+    from nanoseek.train.grpo import train_on_batch
+    model, ids, mask, adv = _update_batch()
+    with torch.no_grad():
+        now = policy_logprobs(model, ids, mask, 1.0)
+    carried = torch.tensor([True, True, False, False, False])
+    rollout = (now - 0.5 * carried.unsqueeze(1)) * mask                # the carried rows' sampler: 0.5 below
+    st = train_on_batch(_Policy(model), None, _RecordingOpt(model), ids, mask, adv, _cfg(eps_high=10.0),
+                        torch.device("cpu"), torch.float32, rollout, carried)
+    assert st["ratio_max"] == pytest.approx(math.exp(0.5), rel=1e-4) and st["ratio_min"] == pytest.approx(1.0)
+    assert st["rollout_logp_gap"] == pytest.approx(0.0, abs=1e-5)      # measured on the fresh rows only

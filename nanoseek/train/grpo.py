@@ -312,7 +312,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
                     if cfg.dynamic_sampling:
                         continue
                 if len(kept_prompts) // G >= cfg.prompts_per_step:
-                    spare.append((p_ids, group, rewards))
+                    if group[0].get("logprobs") is not None:   # carried groups need their sampler's log-probs
+                        spare.append((p_ids, group, rewards))
                     continue
                 kept_prompts += [p_ids] * G
                 kept_comps += group
@@ -348,7 +349,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
             adv = group_advantages(torch.tensor(kept_rewards), cfg.group_size, scale_rewards(cfg))
             ids, mask, adv, rollout_logp = build_batch(kept_prompts, kept_comps, adv, tok.eos_id, cfg.mask_truncated,
                                                        device)
-            stats = train_on_batch(policy, ref, opt, ids, mask, adv, cfg, device, dtype, rollout_logp)
+            carried = torch.arange(ids.shape[0], device=ids.device) < n_carried * cfg.group_size
+            stats = train_on_batch(policy, ref, opt, ids, mask, adv, cfg, device, dtype, rollout_logp, carried)
             rec.update(stats)
         t_train = time.perf_counter() - t1
         rec.update({"gen_s": round(t_gen, 3), "train_s": round(t_train, 3),
@@ -410,15 +412,18 @@ def rollout_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mode: st
     return w.detach(), over
 
 
-def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dtype, rollout_logp=None) -> dict:
+def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dtype, rollout_logp=None,
+                   carried=None) -> dict:
     """mu passes over the rollout batch, each `update_plan` optimizer steps. Whenever the batch feeds more
     than one optimizer step, later minibatches are off-policy (the weights moved since the rollout), so
     the old policy's log-probs are computed once, before the first step, and the ratio is the true one.
-    Each step's loss is normalised by the tokens (sequences) of the minibatches it accumulates, not by
-    an assumed equal share."""
+    Rows carried over from the previous step (`carried`, (N,) bool) were sampled by the previous policy:
+    their old log-probs are the sampler's own. Each step's loss is normalised by the tokens (sequences)
+    of the minibatches it accumulates, not by an assumed equal share."""
     N, max_len = ids.shape[0], cfg.max_new_tokens
     plan = update_plan(N, cfg.minibatches, cfg.grad_accum)
-    off_policy = cfg.mu * len(plan) > 1
+    carried = carried if carried is not None and carried.any() else None
+    off_policy = cfg.mu * len(plan) > 1 or carried is not None
     use_is = cfg.rollout_is != "off"
     if use_is and rollout_logp is None:
         raise UserError("--rollout-is needs the sampler's log-probs, which only nanoseek models' engine returns")
@@ -427,6 +432,9 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
     with torch.no_grad(), autocast(device, dtype):
         if off_policy or use_is:
             old_logp = policy_logprobs(policy.model, ids, mask, cfg.temperature).detach()
+        fresh_logp = old_logp
+        if carried is not None:
+            old_logp = torch.where(carried.unsqueeze(1), rollout_logp, old_logp)
         if use_is:
             is_w, over = rollout_weights(old_logp, rollout_logp, cfg.rollout_is, cfg.rollout_is_cap)
             stats_acc["rollout_is_capped"] = [float((over & mask.bool()).sum() / mask.sum().clamp(min=1))]
@@ -446,8 +454,11 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
                                          n_tokens=n_tokens, n_seqs=n_seqs, level=cfg.importance_level,
                                          is_weight=is_w[mb] if is_w is not None else None)
                 if rollout_logp is not None and pass_ == 0:     # how far the sampler's log-probs are from the trainer's
-                    sel = mask[mb].bool()
-                    st["rollout_logp_gap"] = float((old[sel] - rollout_logp[mb][sel]).abs().mean()) if sel.any() else 0.0
+                    sel = mask[mb].bool()                           # (rows sampled by this policy only)
+                    if carried is not None:
+                        sel &= ~carried[mb].unsqueeze(1)
+                    trainer = fresh_logp[mb] if fresh_logp is not None else logp.detach()
+                    st["rollout_logp_gap"] = float((trainer[sel] - rollout_logp[mb][sel]).abs().mean()) if sel.any() else 0.0
                 loss.backward()
                 losses.append(loss.item())
                 st["entropy"] = float(ent.mean()) if ent.numel() else 0.0
