@@ -207,6 +207,14 @@ def init(lay: Layout, device: torch.device) -> Dist:
     return d
 
 
+def shutdown() -> None:
+    """Leave the process group once every rank is done (a process exiting with it still up can abort
+    in gloo's threads)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     """Sum over `group` in place (no-op for a size-1 dimension, whose group is None)."""
     if group is not None:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..data.loader import document_mask
-from ..model.moe import MoE
+from ..model.moe import RoutingRecord
 from .mesh import Dist, Layout, V_SHAPED
 
 
@@ -108,9 +108,9 @@ class Stage(nn.Module):
             positions, attn = torch.arange(x.shape[1], device=x.device).unsqueeze(0), None
         rot = self._rope(positions)
         for layer in self.layers.values():
-            h = layer(h, rot, None, attn)
-            if isinstance(layer.ffn, MoE):
-                h = self._step.add_balance(h, layer.ffn, x.shape[0])
+            routing = RoutingRecord()
+            h = layer(h, rot, None, attn, routing)
+            h = self._step.add_balance(h, routing, x.shape[0])
         return h, batch.clone()
 
 
@@ -119,7 +119,7 @@ class PipelineStep:
 
     def __init__(self, model: nn.Module, d: Dist, cfg, loss_scale: float, head_losses, balance_share,
                  shapes: tuple[int, int, int]):
-        """`head_losses(model, h, batch, cfg, norm, mask)` and `balance_share(moes, n_seq, cfg, norm)`:
+        """`head_losses(model, h, batch, cfg, norm, mask, routing)` and `balance_share(routing, n_seq, cfg, norm)`:
         the trainer's loss functions (nanoseek/train/pretrain.py), so both paths compute one loss.
         `shapes`: (micro-batch rows, sequence length, hidden size)."""
         from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV,
@@ -152,8 +152,8 @@ class PipelineStep:
     def _log(self, key: str, value: torch.Tensor) -> None:
         self.logs[key] = self.logs.get(key, 0.0) + float(value.detach())
 
-    def add_balance(self, h: torch.Tensor, moe: MoE, n_seq: int) -> torch.Tensor:
-        share = self._balance_share([moe], n_seq, self.cfg, self.norm)
+    def add_balance(self, h: torch.Tensor, routing: RoutingRecord, n_seq: int) -> torch.Tensor:
+        share = self._balance_share(routing, n_seq, self.cfg, self.norm)
         if share is None or not torch.is_grad_enabled():
             return h
         self._log("balance_loss", share)
@@ -162,9 +162,9 @@ class PipelineStep:
     def _loss(self, output, target):
         h, batch = output
         mask = target if self._has_mask else None
-        losses = self._head_losses(self.model, h, batch, self.cfg, self.norm, mask)
-        mtp_moes = [m for m in self.model.mtp.modules() if isinstance(m, MoE)]
-        bal = self._balance_share(mtp_moes, batch.shape[0], self.cfg, self.norm)
+        routing = RoutingRecord()
+        losses = self._head_losses(self.model, h, batch, self.cfg, self.norm, mask, routing)
+        bal = self._balance_share(routing, batch.shape[0], self.cfg, self.norm)
         if bal is not None:
             losses["balance_loss"] = bal
         for k, v in losses.items():

@@ -202,6 +202,24 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None):
     return torch.zeros_like(x_TD, dtype=ys.dtype).index_add_(0, token, ys)
 
 
+class RoutingRecord:
+    """Each MoE layer's (scores (T,E) fp32 with grad, expert ids (T,K)) from one forward, in layer order,
+    for balance losses. The caller creates it and passes it down; the model keeps nothing. (An object, not
+    a list: FSDP and other wrappers rebuild container arguments, so appends to a list could be lost.)"""
+
+    def __init__(self):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def add(self, scores: torch.Tensor, idx: torch.Tensor) -> None:
+        self.layers.append((scores, idx))
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -211,10 +229,8 @@ class MoE(nn.Module):
         self.shared = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
             if cfg.n_shared_experts else None
         self.impl: str | None = None     # force "padded" / "loop" / "grouped" / "dense" / "gather"; None: per call
-        # Training-time routing statistics, read and reset by the trainer.
+        # Training-time token counts per expert, read and reset by the trainer's bias update.
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
-        self.last_scores: torch.Tensor | None = None   # (T,E) fp32 with grad, for balance losses
-        self.last_idx: torch.Tensor | None = None
 
     def choose_impl(self, n_tokens: int, grad: bool) -> str:
         if self.impl:
@@ -228,13 +244,15 @@ class MoE(nn.Module):
             return "grouped"
         return "padded"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: RoutingRecord | None = None) -> torch.Tensor:
+        """`routing`: the caller's record; this layer adds its scores and expert ids to it."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         weights, idx, scores = self.gate(x_TD)
         if self.training:
             self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel())
-            self.last_scores, self.last_idx = scores, idx
+        if routing is not None:
+            routing.add(scores, idx)
         impl = self.choose_impl(x_TD.shape[0], torch.is_grad_enabled() and x.requires_grad)
         out = self.experts(x_TD, weights, idx, impl)
         if self.shared is not None:

@@ -32,9 +32,9 @@ class MTPLayer(nn.Module):
         self.norm = RMSNorm(D, cfg.rms_norm_eps)  # HF: shared_head.norm
         self.layer_id = layer_id
 
-    def forward(self, h_BTD, emb_BTD, rot, cache=None, mask=None):
+    def forward(self, h_BTD, emb_BTD, rot, cache=None, mask=None, routing=None):
         x = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1))
-        return self.block(x, rot, cache, mask)
+        return self.block(x, rot, cache, mask, routing)
 
 
 def shift_left(ids_BT: torch.Tensor, k: int, fill: int = 0) -> torch.Tensor:

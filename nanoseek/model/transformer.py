@@ -31,9 +31,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, rot, cache=None, mask=None):
+    def forward(self, x, rot, cache=None, mask=None, routing=None):
         x = x + self.attn(self.attn_norm(x), rot, cache, mask=mask)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, routing) if isinstance(self.ffn, MoE) else self.ffn(h))
 
 
 class Transformer(nn.Module):
@@ -73,15 +74,16 @@ class Transformer(nn.Module):
         return rope_freqs(positions, self.inv_freq, self.rope_scale)
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+               mask: torch.Tensor | None = None, routing=None) -> torch.Tensor:
         """ids (B,T) -> last hidden state before the final norm (B,T,D). `mask` (B,1,T,T) replaces the
-        causal mask (document masking of packed training windows); `positions` (B,T) or (1,T)."""
+        causal mask (document masking of packed training windows); `positions` (B,T) or (1,T).
+        `routing`: a `moe.RoutingRecord` every MoE layer adds its scores and expert ids to."""
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
         rot = self.rope(positions)
         x = self.embed(ids)
         for layer in self.layers:
-            x = layer(x, rot, cache, mask)
+            x = layer(x, rot, cache, mask, routing)
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -91,14 +93,14 @@ class Transformer(nn.Module):
         return self.logits(self.hidden(ids, positions, cache))
 
     def mtp_hidden(self, h: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor | None = None,
-                   cache=None, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+                   cache=None, mask: torch.Tensor | None = None, routing=None) -> list[torch.Tensor]:
         """Depth k=1..D hidden states; position i of depth k predicts token i+k+1."""
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
         rot = self.rope(positions)
         outs = []
         for k, mtp in enumerate(self.mtp, start=1):
-            h = mtp(h, self.embed(shift_left(ids, k)), rot, cache, mask)
+            h = mtp(h, self.embed(shift_left(ids, k)), rot, cache, mask, routing)
             outs.append(h)
         return outs
 

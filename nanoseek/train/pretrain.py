@@ -35,7 +35,7 @@ from ..data.corpus import load_documents, synthetic_documents
 from ..data.loader import PackedLoader, document_mask, fixed_batches
 from ..distributed.mesh import PP_SCHEDULES
 from ..model import Transformer
-from ..model.moe import balance_loss, max_violation, update_bias
+from ..model.moe import RoutingRecord, balance_loss, max_violation, update_bias
 from ..quant.fp8 import SCALE_FORMATS
 from .compiled import StepCompiler
 from .optim import MOMENTS, build_optimizer, clip_grad_norm, lr_at, set_lr, state_bytes
@@ -210,9 +210,9 @@ def loss_norm(batches: list[tuple[torch.Tensor, torch.Tensor | None]], cfg: Pret
 
 
 def head_losses(model: Transformer, h: torch.Tensor, batch: torch.Tensor, cfg: PretrainConfig, norm: LossNorm,
-                mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                mask: torch.Tensor | None = None, routing=None) -> dict[str, torch.Tensor]:
     """Next-token and MTP losses (this micro-batch's shares, see LossNorm) from the main model's last
-    hidden state h (B,T,D) of the window batch (B,T+1)."""
+    hidden state h (B,T,D) of the window batch (B,T+1); the MTP block's MoE adds to `routing`."""
     x = batch[:, :-1]
     y = batch[:, 1:] if mask is None else batch[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     positions = attn = doc = None
@@ -227,26 +227,22 @@ def head_losses(model: Transformer, h: torch.Tensor, batch: torch.Tensor, cfg: P
     losses = {"loss": ce(model.logits(h), y, norm.tokens)}
     if cfg.mtp_lambda > 0 and len(model.mtp):
         mtp = [ce(model.mtp_logits(hk, k), mtp_targets(batch, k, mask, doc), norm.mtp[k - 1])
-               for k, hk in enumerate(model.mtp_hidden(h, x, positions, mask=attn), start=1)]
+               for k, hk in enumerate(model.mtp_hidden(h, x, positions, mask=attn, routing=routing), start=1)]
         losses["mtp_loss"] = torch.stack(mtp).mean()
     return losses
 
 
-def balance_share(moes, n_seq: int, cfg: PretrainConfig, norm: LossNorm) -> torch.Tensor | None:
-    """The balance loss of the MoE layers that just ran forward (this micro-batch's share of the
-    step's), resetting their routing records. Sequence-wise (--balance bias) it is an exact share of
+def balance_share(routing: RoutingRecord, n_seq: int, cfg: PretrainConfig, norm: LossNorm) -> torch.Tensor | None:
+    """The balance loss of the MoE layers whose (scores, expert ids) a forward added to `routing`
+    (this micro-batch's share of the step's). Sequence-wise (--balance bias) it is an exact share of
     the global batch's; the classic batch-level loss (--balance aux) is computed per micro-batch and
     rank, as Megatron does, weighted by its share of the sequences."""
     alpha, per_seq = ((cfg.seq_aux_alpha, True) if cfg.balance == "bias" else
                       (cfg.aux_alpha, False) if cfg.balance == "aux" else (0.0, True))
-    routed = [m for m in moes if m.last_scores is not None]    # MTP's MoE is idle without MTP loss
-    share = None
-    if alpha > 0 and routed:
-        terms = [balance_loss(m.last_scores, m.last_idx, n_seq, per_seq) for m in routed]
-        share = alpha * torch.stack(terms).sum() * (n_seq / norm.seqs)
-    for m in moes:
-        m.last_scores = m.last_idx = None
-    return share
+    if alpha <= 0 or not routing:                      # (MTP's MoE is idle without MTP loss)
+        return None
+    terms = [balance_loss(scores, idx, n_seq, per_seq) for scores, idx in routing]
+    return alpha * torch.stack(terms).sum() * (n_seq / norm.seqs)
 
 
 def forward_losses(model: Transformer, batch: torch.Tensor, cfg: PretrainConfig,
@@ -259,8 +255,10 @@ def forward_losses(model: Transformer, batch: torch.Tensor, cfg: PretrainConfig,
     positions = attn = None
     if cfg.doc_mask:
         positions, attn = document_mask(x, model.cfg.bos_token_id)
-    losses = head_losses(model, model.hidden(x, positions, mask=attn), batch, cfg, norm, mask)
-    bal = balance_share(model.moe_layers(), x.shape[0], cfg, norm)
+    routing = RoutingRecord()
+    losses = head_losses(model, model.hidden(x, positions, mask=attn, routing=routing), batch, cfg, norm, mask,
+                         routing)
+    bal = balance_share(routing, x.shape[0], cfg, norm)
     if bal is not None:
         losses["balance_loss"] = bal
     losses["total"] = losses["loss"] + cfg.mtp_lambda * losses.get("mtp_loss", 0.0) + losses.get("balance_loss", 0.0)
@@ -488,6 +486,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 records = _read_metrics(metrics_path)
                 records[-1]["val_loss"] = val
                 metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        from ..distributed.mesh import shutdown
+        shutdown()
     if rank() != 0:
         return {}
     records = _read_metrics(metrics_path)

@@ -151,7 +151,6 @@ def sft_train(model, tok, examples, cfg: SFTConfig, teacher=None, kd_alpha: floa
         opt.zero_grad(set_to_none=True)
         for m in getattr(model, "moe_layers", list)():
             m.expert_load.zero_()
-            m.last_scores = m.last_idx = None
         losses.append(loss_value)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -205,7 +204,9 @@ def main(argv=None) -> None:
     out = Path(cfg.out)
     if par is not None:
         from ..distributed.checkpoint import export_full_state_dict
+        from ..distributed.mesh import shutdown
         full_sd = export_full_state_dict(model, par)
+        shutdown()
         if par.d.rank != 0:
             return
         from ..model import Transformer
