@@ -338,7 +338,29 @@ class HFChatTokenizer:
             raise ValueError("this tokenizer has no chat_template: the R1 trainers render prompts with it")
         if tok.eos_token_id is None:
             raise ValueError("this tokenizer has no eos_token: generation could not stop")
+        if not tok.is_fast:
+            raise ValueError("this is a slow (Python) tokenizer; the assistant loss mask needs a fast one's "
+                             "character offsets (save the model's tokenizer.json)")
         self.hf = tok
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """EOS and the template's end-of-turn token (a base model's EOS is often not what ends a chat turn:
+        Qwen2.5 base has eos <|endoftext|> while its template closes turns with <|im_end|>)."""
+        ids = [self.hf.eos_token_id]
+        msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ANSWER"}]
+        try:
+            text = self.hf.apply_chat_template(msgs, tokenize=False)
+        except Exception:
+            return ids
+        after = text[text.rfind("ANSWER") + len("ANSWER"):]
+        special = set(self.hf.all_special_ids) | set(self.hf.added_tokens_decoder)
+        for t in self.hf.encode(after, add_special_tokens=False):
+            if t in special:
+                if t not in ids:
+                    ids.append(t)
+                break
+        return ids
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self.hf.encode(text, add_special_tokens=False)
@@ -378,7 +400,15 @@ class HFChatTokenizer:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = len(self.apply_chat_template(messages[:i], add_generation_prompt=True)) if i else 0
+            start = 0
+            if i:
+                prompt = self.apply_chat_template(messages[:i], add_generation_prompt=True)
+                if full.startswith(prompt):
+                    start = len(prompt)
+                else:    # the generation prompt is not how the reply renders (R1-distill adds "<think>\n"):
+                    before = len(self.apply_chat_template(messages[:i], add_generation_prompt=False))
+                    found = full.find(m["content"], before) if m["content"] else -1
+                    start = found if found >= 0 else before       # train from the reply's own text
             upto = self.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
             end = len(upto)
             if not full.startswith(upto):

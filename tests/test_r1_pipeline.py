@@ -340,3 +340,29 @@ def test_rollout_mismatch_is_logged_and_corrected(base, tmp_path):
                     compile="off", dynamic_sampling=False, rollout_is="truncate", rollout_is_cap=1.002))
     rec = last(tmp_path / "bf16")
     assert rec["rollout_logp_gap"] > 1e-3 and 0 < rec["rollout_is_capped"] < 1
+
+
+def test_hf_tokenizer_stops_on_the_templates_end_of_turn_and_masks_past_a_think_prompt(qwen_dir, tmp_path):
+    """A base model whose EOS (<|endoftext|>) is not what closes a chat turn (<|im_end|>) stops on both;
+    a template whose generation prompt adds "<think>\\n" (R1-distill style) still trains the whole reply."""
+    import transformers
+
+    from nanoseek.tokenizer import HFChatTokenizer
+    hf = transformers.AutoTokenizer.from_pretrained(qwen_dir)
+    hf.eos_token = "<|endoftext|>"
+    tok = HFChatTokenizer(hf)
+    assert tok.stop_ids == [hf.convert_tokens_to_ids("<|endoftext|>"), hf.convert_tokens_to_ids("<|im_end|>")]
+    hf.chat_template = QWEN_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}",
+                                             "<|im_start|>assistant\n<think>\n{% endif %}")
+    msgs = [{"role": "user", "content": "1+2=?"}, {"role": "assistant", "content": "<answer>3</answer>"}]
+    ids, mask = HFChatTokenizer(hf).encode_chat(msgs)
+    trained = hf.decode([i for i, m in zip(ids, mask) if m])
+    assert trained.startswith("<answer>3</answer>"), trained
+
+
+def test_grpo_resume_refuses_a_changed_sampling_setup(base, tmp_path):
+    from nanoseek.common import UserError
+    from nanoseek.train.grpo import grpo
+    grpo(small_grpo(base, tmp_path, steps=1, plots=False, save_final=False, eval_n=2))
+    with pytest.raises(UserError, match="--group-size was 4"):
+        grpo(small_grpo(base, tmp_path, steps=2, plots=False, save_final=False, eval_n=2, group_size=8, resume=True))

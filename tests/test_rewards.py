@@ -197,3 +197,26 @@ def test_user_rewards_by_import_path(tmp_path, monkeypatch):
         build_reward("no_such_module:fn")
     with pytest.raises(ValueError, match="has no 'nope'"):
         build_reward("my_rewards:nope:1")
+
+
+def _dies_on_x(prompts, completions, problems, **kw):
+    import os
+    if any("x" in c for c in completions):
+        os._exit(3)
+    return [1.0 for _ in completions]
+
+
+def test_a_reward_that_kills_its_worker_fails_only_its_sample():
+    r = combine([(_dies_on_x, 1.0)], names=["dies"], timeout_s=5.0)
+    for _ in range(3):                                  # a worker that died is replaced, every time
+        s = r.score([""] * 3, ["a", "x", "b"], [ADD] * 3)
+        assert s.failed == [False, True, False], s.failed
+    assert r([""] * 2, ["a", "b"], [ADD] * 2) == [1.0, 1.0]
+
+
+def test_a_batch_that_keeps_overrunning_is_abandoned():
+    import time
+    r = combine([(_slow_on_x, 1.0)], names=["slow"], timeout_s=0.3)
+    t = time.perf_counter()
+    s = r.score([""] * 8, ["x"] * 8, [ADD] * 8)
+    assert all(s.failed) and time.perf_counter() - t < 0.3 * (1 + 3) + 2        # the batch, then 3 samples

@@ -57,7 +57,8 @@ def build_reward(spec: str, timeout_s: float | None = None) -> CombinedReward:
         if not part:
             raise ValueError(f"empty entry in reward spec {spec!r}")
         fields = [f.strip() for f in part.split(":")]
-        if len(fields) == 3 or (len(fields) == 2 and not _is_number(fields[1])):   # module:function[:weight]
+        if len(fields) == 3 or (len(fields) == 2 and fields[0] not in REWARDS and not _is_number(fields[1])):
+            # module:function[:weight]
             fn, name = import_reward(fields[0], fields[1]), fields[1]
             weight_text = fields[2] if len(fields) == 3 else "1"
         else:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import pickle
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -56,6 +57,10 @@ class _Timeout(Exception):
     pass
 
 
+class WorkerInputError(RewardInputError):
+    """The inputs of a reward cannot be pickled to the worker: a setup problem, not a bad sample."""
+
+
 class _RemoteError(Exception):
     """An exception the reward raised in the worker, carried back as its type name and message."""
 
@@ -73,7 +78,7 @@ def _serve(fns, conn) -> None:
             return
         try:
             conn.send(("ok", list(fns[k](*args, **kw))))
-        except Exception as e:       # sent back as text: exceptions need not pickle
+        except BaseException as e:   # sent back as text (exceptions need not pickle); SystemExit included
             conn.send(("error", (type(e).__name__, str(e)[:1000], isinstance(e, RewardInputError))))
 
 
@@ -94,11 +99,23 @@ class _Worker:
     def call(self, k: int, args, kw, timeout: float) -> list:
         if self.proc is None or not self.proc.is_alive():
             self._start()
-        self.conn.send((k, args, kw))
-        if not self.conn.poll(timeout):
+        try:
+            self.conn.send((k, args, kw))
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise WorkerInputError(f"the reward inputs cannot be sent to the reward worker ({e}); run rewards in "
+                                   "this process with --reward-timeout 0") from None
+        except OSError:                       # the worker died (a reward called os._exit, a segfault...)
             self.close()
-            raise _Timeout(f"took more than {timeout:g} s")
-        status, payload = self.conn.recv()
+            raise _RemoteError("WorkerDied", "the reward worker exited") from None
+        try:
+            if not self.conn.poll(timeout):
+                self.close()
+                raise _Timeout(f"took more than {timeout:g} s")
+            status, payload = self.conn.recv()
+        except (EOFError, OSError):
+            code = self.proc.exitcode if self.proc is not None else None
+            self.close()
+            raise _RemoteError("WorkerDied", f"the reward worker exited (code {code})") from None
         if status == "ok":
             return payload
         name, msg, wiring = payload
@@ -112,6 +129,9 @@ class _Worker:
             self.proc.join()
             self.conn.close()
             self.proc = None
+
+    # a batch whose samples keep overrunning is abandoned after this many in a row (each costs the budget)
+    MAX_TIMEOUTS_IN_A_ROW = 3
 
     def __del__(self):
         try:
@@ -164,21 +184,32 @@ class CombinedReward:
         except RewardInputError:
             raise
         except Exception:
-            values = []
+            values, timeouts = [], 0
             for i in range(n):
-                kw_i = {k_: v[i:i + 1] if isinstance(v, (list, tuple)) and len(v) == n else v for k_, v in kw.items()}
+                if timeouts >= _Worker.MAX_TIMEOUTS_IN_A_ROW:
+                    self._warn(name, "abandoned batches",
+                               f"overran {timeouts} samples in a row; the rest of this batch was not scored",
+                               completions[i])
+                    values.append(_FAILED)
+                    continue
+                kw_i = {k_: v[i:i + 1] if isinstance(v, (list, tuple)) and len(v) == n else v
+                        for k_, v in kw.items()}
                 try:
                     values.append(self._run(k, prompts[i:i + 1], completions[i:i + 1], problems[i:i + 1], kw_i)[0])
+                    timeouts = 0
                 except RewardInputError:
                     raise
                 except _Timeout as e:
                     self._warn(name, "timeouts", str(e), completions[i])
                     values.append(_FAILED)
+                    timeouts += 1
+                    continue
                 except _RemoteError as e:
                     self._warn(name, e.kind, f"raised {_shorten(str(e))}", completions[i])
                     values.append(_FAILED)
                 except Exception as e:
-                    self._warn(name, type(e).__name__, f"raised {type(e).__name__}: {_shorten(str(e))}", completions[i])
+                    self._warn(name, type(e).__name__, f"raised {type(e).__name__}: {_shorten(str(e))}",
+                               completions[i])
                     values.append(_FAILED)
         return [None if v is _FAILED else self._clean(name, v, c) for v, c in zip(values, completions)]
 
@@ -190,9 +221,10 @@ class CombinedReward:
                for k, name in enumerate(self.names)}
         failed = [any(raw[name][i] is None for name in self.names) for i in range(n)]
         components = {name: [0.0 if v is None else v for v in vals] for name, vals in raw.items()}
-        total = [float("nan") if failed[i] else sum(w * components[name][i] for name, w in zip(self.names, self.weights))
-                 for i in range(n)]
-        return RewardScores(total, components, failed, {name: sum(v is None for v in vals) for name, vals in raw.items()})
+        total = [float("nan") if failed[i] else
+                 sum(w * components[name][i] for name, w in zip(self.names, self.weights)) for i in range(n)]
+        failures = {name: sum(v is None for v in vals) for name, vals in raw.items()}
+        return RewardScores(total, components, failed, failures)
 
     def __call__(self, prompts: list[str], completions: list[str], problems: list, **kw) -> list[float]:
         """Weighted totals, a failed component counting 0.0 (score() says which samples failed)."""

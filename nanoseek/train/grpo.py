@@ -70,7 +70,8 @@ class GRPOConfig:
                                                                      "with --loss-type dr_grpo, which drops it)",
                                                              "choices": list(SCALES)})
     importance_level: str = field(default="token", metadata={"help": "ratio per token (GRPO) or per sequence (GSPO: "
-                                                                      "use --eps-low 3e-4 --eps-high 4e-4)",
+                                                                      "with --loss-type grpo, a mean over sequences, "
+                                                                      "and --eps-low 3e-4 --eps-high 4e-4)",
                                                               "choices": list(LEVELS)})
     rollout_is: str = field(default="off", metadata={"help": "correct for the sampler-vs-trainer mismatch with "
                                                             "importance weights pi_old/pi_rollout per token: "
@@ -173,7 +174,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
     """The run. `rewards`: reward functions `fn(prompts, completions, problems, **kw) -> list[float]`, or
     (fn, weight) pairs, used instead of --reward (which also takes module.path:function entries)."""
     from ..inference.sampling import SamplingParams
-    from ..rewards import build_reward, combine
+    from ..rewards import RewardInputError, build_reward, combine
 
     for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mu", "minibatches", "grad_accum"):
         if getattr(cfg, name) < 1:
@@ -188,13 +189,21 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     task = make_task(cfg)
     rng = random.Random(cfg.seed)
-    pool = task.problems(max(4096, cfg.steps * cfg.prompts_per_step * 2), seed=cfg.seed, split="train")
+    resumed = load_latest(out / "checkpoints") if cfg.resume else None
+    pool_size = max(4096, cfg.steps * cfg.prompts_per_step * 2)
+    if resumed is not None:
+        check_resumable(resumed[0]["config"], cfg)
+        pool_size = resumed[0].get("pool_size", pool_size)     # the same prompts in the same order
+    pool = task.problems(pool_size, seed=cfg.seed, split="train")
     rng.shuffle(pool)
     held_out = task.problems(cfg.eval_n, seed=cfg.eval_seed, split="test")
     if policy is None:
         policy, model, tok = load_policy(cfg, device, [p.question for p in pool + held_out])
     model = policy.model
     model.eval()
+    if cfg.rollout_is != "off" and not isinstance(policy, EngineSampler):
+        raise UserError("--rollout-is needs the sampler's log-probs, which only nanoseek models' engine returns; "
+                        "drop it for this model")
     if cfg.save_fp8 and not isinstance(policy, EngineSampler):
         raise UserError("--save-fp8 writes DeepSeek's FP8 format, for nanoseek (DeepSeek-V3-format) models only")
     if cfg.fp8:
@@ -226,7 +235,6 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
     evals = []
     start = 1
     resumed_spare, resumed_short = [], 0
-    resumed = load_latest(out / "checkpoints") if cfg.resume else None
     if cfg.resume and resumed is None:
         print0(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
     if resumed is not None:
@@ -248,7 +256,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
     def checkpoint(at: int):
         save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
                          "sampler_rng": policy.engine.gen.get_state() if isinstance(policy, EngineSampler) else None,
-                         "cursor": cursor, "evals": evals, "spare": spare, "short_steps": short_steps, "step": at,
+                         "cursor": cursor, "pool_size": pool_size, "evals": evals, "spare": spare,
+                         "short_steps": short_steps, "step": at,
                          "config": asdict(cfg)},
                         out / "checkpoints", at, keep=cfg.keep)
 
@@ -291,10 +300,13 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
             flat = [c for g in groups for c in g]
             texts = [tok.decode(c["ids"]) for c in flat]
             G = cfg.group_size
-            scores = reward_fn.score([tok.decode(p) for p in prompts for _ in range(G)], texts,
-                                     [p for p in probs for _ in range(G)],
-                                     completion_lengths=[len(c["ids"]) for c in flat],
-                                     truncated=[c["truncated"] for c in flat])
+            try:
+                scores = reward_fn.score([tok.decode(p) for p in prompts for _ in range(G)], texts,
+                                         [p for p in probs for _ in range(G)],
+                                         completion_lengths=[len(c["ids"]) for c in flat],
+                                         truncated=[c["truncated"] for c in flat])
+            except RewardInputError as e:          # a wiring problem, not a bad sample
+                raise UserError(f"--reward {cfg.reward!r}: {e}") from None
             rewards_flat = scores.total                       # NaN where a reward failed
             for k, v in scores.components.items():
                 components.setdefault(k, []).extend(v)
@@ -389,6 +401,20 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
     return summary
 
 
+RESUME_FIXED = ("task", "task_args", "tasks_file", "seed", "group_size", "prompts_per_step", "reward", "max_new_tokens",
+                "temperature", "top_p")
+
+
+def check_resumable(saved: dict, cfg: GRPOConfig) -> None:
+    """A resumed run must draw the same prompts and score them the same way (--steps, --lr and the like
+    may change)."""
+    changed = [k for k in RESUME_FIXED if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        k = changed[0]
+        raise UserError(f"--resume: --{k.replace('_', '-')} was {saved[k]!r} in the checkpoint and is "
+                        f"{getattr(cfg, k)!r} now; resume with the same value (or start a new --out)")
+
+
 def scale_rewards(cfg: GRPOConfig) -> str:
     """Dr. GRPO removes both biases of GRPO: the length normalisation (its loss) and the std scaling."""
     return cfg.scale_rewards or ("none" if cfg.loss_type == "dr_grpo" else "group")
@@ -429,9 +455,12 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
         raise UserError("--rollout-is needs the sampler's log-probs, which only nanoseek models' engine returns")
     old_logp = ref_logp = is_w = None
     stats_acc: dict[str, list] = {}
+    def in_minibatches(model):          # no-grad log-probs, one minibatch at a time (as memory allows)
+        return torch.cat([policy_logprobs(model, ids[mb], mask[mb], cfg.temperature) for st_ in plan for mb in st_])
+
     with torch.no_grad(), autocast(device, dtype):
         if off_policy or use_is:
-            old_logp = policy_logprobs(policy.model, ids, mask, cfg.temperature).detach()
+            old_logp = in_minibatches(policy.model)
         fresh_logp = old_logp
         if carried is not None:
             old_logp = torch.where(carried.unsqueeze(1), rollout_logp, old_logp)
@@ -439,7 +468,7 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
             is_w, over = rollout_weights(old_logp, rollout_logp, cfg.rollout_is, cfg.rollout_is_cap)
             stats_acc["rollout_is_capped"] = [float((over & mask.bool()).sum() / mask.sum().clamp(min=1))]
         if ref is not None:
-            ref_logp = policy_logprobs(ref, ids, mask, cfg.temperature).detach()
+            ref_logp = in_minibatches(ref)
     for pass_ in range(cfg.mu):
         for step_mbs in plan:
             rows = torch.cat(step_mbs)

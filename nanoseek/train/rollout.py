@@ -62,7 +62,9 @@ def load_for_sampling(model_dir, device, questions: list[str], max_new_tokens: i
         model = from_pretrained(path, device=device)
         return EngineSampler(model, tok, max_batch=max_batch, max_len=max_len, seed=seed, **engine_kw), model, tok
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    # fp32 master weights whatever the checkpoint's dtype (bf16 on the hub: RL-sized steps would round away);
+    # compute runs under autocast
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     return HFSampler(model, tok, device), model, tok
 
 
@@ -81,7 +83,7 @@ class EngineSampler:
         self.model, self.tok = model, tok
         rd = None if rollout_dtype in (None, "none", "auto") else parse_dtype(rollout_dtype)
         self.engine = Engine(model, max_batch=max_batch, max_len=max_len, seed=seed, autocast_dtype=rd,
-                             stop_token_ids=[tok.eos_id], compile=compile)
+                             stop_token_ids=list(getattr(tok, "stop_ids", [tok.eos_id])), compile=compile)
 
     def rollout(self, prompts: list[list[int]], params: SamplingParams) -> list[list[dict]]:
         eng = self.engine
@@ -113,20 +115,29 @@ class HFSampler:
     def __init__(self, model, tok, device):
         self.model, self.tok, self.device = model, tok, device
 
+    def stop_ids(self) -> list[int]:
+        """The tokenizer's EOS and end-of-turn token, and the EOS list of the model's generation config."""
+        ids = list(getattr(self.tok, "stop_ids", [self.tok.eos_id]))
+        extra = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for t in (extra if isinstance(extra, list) else [extra] if extra is not None else []):
+            if t not in ids:
+                ids.append(t)
+        return ids
+
     def generation_config(self, params: SamplingParams):
         from transformers import GenerationConfig
-        eos = self.tok.eos_id
+        eos = self.stop_ids()
         sample = params.temperature > 0
         return GenerationConfig(do_sample=sample, temperature=params.temperature if sample else None,
                                 top_p=params.top_p if sample else None, top_k=0 if sample else None,
                                 repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
-                                max_new_tokens=params.max_tokens, pad_token_id=eos, eos_token_id=eos,
+                                max_new_tokens=params.max_tokens, pad_token_id=self.tok.pad_id, eos_token_id=eos,
                                 num_beams=1)
 
     def rollout(self, prompts, params: SamplingParams, max_rows: int = 256):
         """All prompts x n samples in as few `generate` calls as fit `max_rows`, prompts left-padded
         (the attention mask hides the padding; transformers derives positions from it)."""
-        eos, pad = self.tok.eos_id, self.tok.pad_id
+        stops, pad = set(self.stop_ids()), self.tok.pad_id
         gc = self.generation_config(params)
         rows = [p for p in prompts for _ in range(params.n)]
         texts = []
@@ -142,9 +153,10 @@ class HFSampler:
         for i in range(len(prompts)):
             group = []
             for ids in texts[i * params.n: (i + 1) * params.n]:
-                if eos in ids:           # finished rows are padded after their EOS; unfinished ones have none
-                    ids = ids[: ids.index(eos) + 1]
-                group.append({"ids": ids, "logprobs": None, "truncated": eos not in ids})
+                end = next((j for j, t in enumerate(ids) if t in stops), None)
+                if end is not None:      # finished rows are padded after their stop token; unfinished have none
+                    ids = ids[: end + 1]
+                group.append({"ids": ids, "logprobs": None, "truncated": end is None})
             out.append(group)
         return out
 

@@ -182,8 +182,10 @@ def main(argv=None) -> None:
     else:                                              # any causal LM, with its own tokenizer and template
         if layout is not None:
             raise UserError("--dp-shard/--ep apply to nanoseek (DeepSeek-V3-format) models; drop them for this model")
+        if cfg.save_fp8:
+            raise UserError("--save-fp8 writes DeepSeek's FP8 format, for nanoseek (DeepSeek-V3-format) models only")
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(cfg.model).to(device)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device)   # fp32 masters
     par = None
     if layout is not None:
         from ..distributed.mesh import check_layout, init
@@ -198,7 +200,13 @@ def main(argv=None) -> None:
         from ..distributed.parallelize import Parallel
         par = Parallel(d, model, compute_dtype(device, cfg.dtype, model.cfg.hidden_size, cfg.batch_size * 128))
         print0(f"distributed: {par.describe()}")
-    examples = encode_conversations(tok, load_chat_jsonl(cfg.data, cfg.strict), cfg.max_len)
+    try:
+        examples = encode_conversations(tok, load_chat_jsonl(cfg.data, cfg.strict), cfg.max_len)
+    except Exception as e:               # the model's own chat template refused a conversation (jinja or ours)
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"--data {cfg.data}: the model's chat template cannot render a conversation "
+                        f"({type(e).__name__}: {e})") from None
     print0(f"sft: {len(examples):,} conversations, {sum(sum(m) for _, m in examples):,} supervised tokens")
     summary = sft_train(model, tok, examples, cfg, par=par)
     out = Path(cfg.out)
@@ -217,8 +225,6 @@ def main(argv=None) -> None:
         model.load_state_dict(full_sd)
         model.eval()
     if hasattr(model, "save_pretrained"):            # a transformers model: its own format and tokenizer files
-        if cfg.save_fp8:
-            raise UserError("--save-fp8 writes DeepSeek's FP8 format, for nanoseek (DeepSeek-V3-format) models only")
         model.save_pretrained(out / "final")
         tok.save(out / "final")
     else:
