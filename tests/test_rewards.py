@@ -76,8 +76,9 @@ def test_combine_weighted_sum_and_components():
     completions = ["<think>x</think><answer>632</answer>", "<answer>632</answer>", "<answer>1</answer>"]
     got = r([""] * 3, completions, [ADD] * 3, completion_lengths=[10, 90, 120])
     assert got == [1.5, 0.5, -1.0]
-    assert r.score([""] * 3, completions, [ADD] * 3, completion_lengths=[10, 90, 120]).components == {"accuracy_reward": [1.0, 1.0, 0.0], "format_reward": [1.0, 0.0, 0.0],
-                                 "soft_overlong_punishment": [0.0, -0.5, -1.0]}
+    components = r.score([""] * 3, completions, [ADD] * 3, completion_lengths=[10, 90, 120]).components
+    assert components == {"accuracy_reward": [1.0, 1.0, 0.0], "format_reward": [1.0, 0.0, 0.0],
+                          "soft_overlong_punishment": [0.0, -0.5, -1.0]}
     with pytest.raises(ValueError, match="names"):
         combine([(format_reward, 1.0)], names=["a", "b"])
     with pytest.raises(ValueError, match="weight"):

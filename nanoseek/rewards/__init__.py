@@ -80,6 +80,7 @@ def build_reward(spec: str, timeout_s: float | None = None) -> CombinedReward:
     return combine(pairs, names, timeout_s)
 
 
-__all__ = ["REWARDS", "build_reward", "combine", "CombinedReward", "RewardInputError", "RewardScores", "accuracy_reward",
+__all__ = ["REWARDS", "build_reward", "combine", "CombinedReward", "RewardInputError", "RewardScores",
+           "accuracy_reward",
            "countdown_reward", "format_reward", "tag_count_reward", "language_consistency_reward",
            "soft_overlong_punishment"]

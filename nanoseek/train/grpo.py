@@ -247,7 +247,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
         policy.sync_weights()
         cursor, evals, start = state["cursor"], state["evals"], state["step"] + 1
         resumed_spare, resumed_short = state.get("spare", []), state.get("short_steps", 0)
-        keep = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= state["step"]]
+        keep = [l for l in metrics_path.read_text().splitlines()
+                if l.strip() and json.loads(l)["step"] <= state["step"]]
         metrics_path.write_text("".join(l + "\n" for l in keep))
         print0(f"resumed from {path} at step {state['step']}")
     else:
@@ -350,7 +351,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
             short_steps += 1
             if not warned_short:
                 warned_short = True
-                print0(f"warning: step {step}: only {trained} of {cfg.prompts_per_step} groups had a reward signal after "
+                print0(f"warning: step {step}: only {trained} of {cfg.prompts_per_step} groups had a reward signal "
+                       f"after "
                        f"{cfg.max_refill} refill rounds ({n_zero_std} of {n_groups} groups all-equal); such steps "
                        f"train at lr x {trained}/{cfg.prompts_per_step} and are counted (short_steps). Raise "
                        f"--max-refill, or make the task easier/harder so groups disagree")
@@ -487,7 +489,8 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
                     if carried is not None:
                         sel &= ~carried[mb].unsqueeze(1)
                     trainer = fresh_logp[mb] if fresh_logp is not None else logp.detach()
-                    st["rollout_logp_gap"] = float((trainer[sel] - rollout_logp[mb][sel]).abs().mean()) if sel.any() else 0.0
+                    gap = (trainer[sel] - rollout_logp[mb][sel]).abs()
+                    st["rollout_logp_gap"] = float(gap.mean()) if sel.any() else 0.0
                 loss.backward()
                 losses.append(loss.item())
                 st["entropy"] = float(ent.mean()) if ent.numel() else 0.0

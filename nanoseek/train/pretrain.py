@@ -449,13 +449,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
             dt = time.perf_counter() - t_step
             compiler.after_step(step, cfg.max_steps, dt)
             rec = {"step": step, **{k: round(v, 5) for k, v in logs.items()}, "lr": lr,
-                   "grad_norm": round(grad_norm, 4), "tokens_per_s": round(cfg.batch_size * cfg.seq_len * cfg.grad_accum / dt, 1),
+                   "grad_norm": round(grad_norm, 4),
+                   "tokens_per_s": round(cfg.batch_size * cfg.seq_len * cfg.grad_accum / dt, 1),
                    "max_violation": [round(max_violation(l), 4) for l in loads], "skipped_steps": skipped}
             if loads:
                 rec["max_violation_mean"] = round(float(np.mean(rec["max_violation"])), 4)
             if par is not None and layout.ep > 1 and by_layer:
                 rec["ep_rank_imbalance"] = round(ep_rank_imbalance(by_layer, placements, layout.ep, mcfg), 4)
-            if pipe is None and val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            due = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
+            if pipe is None and val_batches and due:
                 rec["val_loss"] = round(evaluate(model, val_batches, device, dtype, cfg.doc_mask), 5)
             if mf is not None:
                 mf.write(json.dumps(rec) + "\n")

@@ -56,6 +56,7 @@ def get_checker(name: str) -> Callable[[str | None, Problem], bool]:
     return TASKS[name]().check if name in TASKS else math_check
 
 
-__all__ = ["TASKS", "get_task", "get_checker", "make_task", "parse_knobs", "Task", "Problem", "extract_answer", "extract_think",
+__all__ = ["TASKS", "get_task", "get_checker", "make_task", "parse_knobs", "Task", "Problem", "extract_answer",
+           "extract_think",
            "is_well_formatted", "split_of", "load_jsonl_problems", "JsonlTask", "math_check", "Arithmetic",
            "Countdown", "LinearEquations", "needs_carry", "solve"]
