@@ -306,6 +306,14 @@ BAD = [  # (path, body, param)
     ("/v1/completions", {"prompt": {"a": 1}}, "prompt"),
     ("/v1/completions", {}, "prompt"),
     ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs"),
+    # these were 500s: a non-string role, and lone UTF-16 surrogates (valid JSON, not valid text)
+    ("/v1/chat/completions", {"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": {"a": 1}, "content": "hi"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+     "messages[0].content"),
+    ("/v1/completions", {"prompt": "a\ud800"}, "prompt"),
+    ("/v1/completions", {"prompt": ["ok", "\udfff"]}, "prompt"),
 ]
 
 

@@ -105,6 +105,17 @@ def check_context(ids: list[int], engine, param: str) -> None:
                             f"{len(ids)} tokens. Shorten the prompt.", param, "context_length_exceeded")
 
 
+def check_unicode(text: str, param: str) -> None:
+    """JSON can carry a lone UTF-16 surrogate ("\\ud800"), which is not text: the tokenizer would raise."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        raise ApiError(400, f"'{param}' holds a lone UTF-16 surrogate (\\u{ord(bad):04x}) at character {e.start}, "
+                            "which is not valid Unicode text; send it as a surrogate pair or remove it.",
+                       param, "invalid_value") from None
+
+
 def parse_messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if messages is None:
@@ -119,7 +130,7 @@ def parse_messages(body: dict) -> list[dict]:
             raise ApiError(400, f"Invalid type for '{p}': expected an object with 'role' and 'content'.", p,
                            "invalid_type")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ApiError(400, f"Invalid value for '{p}.role': {role!r}. Supported values are: "
                                 f"{', '.join(repr(r) for r in ROLES)}.", f"{p}.role", "invalid_value")
         if m.get("tool_calls"):
@@ -139,6 +150,7 @@ def parse_messages(body: dict) -> list[dict]:
         if not isinstance(content, str):
             raise ApiError(400, f"Invalid type for '{p}.content': expected a string or a list of text parts.",
                            f"{p}.content", "invalid_type")
+        check_unicode(content, f"{p}.content")
         out.append({"role": ROLES[role], "content": content})
     return out
 
@@ -179,6 +191,7 @@ def parse_completion(body: dict, llm) -> Parsed:
             if llm.tokenizer is None:
                 raise ApiError(400, "this model directory has no tokenizer: send token-id prompts", "prompt",
                                "no_tokenizer")
+            check_unicode(p, "prompt")
             p = llm.encode_prompt(p)[1]
         require(all(0 <= t < V for t in p), "prompt", "token ids", f"in [0, {V}) (the vocabulary)")
         check_context(p, llm.engine, "prompt")
