@@ -348,6 +348,14 @@ def test_api_key(url):
         assert httpx.get(url + "/v1/models", headers=headers).status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+    for scheme in ("bearer", "BEARER", "Bearer "):          # the scheme is case-insensitive (RFC 9110)
+        assert httpx.get(url + "/v1/models", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+    assert httpx.get(url + "/v1/models", headers={"Authorization": f"Basic {KEY}"}).status_code == 401
+
+
+def test_405_says_which_methods_are_allowed(url):
+    r = httpx.get(url + "/v1/chat/completions", headers=AUTH)
+    assert r.status_code == 405 and "POST" in r.headers.get("allow", "") and r.json()["error"]["message"]
     assert httpx.get(url + "/health").status_code == 200       # health needs no key
 
 

@@ -71,9 +71,9 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None):
     app = FastAPI(title="nanoseek", description="OpenAI-compatible server for nanoseek models", lifespan=lifespan)
     app.state.worker = worker
 
-    def error_response(e: ApiError):
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    def error_response(e: ApiError, headers: dict | None = None):
+        headers = {**({"WWW-Authenticate": "Bearer"} if e.status == 401 else {}), **(headers or {})}
+        return JSONResponse(e.body(), status_code=e.status, headers=headers or None)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request, e: ApiError):
@@ -87,15 +87,18 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None):
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request, e: HTTPException):                    # 404 route, 405 method, ...
-        return error_response(ApiError(e.status_code, str(e.detail), None, None))
+        # keep the exception's headers: a 405 must say which methods are allowed (`Allow`, RFC 9110)
+        return error_response(ApiError(e.status_code, str(e.detail), None, None), getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def on_bug(request, e: Exception):
         return error_response(ApiError(500, f"internal server error: {type(e).__name__}: {e}"))
 
     async def auth(request: Request) -> None:
-        if api_key is not None and not hmac.compare_digest(
-                request.headers.get("authorization", "").encode(), f"Bearer {api_key}".encode()):
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        # the auth scheme is case-insensitive (RFC 9110 11.1): "bearer KEY" is as good as "Bearer KEY"
+        if api_key is not None and not (scheme.lower() == "bearer" and
+                                        hmac.compare_digest(token.strip().encode(), api_key.encode())):
             raise ApiError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
                            None, "invalid_api_key")
 
