@@ -456,3 +456,41 @@ def test_serve_subprocess(model_dir):
             proc.kill()
             proc.wait(5)
             raise
+
+
+def test_requests_far_over_a_limit_are_refused_fast_and_health_stays_up(url):
+    """Each limit, 100x over, answers in < 1 s with its error, while /health keeps answering in < 100 ms."""
+    import threading
+    big_chars = MAX_LEN * 100 * 8                                # ~100x the context, in characters
+    cases = [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "7" * big_chars}]}, 400, "messages"),
+        ("/v1/completions", {"prompt": "7" * big_chars}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "7" * (9 << 20)}, 413, None),                # body over the 8 MB default
+        ("/v1/completions", {"prompt": ["1+1="] * (2048 * 100)}, 400, "prompt"),
+        ("/v1/completions", {"prompt": ["1+1="] * 2049}, 400, "prompt"),
+        ("/v1/completions", {"prompt": ["1+1="] * 64, "n": 16, "max_tokens": 1 << 20}, 400, "max_tokens"),
+    ]
+    health = []
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            t = time.perf_counter()
+            assert httpx.get(url + "/health", timeout=5).status_code == 200
+            health.append(time.perf_counter() - t)
+            time.sleep(0.02)
+    th = threading.Thread(target=poll)
+    th.start()
+    try:
+        for path, body, status, param in cases:
+            content = json.dumps(body)
+            t = time.perf_counter()
+            r = httpx.post(url + path, content=content, headers={**AUTH, "Content-Type": "application/json"},
+                           timeout=30)
+            took = time.perf_counter() - t
+            assert r.status_code == status and r.json()["error"]["param"] == param, (path, r.status_code, r.text[:200])
+            assert took < 1.0, (path, took)
+    finally:
+        stop.set()
+        th.join()
+    assert health and max(health) < 0.1, max(health)

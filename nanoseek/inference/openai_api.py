@@ -105,6 +105,21 @@ def check_context(ids: list[int], engine, param: str) -> None:
                             f"{len(ids)} tokens. Shorten the prompt.", param, "context_length_exceeded")
 
 
+def longest_token_chars(tokenizer) -> int:
+    """Characters in the longest vocabulary entry: a text of C characters needs at least C / this tokens,
+    which refuses an oversized prompt without tokenizing it."""
+    hf = getattr(tokenizer, "_tok", None) or getattr(tokenizer, "hf", None)
+    vocab = hf.get_vocab(with_added_tokens=True) if hf is not None and hasattr(hf, "get_vocab") else {}
+    return max((len(t) for t in vocab), default=64)
+
+
+def check_chars(text_chars: int, max_chars: int | None, engine, param: str) -> None:
+    if max_chars is not None and text_chars > max_chars:
+        raise ApiError(400, f"This model's maximum context length is {engine.max_len} tokens, and '{param}' has "
+                            f"{text_chars:,} characters: more tokens than that whatever they are. Shorten it.",
+                       param, "context_length_exceeded")
+
+
 def check_unicode(text: str, param: str) -> None:
     """JSON can carry a lone UTF-16 surrogate ("\\ud800"), which is not text: the tokenizer would raise."""
     try:
@@ -155,8 +170,9 @@ def parse_messages(body: dict) -> list[dict]:
     return out
 
 
-def parse_chat(body: dict, llm) -> Parsed:
+def parse_chat(body: dict, llm, max_chars: int | None = None) -> Parsed:
     messages = parse_messages(body)
+    check_chars(sum(len(m["content"]) for m in messages), max_chars, llm.engine, "messages")
     kwargs = field(body, "chat_template_kwargs", dict, {})
     thinking = field(body, "thinking", bool, field(kwargs, "thinking", bool, False, "chat_template_kwargs.thinking"))
     if llm.tokenizer is None:
@@ -176,7 +192,7 @@ def is_token_ids(x) -> bool:
     return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
-def parse_completion(body: dict, llm) -> Parsed:
+def parse_completion(body: dict, llm, max_chars: int | None = None) -> Parsed:
     prompt = body.get("prompt")
     if prompt is None:
         raise ApiError(400, "Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
@@ -191,6 +207,7 @@ def parse_completion(body: dict, llm) -> Parsed:
             if llm.tokenizer is None:
                 raise ApiError(400, "this model directory has no tokenizer: send token-id prompts", "prompt",
                                "no_tokenizer")
+            check_chars(len(p), max_chars, llm.engine, "prompt")
             check_unicode(p, "prompt")
             p = llm.encode_prompt(p)[1]
         require(all(0 <= t < V for t in p), "prompt", "token ids", f"in [0, {V}) (the vocabulary)")

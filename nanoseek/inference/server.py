@@ -34,17 +34,28 @@ import socket
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..common import UserError
 
-from .openai_api import Parsed, field, parse_chat, parse_completion, _byte_symbols, Choice, sse
+from .openai_api import (Parsed, field, is_token_ids, longest_token_chars, parse_chat, parse_completion,
+                         _byte_symbols, Choice, sse)
 from .stream import ReasoningSplitter, TextStream  # noqa: F401  (re-exported for tests)
 from .worker import ApiError, EngineWorker, Job, next_event
 
 
 # ------------------------------------------------------------------------------------------------
-def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None):
+@dataclass
+class Limits:
+    """What one request may ask for, checked before any expensive work (body read, tokenization,
+    engine time), each refused with an OpenAI-shaped error naming the limit and its flag."""
+    max_body_bytes: int = 8 * 2**20          # --max-body-mb
+    max_prompts: int = 2048                  # OpenAI's cap on a /v1/completions prompt array
+    max_request_tokens: int = 1 << 20        # n x prompts x max_tokens (--max-request-tokens)
+
+
+def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, limits: Limits | None = None):
     """The FastAPI app serving `llm`; its engine thread runs while the app is up (lifespan)."""
     try:
         from contextlib import asynccontextmanager
@@ -102,9 +113,27 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None):
             raise ApiError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
                            None, "invalid_api_key")
 
+    limits = limits or Limits()
+    max_chars = llm.engine.max_len * longest_token_chars(llm.tokenizer) if llm.tokenizer is not None else None
+
+    async def read_limited(request: Request) -> bytes:
+        """The body, refused with 413 as soon as it passes the limit (declared or streamed)."""
+        too_big = ApiError(413, f"The request body is larger than this server's limit of {limits.max_body_bytes:,} "
+                                "bytes (nanoseek serve --max-body-mb).", None, "request_too_large")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def json_body(request: Request) -> dict:
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await read_limited(request))
         except ValueError as e:           # JSONDecodeError and bad UTF-8 both
             raise ApiError(400, f"We could not parse the JSON body of your request ({e}). Send a JSON object "
                                 "with Content-Type: application/json.", None, "invalid_json") from None
@@ -135,13 +164,30 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None):
             raise ApiError(404, f"The model '{model_id}' does not exist.", "model", "model_not_found")
         return card
 
+    def within_budget(p: Parsed) -> Parsed:
+        asked = p.params.n * len(p.prompts) * p.params.max_tokens
+        if asked > limits.max_request_tokens:
+            raise ApiError(400, f"This request asks for up to {asked:,} generated tokens (n x prompts x max_tokens); "
+                                f"the server's limit is {limits.max_request_tokens:,} per request "
+                                "(nanoseek serve --max-request-tokens): lower max_tokens or n, or split it.",
+                           "max_tokens", "request_too_large")
+        return p
+
+    # parsing tokenizes: off the event loop, so a large prompt never stalls /health or the streams
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(request: Request):
-        return await respond(request, parse_chat(await json_body(request), llm), chat=True)
+        body = await json_body(request)
+        return await respond(request, within_budget(await asyncio.to_thread(parse_chat, body, llm, max_chars)), chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(request: Request):
-        return await respond(request, parse_completion(await json_body(request), llm), chat=False)
+        body = await json_body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) > limits.max_prompts and not is_token_ids(prompt):
+            raise ApiError(400, f"'prompt' holds {len(prompt):,} prompts; at most {limits.max_prompts:,} per request.",
+                           "prompt", "too_many_prompts")
+        return await respond(request, within_budget(await asyncio.to_thread(parse_completion, body, llm, max_chars)),
+                             chat=False)
 
     async def respond(request, p: Parsed, chat: bool):
         worker.check_alive()
@@ -276,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
                     "e4m3 + 128x128 block scales (half the memory of bf16; decode runs eagerly)")
     ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    ap.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted (413 beyond)")
+    ap.add_argument("--max-request-tokens", type=int, default=1 << 20,
+                    help="most tokens one request may ask to generate: n x prompts x max_tokens")
     args = ap.parse_args(argv)
     if args.max_batch < 1:
         raise UserError(f"--max-batch {args.max_batch}: must be >= 1")
@@ -290,7 +339,10 @@ def main(argv: list[str] | None = None) -> None:
             llm.engine.runner.warmup([b for b in (1, 2, 4) if b <= SPEC_MAX_ROWS], spec=True,
                                      desc="compiling speculative decode")
     name = args.model_name or Path(args.model_dir).resolve().name
-    app = build_app(llm, name, args.api_key)
+    if args.max_body_mb <= 0 or args.max_request_tokens < 1:
+        raise UserError("--max-body-mb and --max-request-tokens must be positive")
+    app = build_app(llm, name, args.api_key, Limits(max_body_bytes=int(args.max_body_mb * 2**20),
+                                                  max_request_tokens=args.max_request_tokens))
     import uvicorn
     sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
