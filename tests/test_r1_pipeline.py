@@ -366,3 +366,25 @@ def test_grpo_resume_refuses_a_changed_sampling_setup(base, tmp_path):
     grpo(small_grpo(base, tmp_path, steps=1, plots=False, save_final=False, eval_n=2))
     with pytest.raises(UserError, match="--group-size was 4"):
         grpo(small_grpo(base, tmp_path, steps=2, plots=False, save_final=False, eval_n=2, group_size=8, resume=True))
+
+
+def test_dynamic_sampling_refills_and_carries_surplus_groups(base, tmp_path):
+    """Step 1: 3 of 4 groups have a signal, the refill round brings 2 more, so the batch is full and 1
+    group is left over; step 2 trains that group first (counted as carried) and samples only 3 prompts."""
+    from nanoseek.train.grpo import train
+    calls, sizes = [0], []
+
+    def scripted(prompts, completions, problems, **kw):
+        calls[0] += 1
+        sizes.append(len(completions))
+        rewards = [float(i % 2) for i in range(len(completions))]        # every group mixed: a signal
+        if calls[0] == 1:
+            rewards[12:16] = [0.0] * 4                                     # ...but the 4th group of round 1
+        return rewards
+    cfg = small_grpo(base, tmp_path, steps=2, prompts_per_step=4, plots=False, save_final=False, eval_n=2,
+                     reward_timeout=0, max_refill=1)
+    train(cfg, rewards=[scripted])
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"groups_trained"' in l]
+    assert sizes == [16, 8, 12]                 # 4 prompts x G=4, a refill of max(1, 4 // 2) = 2, then 3 at step 2
+    assert [r["groups_trained"] for r in recs] == [4, 4] and [r["groups_carried"] for r in recs] == [0, 1]
+    assert [r["short_steps"] for r in recs] == [0, 0]
