@@ -474,16 +474,17 @@ def test_requests_far_over_a_limit_are_refused_fast_and_health_stays_up(url):
     stop = threading.Event()
 
     def poll():
-        while not stop.is_set():
-            t = time.perf_counter()
-            assert httpx.get(url + "/health", timeout=5).status_code == 200
-            health.append(time.perf_counter() - t)
-            time.sleep(0.02)
-    th = threading.Thread(target=poll)
+        with httpx.Client(timeout=5) as h:
+            while not stop.is_set():
+                t = time.perf_counter()
+                assert h.get(url + "/health").status_code == 200
+                health.append(time.perf_counter() - t)
+                time.sleep(0.02)
+    bodies = [json.dumps(body) for _, body, _, _ in cases]      # serialised up front: the test's own GIL time
+    th = threading.Thread(target=poll)                           # must not count as the server's
     th.start()
     try:
-        for path, body, status, param in cases:
-            content = json.dumps(body)
+        for (path, body, status, param), content in zip(cases, bodies):
             t = time.perf_counter()
             r = httpx.post(url + path, content=content, headers={**AUTH, "Content-Type": "application/json"},
                            timeout=30)
@@ -494,3 +495,30 @@ def test_requests_far_over_a_limit_are_refused_fast_and_health_stays_up(url):
         stop.set()
         th.join()
     assert health and max(health) < 0.1, max(health)
+
+
+def test_echo_returns_the_prompts_logprobs_as_the_model_computes_them(url, ref):
+    """lm-eval's loglikelihood request: prompt token ids, echo, logprobs, max_tokens 0 -> the prompt's tokens
+    with their log-probs (first null) equal to a direct forward of the model."""
+    import torch
+    ids = [[ref.model.cfg.bos_token_id, 5, 9, 11, 42], [ref.model.cfg.bos_token_id, 7, 8]]
+    r = httpx.post(url + "/v1/completions", headers=AUTH, timeout=60,
+                   json={"prompt": ids, "echo": True, "logprobs": 2, "max_tokens": 0, "temperature": 0}).json()
+    assert [c["finish_reason"] for c in r["choices"]] == ["length", "length"]
+    for choice, p in zip(r["choices"], ids):
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(p) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        with torch.no_grad():
+            want = torch.log_softmax(ref.model.logits(ref.model.hidden(torch.tensor([p[:-1]]))).float(), -1)[0]
+        expect = want.gather(1, torch.tensor(p[1:]).unsqueeze(1)).squeeze(1).tolist()
+        assert lp["token_logprobs"][1:] == pytest.approx(expect, abs=1e-4)
+        assert all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+    # echo + generation: the prompt, then the generated tokens, offsets continuing
+    r = httpx.post(url + "/v1/completions", headers=AUTH, timeout=60,
+                   json={"prompt": ids[0], "echo": True, "logprobs": 0, "max_tokens": 3, "temperature": 0}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids[0]) + 3 and lp["token_logprobs"][0] is None
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and r["choices"][0]["text"].startswith(
+        "".join(lp["tokens"][:len(ids[0])]))
+    bad = httpx.post(url + "/v1/completions", headers=AUTH, json={"prompt": "hi", "max_tokens": 0}).json()
+    assert bad["error"]["param"] == "max_tokens"

@@ -10,6 +10,8 @@ import dataclasses
 import json
 import re
 
+import torch
+
 from ..common import UserError
 from ..tokenizer import THINK
 from .sampling import SamplingParams
@@ -20,7 +22,7 @@ from .worker import ApiError, Delta
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None,), "function_call": (None,),
-               "response_format": (None, {"type": "text"}), "logit_bias": (None, {}), "echo": (None, False),
+               "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
                "suffix": (None,), "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
 JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
               dict: "an object", type(None): "null"}
@@ -33,6 +35,8 @@ class Parsed:
     stream: bool
     include_usage: bool
     in_reasoning: bool = False           # chat: the prompt already opened <think>
+    echo: bool = False                   # completions: return the prompt (and its log-probs) before the text
+    generate: bool = True                # False: max_tokens 0 with echo (score the prompt, generate nothing)
     param: str = "prompt"                # the field that holds the prompt ("messages" for chat)
 
 
@@ -54,14 +58,20 @@ def require(ok: bool, name: str, value, rule: str) -> None:
         raise ApiError(400, f"Invalid value for '{name}': {value!r}; it must be {rule}.", name, "invalid_value")
 
 
-def parse_common(body: dict, engine, chat: bool) -> tuple[SamplingParams, bool, bool]:
-    """The fields chat and completions share -> (SamplingParams, stream, include_usage)."""
+def parse_common(body: dict, engine, chat: bool) -> tuple[SamplingParams, bool, bool, bool, bool]:
+    """The fields chat and completions share -> (SamplingParams, stream, include_usage, echo, generate)."""
     for name, allowed in UNSUPPORTED.items():
         if body.get(name) not in allowed:
             raise ApiError(400, f"'{name}' is not supported by the nanoseek server.", name, "unsupported_parameter")
+    if chat and body.get("echo") not in (None, False):
+        raise ApiError(400, "'echo' is a /v1/completions parameter.", "echo", "unsupported_parameter")
+    echo = field(body, "echo", bool, False)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = field(body, key, int, engine.max_len if chat else 16)   # OpenAI's legacy default is 16
-    require(max_tokens >= 1, key, max_tokens, "at least 1")
+    require(max_tokens >= (0 if echo else 1), key, max_tokens, "at least 1 (0 only with 'echo': true)")
+    if echo and field(body, "stream", bool, False):
+        raise ApiError(400, "'echo' with 'stream' is not supported: request the prompt's log-probs without "
+                            "streaming.", "echo", "unsupported_parameter")
     temperature = field(body, "temperature", float, 1.0)
     require(0 <= temperature <= 2, "temperature", temperature, "between 0 and 2 (0 = greedy)")
     top_p = field(body, "top_p", float, 1.0)
@@ -89,12 +99,12 @@ def parse_common(body: dict, engine, chat: bool) -> tuple[SamplingParams, bool, 
     options = field(body, "stream_options", dict, {})
     include_usage = field(options, "include_usage", bool, False, "stream_options.include_usage")
     try:
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max(1, max_tokens),
                                 stop=stop, seed=seed, logprobs=logprobs)
     except UserError as e:               # a rule checked only by SamplingParams: name its field
         m = re.search(r"SamplingParams\.(\w+)", str(e))
         raise ApiError(400, str(e), m.group(1) if m else None, "invalid_value") from None
-    return params, stream, include_usage
+    return params, stream, include_usage, echo, max_tokens > 0
 
 
 def check_context(ids: list[int], engine, param: str) -> None:
@@ -184,7 +194,7 @@ def parse_chat(body: dict, llm, max_chars: int | None = None) -> Parsed:
         raise ApiError(400, str(e), "messages", "invalid_value") from None
     ids = llm.tokenizer.encode(text)
     check_context(ids, llm.engine, "messages")
-    params, stream, include_usage = parse_common(body, llm.engine, chat=True)
+    params, stream, include_usage, _, _ = parse_common(body, llm.engine, chat=True)
     return Parsed([ids], params, stream, include_usage, text.rstrip().endswith(THINK), "messages")
 
 
@@ -213,8 +223,26 @@ def parse_completion(body: dict, llm, max_chars: int | None = None) -> Parsed:
         require(all(0 <= t < V for t in p), "prompt", "token ids", f"in [0, {V}) (the vocabulary)")
         check_context(p, llm.engine, "prompt")
         prompts.append(p)
-    params, stream, include_usage = parse_common(body, llm.engine, chat=False)
-    return Parsed(prompts, params, stream, include_usage)
+    params, stream, include_usage, echo, generate = parse_common(body, llm.engine, chat=False)
+    return Parsed(prompts, params, stream, include_usage, echo=echo, generate=generate)
+
+
+@torch.no_grad()
+def prompt_logprobs(model, prompts: list[list[int]], top: int | None) -> list[tuple[list, list]]:
+    """Each prompt's token log-probs under the model (temperature 1): None for the first token, then
+    log p(t_i | t_<i); with `top`, the `top` most likely tokens at each position too (None first). One
+    full forward per prompt, as lm-eval's loglikelihood requests need (`echo` + `logprobs`)."""
+    out = []
+    for ids in prompts:
+        x = torch.tensor([ids], device=model.device)
+        lp = torch.log_softmax(model.logits(model.hidden(x[:, :-1])).float(), dim=-1)[0]     # (T-1, V)
+        token_lp = [None] + lp.gather(1, x[0, 1:].unsqueeze(1)).squeeze(1).tolist()
+        tops = [None]
+        if top:
+            values, idx = lp.topk(top, dim=-1)
+            tops += [dict(zip(i.tolist(), v.tolist())) for i, v in zip(idx, values)]
+        out.append((token_lp, tops))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,6 +289,18 @@ class Choice:
         content = [{**entry(i, lp), "top_logprobs": [entry(t, tlp) for t, tlp in top.items()]}
                    for i, lp, top in zip(ev.token_ids, ev.logprobs, ev.top_logprobs or [{}] * len(ev.token_ids))]
         return {"content": content, "refusal": None}
+
+    def echo_logprobs(self, ids: list[int], token_lp: list, tops: list) -> dict:
+        """The prompt part of an echoed completion's log-probs (first token: null), advancing the offset."""
+        tokens, offsets = [], []
+        for i in ids:
+            tokens.append(self.token(i)[0])
+            offsets.append(self.offset)
+            self.offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [None if lp is None else max(lp, -9999.0) for lp in token_lp],
+                "top_logprobs": [None if t is None else {self.token(k)[0]: max(v, -9999.0) for k, v in t.items()}
+                                 for t in tops] if len(tops) == len(ids) else None,
+                "text_offset": offsets}
 
     def completion_logprobs(self, ev: Delta) -> dict:
         tokens, offsets = [], []

@@ -40,7 +40,7 @@ from pathlib import Path
 from ..common import UserError
 
 from .openai_api import (Parsed, field, is_token_ids, longest_token_chars, parse_chat, parse_completion,
-                         _byte_symbols, Choice, sse)
+                         prompt_logprobs, _byte_symbols, Choice, sse)
 from .stream import ReasoningSplitter, TextStream  # noqa: F401  (re-exported for tests)
 from .worker import ApiError, EngineWorker, Job, next_event
 
@@ -194,8 +194,12 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         loop, events, n = asyncio.get_running_loop(), asyncio.Queue(), p.params.n
         jobs = [Job(rid if len(p.prompts) == 1 else f"{rid}-{k}", ids, p.params, k * n, llm, loop, events, p.param)
-                for k, ids in enumerate(p.prompts)]
-        choices = [Choice(llm.tokenizer, byte_of) for _ in range(n * len(jobs))]
+                for k, ids in enumerate(p.prompts)] if p.generate else []
+        echoed = await asyncio.to_thread(prompt_logprobs, llm.model, p.prompts, p.params.logprobs) if p.echo else None
+        choices = [Choice(llm.tokenizer, byte_of) for _ in range(n * len(p.prompts))]
+        if not p.generate:                     # echo with max_tokens 0: the prompt's log-probs only
+            for c in choices:
+                c.finish_reason = "length"
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_name}
         want_logprobs = p.params.logprobs is not None
@@ -242,8 +246,17 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
                     out.append({"index": i, "message": message, "finish_reason": c.finish_reason,
                                 "logprobs": c.chat_logprobs(c.whole()) if want_logprobs else None})
                 else:
-                    out.append({"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                                "logprobs": c.completion_logprobs(c.whole()) if want_logprobs else None})
+                    text, lps = c.text, None
+                    if echoed is not None:                 # the prompt first: its text and log-probs
+                        ids = p.prompts[i // n]
+                        prompt_text = "".join(c.token(t)[0] for t in ids)
+                        text = prompt_text + text
+                        if want_logprobs:
+                            lps = c.echo_logprobs(ids, *echoed[i // n])
+                    if want_logprobs:
+                        gen = c.completion_logprobs(c.whole())
+                        lps = gen if lps is None else {k: (lps[k] or []) + (gen[k] or []) for k in lps}
+                    out.append({"index": i, "text": text, "finish_reason": c.finish_reason, "logprobs": lps})
             return JSONResponse({**head, "choices": out, "usage": usage()})
 
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
