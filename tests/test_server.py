@@ -522,3 +522,16 @@ def test_echo_returns_the_prompts_logprobs_as_the_model_computes_them(url, ref):
         "".join(lp["tokens"][:len(ids[0])]))
     bad = httpx.post(url + "/v1/completions", headers=AUTH, json={"prompt": "hi", "max_tokens": 0}).json()
     assert bad["error"]["param"] == "max_tokens"
+
+
+def test_prometheus_metrics(url, client):
+    client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=2)
+    httpx.post(url + "/v1/completions", headers=AUTH, json={"prompt": {"a": 1}})           # a 400
+    text = httpx.get(url + "/metrics").text
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values['nanoseek_requests_total{endpoint="chat",status="200"}'] >= 1
+    assert values['nanoseek_requests_total{endpoint="completions",status="400"}'] >= 1
+    assert values['nanoseek_tokens_total{kind="completion"}'] >= 2
+    assert values['nanoseek_response_start_seconds_bucket{endpoint="chat",le="+Inf"}'] >= 1
+    assert "nanoseek_running_requests" in values and "# TYPE nanoseek_response_start_seconds histogram" in text

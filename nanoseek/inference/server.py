@@ -46,6 +46,53 @@ from .worker import ApiError, EngineWorker, Job, next_event
 
 
 # ------------------------------------------------------------------------------------------------
+class Metrics:
+    """Counters for `/metrics` (Prometheus text format), one instance per app: requests by endpoint and
+    status, prompt and completion tokens, and the time to the response's start (for a stream: its first
+    byte) as a histogram."""
+    BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
+
+    def __init__(self):
+        self.requests: dict[tuple[str, int], int] = {}
+        self.tokens = {"prompt": 0, "completion": 0}
+        self.latency = {ep: [0] * len(self.BUCKETS) for ep in ("chat", "completions")}
+        self.latency_sum = {"chat": 0.0, "completions": 0.0}
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
+        for i, edge in enumerate(self.BUCKETS):
+            if seconds <= edge:
+                self.latency[endpoint][i] += 1
+        self.latency_sum[endpoint] += seconds
+
+    def add_tokens(self, usage: dict) -> None:
+        self.tokens["prompt"] += usage["prompt_tokens"]
+        self.tokens["completion"] += usage["completion_tokens"]
+
+    def render(self, worker, engine) -> str:
+        out = ["# HELP nanoseek_requests_total Requests by endpoint and HTTP status.",
+               "# TYPE nanoseek_requests_total counter"]
+        out += [f'nanoseek_requests_total{{endpoint="{ep}",status="{st}"}} {v}'
+                for (ep, st), v in sorted(self.requests.items())]
+        out += ["# HELP nanoseek_tokens_total Prompt and completion tokens of finished requests.",
+                "# TYPE nanoseek_tokens_total counter"]
+        out += [f'nanoseek_tokens_total{{kind="{k}"}} {v}' for k, v in self.tokens.items()]
+        out += ["# HELP nanoseek_response_start_seconds Time to the response's start (streams: the first byte).",
+                "# TYPE nanoseek_response_start_seconds histogram"]
+        for ep, counts in self.latency.items():
+            for edge, c in zip(self.BUCKETS, counts):
+                le = "+Inf" if edge == float("inf") else edge
+                out.append(f'nanoseek_response_start_seconds_bucket{{endpoint="{ep}",le="{le}"}} {c}')
+            out += [f'nanoseek_response_start_seconds_sum{{endpoint="{ep}"}} {self.latency_sum[ep]:.6f}',
+                    f'nanoseek_response_start_seconds_count{{endpoint="{ep}"}} {counts[-1]}']
+        gauges = {"nanoseek_running_requests": (len(worker.jobs), "Requests the engine is working on."),
+                  "nanoseek_waiting_sequences": (len(engine.waiting), "Sequences queued for prefill."),
+                  "nanoseek_running_sequences": (len(engine.running), "Sequences decoding.")}
+        for name, (value, doc) in gauges.items():
+            out += [f"# HELP {name} {doc}", f"# TYPE {name} gauge", f"{name} {value}"]
+        return "\n".join(out) + "\n"
+
+
 @dataclass
 class Limits:
     """What one request may ask for, checked before any expensive work (body read, tokenization,
@@ -62,7 +109,7 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
 
         from fastapi import Depends, FastAPI, Request
         from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import JSONResponse, StreamingResponse
+        from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
         from starlette.exceptions import HTTPException
     except ImportError as e:
         raise UserError(f"the server needs fastapi and uvicorn ({e}): pip install fastapi uvicorn") from None
@@ -154,6 +201,24 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
             raise ApiError(503, worker.error or "the engine thread is not running")
         return {"status": "ok", "model": model_name, "running": len(worker.jobs), **worker.stats}
 
+    metrics = Metrics()
+
+    async def measured(endpoint: str, handle):
+        """Run a request handler, counting its status and the time to its response's start. (Not an HTTP
+        middleware: Starlette's would hide a client's disconnect from the handler.)"""
+        t0 = time.perf_counter()
+        try:
+            response = await handle()
+        except ApiError as e:
+            metrics.observe(endpoint, e.status, time.perf_counter() - t0)
+            raise
+        metrics.observe(endpoint, response.status_code, time.perf_counter() - t0)
+        return response
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(worker, llm.engine), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models():
         return {"object": "list", "data": [card]}
@@ -176,18 +241,23 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
     # parsing tokenizes: off the event loop, so a large prompt never stalls /health or the streams
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(request: Request):
-        body = await json_body(request)
-        return await respond(request, within_budget(await asyncio.to_thread(parse_chat, body, llm, max_chars)), chat=True)
+        async def handle():
+            body = await json_body(request)
+            parsed = await asyncio.to_thread(parse_chat, body, llm, max_chars)
+            return await respond(request, within_budget(parsed), chat=True)
+        return await measured("chat", handle)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(request: Request):
-        body = await json_body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) > limits.max_prompts and not is_token_ids(prompt):
-            raise ApiError(400, f"'prompt' holds {len(prompt):,} prompts; at most {limits.max_prompts:,} per request.",
-                           "prompt", "too_many_prompts")
-        return await respond(request, within_budget(await asyncio.to_thread(parse_completion, body, llm, max_chars)),
-                             chat=False)
+        async def handle():
+            body = await json_body(request)
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) > limits.max_prompts and not is_token_ids(prompt):
+                raise ApiError(400, f"'prompt' holds {len(prompt):,} prompts; at most {limits.max_prompts:,} per "
+                                    "request.", "prompt", "too_many_prompts")
+            parsed = await asyncio.to_thread(parse_completion, body, llm, max_chars)
+            return await respond(request, within_budget(parsed), chat=False)
+        return await measured("completions", handle)
 
     async def respond(request, p: Parsed, chat: bool):
         worker.check_alive()
@@ -257,6 +327,7 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
                         gen = c.completion_logprobs(c.whole())
                         lps = gen if lps is None else {k: (lps[k] or []) + (gen[k] or []) for k in lps}
                     out.append({"index": i, "text": text, "finish_reason": c.finish_reason, "logprobs": lps})
+            metrics.add_tokens(usage())
             return JSONResponse({**head, "choices": out, "usage": usage()})
 
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
@@ -285,6 +356,7 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
                     elif ev.text or final or want_logprobs:
                         lp = c.completion_logprobs(ev) if want_logprobs else None
                         yield chunk(ev.index, {"text": ev.text}, lp, ev.finish_reason)
+                metrics.add_tokens(usage())
                 if p.include_usage:
                     yield sse({**head, "choices": [], "usage": usage()})
             except ApiError as e:             # headers are sent: report in-band, as OpenAI does
