@@ -183,3 +183,36 @@ def test_step_after_the_last_sequence_is_finished_from_outside(model):
     (seq,) = eng.step()
     eng.finish(seq)
     assert eng.step() == [] and not eng.has_work()
+
+
+def test_penalties_and_biases_equal_a_per_sequence_reference():
+    """process_logits on a batch == the definitions applied row by row: repetition over prompt + output
+    (divide positive logits, multiply negative ones), presence/frequency over the output, then biases."""
+    from nanoseek.inference.sampling import SamplingParams, process_logits
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 20, generator=g) * 3
+    params = [SamplingParams(repetition_penalty=1.3), SamplingParams(presence_penalty=0.5, frequency_penalty=1.5),
+              SamplingParams(logit_bias={3: 10.0, 19: -5.0}), SamplingParams()]
+    prompts = [[1, 2, 2], [4, 5], [6], [7, 8]]
+    outputs = [[2, 9], [5, 5, 11], [12], [13]]
+    got = process_logits(logits.clone(), params, prompts, outputs)
+    want = logits.clone()
+    for i, (p, pr, out) in enumerate(zip(params, prompts, outputs)):
+        for t in set(pr + out):
+            if p.repetition_penalty != 1:
+                want[i, t] = want[i, t] / p.repetition_penalty if want[i, t] > 0 else want[i, t] * p.repetition_penalty
+        for t in set(out):
+            want[i, t] -= p.frequency_penalty * out.count(t) + p.presence_penalty
+        for t, b in p.logit_bias.items():
+            want[i, t] += b
+    assert torch.allclose(got, want)
+
+
+def test_logit_bias_and_min_p_reach_the_sampler(model):
+    llm = LLM(model, max_batch=8, max_len=64)
+    p = [{"prompt_token_ids": [1, 2, 3]}]
+    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logit_bias={7: 100.0}))
+    assert out[0].outputs[0].token_ids == [7] * 5
+    greedy = llm.generate(p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0].token_ids
+    sampled = llm.generate(p, SamplingParams(n=3, temperature=1.5, max_tokens=6, ignore_eos=True, min_p=1.0, seed=1))
+    assert all(o.token_ids == greedy for o in sampled[0].outputs)   # min_p = 1 keeps only the most likely token

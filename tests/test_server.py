@@ -306,6 +306,11 @@ BAD = [  # (path, body, param)
     ("/v1/completions", {"prompt": {"a": 1}}, "prompt"),
     ("/v1/completions", {}, "prompt"),
     ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": MSGS, "presence_penalty": 3}, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": MSGS, "repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": MSGS, "min_p": 1.5}, "min_p"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
     # these were 500s: a non-string role, and lone UTF-16 surrogates (valid JSON, not valid text)
     ("/v1/chat/completions", {"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role"),
     ("/v1/chat/completions", {"messages": [{"role": {"a": 1}, "content": "hi"}]}, "messages[0].role"),
@@ -535,3 +540,19 @@ def test_prometheus_metrics(url, client):
     assert values['nanoseek_tokens_total{kind="completion"}'] >= 2
     assert values['nanoseek_response_start_seconds_bucket{endpoint="chat",le="+Inf"}'] >= 1
     assert "nanoseek_running_requests" in values and "# TYPE nanoseek_response_start_seconds histogram" in text
+
+
+def test_penalties_and_logit_bias_through_the_api(url):
+    r = httpx.post(url + "/v1/completions", headers=AUTH, timeout=60,
+                   json={"prompt": [1, 5, 9], "max_tokens": 4, "temperature": 0, "logit_bias": {"9": 100},
+                         "logprobs": 0}).json()
+    tokens = r["choices"][0]["logprobs"]["tokens"]
+    assert len(tokens) == 4 and len(set(tokens)) == 1          # token 9, every time
+    r2 = httpx.post(url + "/v1/completions", headers=AUTH, timeout=60,
+                    json={"prompt": [1, 5, 9], "max_tokens": 4, "temperature": 0, "logit_bias": {"9": 100},
+                          "frequency_penalty": 2.0, "presence_penalty": 2.0, "repetition_penalty": 1.2}).json()
+    assert r2["choices"][0]["finish_reason"] in ("length", "stop")
+    ids = httpx.post(url + "/v1/completions", headers=AUTH, timeout=60,
+                     json={"prompt": [1, 5, 9], "max_tokens": 4, "temperature": 0, "logit_bias": {"9": 100},
+                           "logprobs": 1}).json()["choices"][0]["logprobs"]["top_logprobs"]
+    assert all(len(t) == 1 for t in ids)                 # the biased token dominates every step

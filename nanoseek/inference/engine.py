@@ -25,7 +25,7 @@ from ..common import UserError, compute_dtype, decode_dtypes
 from ..model import Transformer
 from .cache import LatentCache
 from .runner import DecodeRunner
-from .sampling import SamplingParams, logprobs_topk, sample
+from .sampling import SamplingParams, logprobs_topk, process_logits, sample
 from .sequence import Sequence, Request
 from .speculative import SPEC_MAX_ROWS, speculative_step
 
@@ -191,9 +191,12 @@ class Engine:
         for i in suppress:             # suppress EOS before min_tokens
             for e in self.eos_ids:
                 logits[i, e] = float("-inf")
+        processed = any(p.processed for p in P)
+        if processed:
+            logits = process_logits(logits.float(), P, [s.prompt_ids for s in seqs], [s.out_ids for s in seqs])
         all_greedy = all(p.greedy for p in P)
         temps = None
-        if all_greedy and greedy is not None and not suppress:
+        if all_greedy and greedy is not None and not suppress and not processed:
             tokens, logps = greedy
         else:
             temps = torch.tensor([p.temperature for p in P], device=logits.device)
@@ -201,8 +204,10 @@ class Engine:
                 else None
             top_ks = torch.tensor([max(p.top_k, 0) for p in P], device=logits.device) \
                 if any(p.top_k > 0 for p in P) else None
+            min_ps = torch.tensor([p.min_p for p in P], device=logits.device) if any(p.min_p > 0 for p in P) \
+                else None
             tokens, logps = sample(logits, temps, top_ps, top_ks, [s.generator for s in seqs], self.gen,
-                                   all_greedy=all_greedy)
+                                   all_greedy=all_greedy and min_ps is None, min_ps=min_ps)
         tokens, logps = tokens.tolist(), logps.tolist()
         for i, s in enumerate(seqs):
             top = None

@@ -22,8 +22,7 @@ from .worker import ApiError, Delta
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None,), "function_call": (None,),
-               "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
-               "suffix": (None,), "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+               "response_format": (None, {"type": "text"}), "suffix": (None,), "best_of": (None, 1)}
 JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
               dict: "an object", type(None): "null"}
 
@@ -95,12 +94,26 @@ def parse_common(body: dict, engine, chat: bool) -> tuple[SamplingParams, bool, 
     else:                                 # completions: logprobs is the count
         logprobs = field(body, "logprobs", int)
         require(logprobs is None or 0 <= logprobs <= 20, "logprobs", logprobs, "between 0 and 20")
+    penalties = {k: field(body, k, float, d) for k, d in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                                                           ("repetition_penalty", 1.0), ("min_p", 0.0))}
+    require(-2 <= penalties["presence_penalty"] <= 2, "presence_penalty", penalties["presence_penalty"], "in [-2, 2]")
+    require(-2 <= penalties["frequency_penalty"] <= 2, "frequency_penalty", penalties["frequency_penalty"],
+            "in [-2, 2]")
+    require(penalties["repetition_penalty"] > 0, "repetition_penalty", penalties["repetition_penalty"], "> 0")
+    require(0 <= penalties["min_p"] <= 1, "min_p", penalties["min_p"], "in [0, 1]")
+    raw_bias = field(body, "logit_bias", dict, {})
+    logit_bias = {}
+    for k, v in raw_bias.items():          # OpenAI: {"<token id>": bias in [-100, 100]}
+        ok = str(k).isdigit() and int(k) < engine.model.cfg.vocab_size and isinstance(v, (int, float)) \
+            and not isinstance(v, bool) and -100 <= v <= 100
+        require(ok, "logit_bias", {k: v}, "token ids of this model mapped to numbers in [-100, 100]")
+        logit_bias[int(k)] = float(v)
     stream = field(body, "stream", bool, False)
     options = field(body, "stream_options", dict, {})
     include_usage = field(options, "include_usage", bool, False, "stream_options.include_usage")
     try:
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max(1, max_tokens),
-                                stop=stop, seed=seed, logprobs=logprobs)
+                                stop=stop, seed=seed, logprobs=logprobs, logit_bias=logit_bias, **penalties)
     except UserError as e:               # a rule checked only by SamplingParams: name its field
         m = re.search(r"SamplingParams\.(\w+)", str(e))
         raise ApiError(400, str(e), m.group(1) if m else None, "invalid_value") from None
