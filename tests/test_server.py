@@ -311,6 +311,11 @@ BAD = [  # (path, body, param)
     ("/v1/chat/completions", {"messages": MSGS, "min_p": 1.5}, "min_p"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": MSGS, "repetition_penalty": 1e-40}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"\u00b2": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": MSGS, "temperature": 10**400}, "temperature"),
+    ("/v1/chat/completions", "[" * 200000, None),
     # these were 500s: a non-string role, and lone UTF-16 surrogates (valid JSON, not valid text)
     ("/v1/chat/completions", {"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role"),
     ("/v1/chat/completions", {"messages": [{"role": {"a": 1}, "content": "hi"}]}, "messages[0].role"),
@@ -527,6 +532,12 @@ def test_echo_returns_the_prompts_logprobs_as_the_model_computes_them(url, ref):
         "".join(lp["tokens"][:len(ids[0])]))
     bad = httpx.post(url + "/v1/completions", headers=AUTH, json={"prompt": "hi", "max_tokens": 0}).json()
     assert bad["error"]["param"] == "max_tokens"
+    one = httpx.post(url + "/v1/completions", headers=AUTH, timeout=60,         # a 1-token prompt: no 500
+                     json={"prompt": ids[0][:1], "echo": True, "logprobs": 1, "max_tokens": 0}).json()
+    assert one["choices"][0]["logprobs"]["token_logprobs"] == [None]
+    plain = httpx.post(url + "/v1/completions", headers=AUTH, timeout=60,        # echo without log-probs
+                       json={"prompt": ids[0], "echo": True, "max_tokens": 0}).json()
+    assert plain["choices"][0]["logprobs"] is None and plain["choices"][0]["text"]
 
 
 def test_prometheus_metrics(url, client):

@@ -108,7 +108,7 @@ class Engine:
         if self.waiting and self.waiting[0].params.n <= self.max_batch - len(self.running):
             out = self._prefill()
         elif self.speculative and 0 < len(self.running) <= SPEC_MAX_ROWS and \
-                all(s.params.greedy for s in self.running):
+                all(s.params.greedy and not s.params.processed for s in self.running):     # (penalties: _emit)
             out = speculative_step(self)
         else:
             out = self._decode()

@@ -49,7 +49,15 @@ def field(body: dict, name: str, typ: type, default=None, param: str | None = No
         param = param or name
         raise ApiError(400, f"Invalid type for '{param}': expected {JSON_TYPES[typ]}, but got "
                             f"{JSON_TYPES.get(type(v), type(v).__name__)}.", param, "invalid_type")
-    return float(v) if typ is float else v
+    if typ is float:
+        try:
+            v = float(v)
+        except OverflowError:
+            v = float("inf")
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ApiError(400, f"Invalid value for '{param or name}': it must be a finite number.", param or name,
+                           "invalid_value")
+    return v
 
 
 def require(ok: bool, name: str, value, rule: str) -> None:
@@ -99,13 +107,15 @@ def parse_common(body: dict, engine, chat: bool) -> tuple[SamplingParams, bool, 
     require(-2 <= penalties["presence_penalty"] <= 2, "presence_penalty", penalties["presence_penalty"], "in [-2, 2]")
     require(-2 <= penalties["frequency_penalty"] <= 2, "frequency_penalty", penalties["frequency_penalty"],
             "in [-2, 2]")
-    require(penalties["repetition_penalty"] > 0, "repetition_penalty", penalties["repetition_penalty"], "> 0")
+    require(0.01 <= penalties["repetition_penalty"] <= 100, "repetition_penalty", penalties["repetition_penalty"],
+            "in [0.01, 100]")
     require(0 <= penalties["min_p"] <= 1, "min_p", penalties["min_p"], "in [0, 1]")
     raw_bias = field(body, "logit_bias", dict, {})
+    require(len(raw_bias) <= 300, "logit_bias", f"{len(raw_bias)} entries", "at most 300 entries (as OpenAI)")
     logit_bias = {}
     for k, v in raw_bias.items():          # OpenAI: {"<token id>": bias in [-100, 100]}
-        ok = str(k).isdigit() and int(k) < engine.model.cfg.vocab_size and isinstance(v, (int, float)) \
-            and not isinstance(v, bool) and -100 <= v <= 100
+        ok = k.isascii() and k.isdigit() and len(k) <= 10 and int(k) < engine.model.cfg.vocab_size \
+            and isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
         require(ok, "logit_bias", {k: v}, "token ids of this model mapped to numbers in [-100, 100]")
         logit_bias[int(k)] = float(v)
     stream = field(body, "stream", bool, False)
@@ -247,6 +257,9 @@ def prompt_logprobs(model, prompts: list[list[int]], top: int | None) -> list[tu
     full forward per prompt, as lm-eval's loglikelihood requests need (`echo` + `logprobs`)."""
     out = []
     for ids in prompts:
+        if len(ids) < 2:                   # nothing precedes the first token
+            out.append(([None] * len(ids), [None] * len(ids)))
+            continue
         x = torch.tensor([ids], device=model.device)
         lp = torch.log_softmax(model.logits(model.hidden(x[:, :-1])).float(), dim=-1)[0]     # (T-1, V)
         token_lp = [None] + lp.gather(1, x[0, 1:].unsqueeze(1)).squeeze(1).tolist()
@@ -291,7 +304,12 @@ class Choice:
     def token(self, i: int) -> tuple[str, list[int]]:
         if self.tok is None:
             return str(i), []
-        text, piece = self.tok.decode([i], skip_special_tokens=False), self.tok.id_to_token(i)
+        try:
+            text, piece = self.tok.decode([i], skip_special_tokens=False), self.tok.id_to_token(i)
+        except (KeyError, IndexError, TypeError):     # an id of the model's vocabulary the tokenizer lacks
+            return "", []
+        if piece is None:
+            return text, list(text.encode())
         raw = bytes(self.byte_of[c] for c in piece) if all(c in self.byte_of for c in piece) else text.encode()
         return text, list(raw)
 

@@ -23,8 +23,9 @@ OpenAI contracts kept: response and chunk shapes (`chatcmpl-`/`cmpl-` ids, `usag
 lines ending with `data: [DONE]`), temperature 0 = greedy, the legacy completions default of
 max_tokens=16, and errors as `{"error": {"message", "type", "param", "code"}}` - 400 for every
 user mistake (FastAPI's 422 included), 401 for a bad API key, 404 for an unknown model. Extensions:
-`top_k`, `thinking` (or `chat_template_kwargs.thinking`) for the R1 template. Left out: tools,
-response_format, logit_bias, penalties, echo/suffix/best_of (rejected with a 400 naming the field).
+`top_k`, `thinking` (or `chat_template_kwargs.thinking`) for the R1 template, `repetition_penalty` and
+`min_p` (vLLM's). `echo` with prompt log-probs on /v1/completions (not streamed); `logit_bias` and the
+penalties. Left out: tools, response_format, suffix, best_of (rejected with a 400 naming the field).
 """
 import argparse
 import asyncio
@@ -181,14 +182,14 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
     async def json_body(request: Request) -> dict:
         try:
             body = json.loads(await read_limited(request))
-        except ValueError as e:           # JSONDecodeError and bad UTF-8 both
+        except (ValueError, RecursionError) as e:     # JSONDecodeError, bad UTF-8, absurd nesting
             raise ApiError(400, f"We could not parse the JSON body of your request ({e}). Send a JSON object "
                                 "with Content-Type: application/json.", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "The request body must be a JSON object.", None, "invalid_json")
         model = field(body, "model", str)
         if model is not None and model != model_name:
-            raise ApiError(404, f"The model '{model}' does not exist: this server serves '{model_name}'.",
+            raise ApiError(404, f"The model {model!r} does not exist: this server serves '{model_name}'.",
                            "model", "model_not_found")
         return body
 
@@ -203,6 +204,12 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
 
     metrics = Metrics()
 
+    scoring = asyncio.Semaphore(1)
+
+    def scored(prompts, top):
+        with llm.engine._autocast():
+            return prompt_logprobs(llm.model, prompts, top)
+
     async def measured(endpoint: str, handle):
         """Run a request handler, counting its status and the time to its response's start. (Not an HTTP
         middleware: Starlette's would hide a client's disconnect from the handler.)"""
@@ -211,6 +218,9 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
             response = await handle()
         except ApiError as e:
             metrics.observe(endpoint, e.status, time.perf_counter() - t0)
+            raise
+        except Exception:
+            metrics.observe(endpoint, 500, time.perf_counter() - t0)
             raise
         metrics.observe(endpoint, response.status_code, time.perf_counter() - t0)
         return response
@@ -265,7 +275,10 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
         loop, events, n = asyncio.get_running_loop(), asyncio.Queue(), p.params.n
         jobs = [Job(rid if len(p.prompts) == 1 else f"{rid}-{k}", ids, p.params, k * n, llm, loop, events, p.param)
                 for k, ids in enumerate(p.prompts)] if p.generate else []
-        echoed = await asyncio.to_thread(prompt_logprobs, llm.model, p.prompts, p.params.logprobs) if p.echo else None
+        echoed = None
+        if p.echo and p.params.logprobs is not None:
+            async with scoring:               # one prompt-scoring forward at a time, in the engine's precision
+                echoed = await asyncio.to_thread(scored, p.prompts, p.params.logprobs)
         choices = [Choice(llm.tokenizer, byte_of) for _ in range(n * len(p.prompts))]
         if not p.generate:                     # echo with max_tokens 0: the prompt's log-probs only
             for c in choices:
@@ -317,15 +330,16 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
                                 "logprobs": c.chat_logprobs(c.whole()) if want_logprobs else None})
                 else:
                     text, lps = c.text, None
-                    if echoed is not None:                 # the prompt first: its text and log-probs
+                    if p.echo:                             # the prompt first: its text and log-probs
                         ids = p.prompts[i // n]
-                        prompt_text = "".join(c.token(t)[0] for t in ids)
-                        text = prompt_text + text
+                        text = "".join(c.token(t)[0] for t in ids) + text
                         if want_logprobs:
                             lps = c.echo_logprobs(ids, *echoed[i // n])
                     if want_logprobs:
                         gen = c.completion_logprobs(c.whole())
-                        lps = gen if lps is None else {k: (lps[k] or []) + (gen[k] or []) for k in lps}
+                        lps = gen if lps is None else {
+                            k: None if lps[k] is None and gen[k] is None else (lps[k] or []) + (gen[k] or [])
+                            for k in lps}
                     out.append({"index": i, "text": text, "finish_reason": c.finish_reason, "logprobs": lps})
             metrics.add_tokens(usage())
             return JSONResponse({**head, "choices": out, "usage": usage()})
