@@ -36,7 +36,8 @@ def main():
     from nanoseek.model.moe import update_bias
     from nanoseek.train.compiled import StepCompiler
     from nanoseek.train.optim import build_optimizer
-    from nanoseek.train.pretrain import PretrainConfig, forward_losses
+    from nanoseek.train.losses import forward_losses
+    from nanoseek.train.pretrain import PretrainConfig
 
     cfg = load_preset(args.preset)
     hf_cfg = DeepseekV3Config(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})

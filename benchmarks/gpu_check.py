@@ -97,7 +97,8 @@ def _():
     from nanoseek.model import Transformer
     from nanoseek.train.compiled import StepCompiler
     from nanoseek.train.optim import build_optimizer
-    from nanoseek.train.pretrain import PretrainConfig, forward_losses
+    from nanoseek.train.losses import forward_losses
+    from nanoseek.train.pretrain import PretrainConfig
 
     c = load_preset("small")
     batch = torch.randint(0, c.vocab_size, (8, 257), device="cuda")

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..common import UserError
 from ..model.moe import Experts, MoE, sorted_experts
+from ..model.transformer import moe_layer_id
 from ..quant.fp8 import fp8_matmul
 
 
@@ -101,10 +102,10 @@ def check_placement(phy2log: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 
 def apply_expert_parallel(model: nn.Module, group, ep: int, ep_rank: int,
-                          placements: dict[str, torch.Tensor] | None = None) -> list[str]:
+                          placements: dict[int, torch.Tensor] | None = None) -> list[str]:
     """Replace every MoE's experts (main and MTP blocks) with this rank's slice and the all-to-all
     around it, in place; returns the parameter names now holding slices. `placements` maps a MoE's
-    module name to its phy2log permutation (default: expert e on rank e // El)."""
+    layer id (`moe_layer_id`) to its phy2log permutation (default: expert e on rank e // El)."""
     names = []
     for name, moe in list(model.named_modules()):
         if not isinstance(moe, MoE):
@@ -115,7 +116,8 @@ def apply_expert_parallel(model: nn.Module, group, ep: int, ep_rank: int,
                             "after FP8 conversion")
         E = experts.w13.shape[0]
         El = E // ep
-        phy2log = check_placement((placements or {}).get(name, identity_placement(E)), E)
+        placed = placements.get(moe_layer_id(name, model.cfg.num_hidden_layers)) if placements else None
+        phy2log = check_placement(placed if placed is not None else identity_placement(E), E)
         mine = phy2log[ep_rank * El:(ep_rank + 1) * El]
         recipe = getattr(experts, "recipe", None)
         mm = functools.partial(fp8_matmul, recipe=recipe) if recipe is not None else None  # FP8Experts: keep FP8
@@ -131,8 +133,8 @@ def expert_modules(model: nn.Module) -> dict[str, ExpertParallelExperts]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ExpertParallelExperts)}
 
 
-def load_placement(path: str | Path, ep: int, mcfg) -> dict[str, torch.Tensor]:
-    """{MoE module name: phy2log} from `nanoseek eplb --redundant 0 --ranks EP`'s JSON, checked against
+def load_placement(path: str | Path, ep: int, mcfg) -> dict[int, torch.Tensor]:
+    """{MoE layer id: phy2log} from `nanoseek eplb --redundant 0 --ranks EP`'s JSON, checked against
     this run (EP degree, expert count, one permutation per layer)."""
     path = Path(path)
     try:
@@ -150,12 +152,11 @@ def load_placement(path: str | Path, ep: int, mcfg) -> dict[str, torch.Tensor]:
                         f"`nanoseek eplb --redundant 0 --ranks {ep}`")
     if len(phy2log) != len(layers):
         raise UserError(f"--ep-placement {path}: {len(layers)} layer ids but {len(phy2log)} placements")
-    L, out = mcfg.num_hidden_layers, {}
-    moe_ids = [i for i in range(L + mcfg.num_nextn_predict_layers) if mcfg.is_moe_layer(i)]
+    moe_ids = [i for i in range(mcfg.num_hidden_layers + mcfg.num_nextn_predict_layers) if mcfg.is_moe_layer(i)]
+    out = {}
     for layer, p in zip(layers, phy2log):
         if layer not in moe_ids:
             raise UserError(f"--ep-placement {path}: layer {layer} is not a MoE layer of this model "
                             f"(MoE layers: {moe_ids}); was it written for another run?")
-        name = f"layers.{layer}.ffn" if layer < L else f"mtp.{layer - L}.block.ffn"
-        out[name] = check_placement(p, mcfg.n_routed_experts)
+        out[layer] = check_placement(p, mcfg.n_routed_experts)
     return out

@@ -23,6 +23,13 @@ from .mtp import MTPLayer, shift_left
 from .rope import cos_sin_scale, inv_freq, rope_freqs
 
 
+def moe_layer_id(module_name: str, n_layers: int) -> int:
+    """The layer id of a block's MoE from its module name: "layers.3.ffn" -> 3, "mtp.0.block.ffn" -> n_layers
+    (MTP block k is layer n_layers + k, as in the released checkpoints)."""
+    head, idx = module_name.split(".")[:2]
+    return int(idx) + (n_layers if head == "mtp" else 0)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()

@@ -56,8 +56,9 @@ def load_for_sampling(model_dir, device, questions: list[str], max_new_tokens: i
         tok = load_tokenizer(path)
     except ValueError as e:
         raise UserError(str(e)) from None
-    max_len = context_length(tok, questions, max_new_tokens, position_limit(path))
-    if json.loads((path / "config.json").read_text()).get("model_type", "") in ("deepseek_v3", "deepseek_v2"):
+    config = json.loads((path / "config.json").read_text())
+    max_len = context_length(tok, questions, max_new_tokens, config.get("max_position_embeddings"))
+    if config.get("model_type", "") in ("deepseek_v3", "deepseek_v2"):
         from ..checkpoint.hf import from_pretrained
         model = from_pretrained(path, device=device)
         return EngineSampler(model, tok, max_batch=max_batch, max_len=max_len, seed=seed, **engine_kw), model, tok
@@ -66,13 +67,6 @@ def load_for_sampling(model_dir, device, questions: list[str], max_new_tokens: i
     # compute runs under autocast
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     return HFSampler(model, tok, device), model, tok
-
-
-def position_limit(model_dir) -> int | None:
-    import json
-    from pathlib import Path
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return cfg.get("max_position_embeddings")
 
 
 class EngineSampler:
