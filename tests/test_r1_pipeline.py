@@ -166,13 +166,40 @@ def test_r1_zero_smoke(tmp_path):
     from nanoseek.train.r1_zero import R1ZeroConfig, r1_zero
     rep = r1_zero(R1ZeroConfig(out=str(tmp_path), preset="tiny", pretrain_steps=15, n_docs=2000, batch_size=8,
                                seq_len=64, rl_steps=2, prompts_per_step=3, group_size=4, max_new_tokens=24,
-                               eval_n=10, student_pretrain_steps=5, distill_prompts=20, student_rl_steps=1))
+                               eval_n=10, reflect_n=6, student_pretrain_steps=5, distill_prompts=20,
+                               student_rl_steps=1))
     saved = json.loads((tmp_path / "report.json").read_text())
-    for key in ("task", "base_model", "final_model", "accuracy_before", "accuracy_after", "seconds", "distill"):
+    for key in ("task", "base_model", "final_model", "accuracy_before", "accuracy_after", "seconds", "distill",
+                "reflection_rate_before", "reflection_rate_after", "reflection", "aha_example"):
         assert key in saved, key
     assert saved == json.loads(json.dumps(rep))
+    assert saved["reflection"]["n"] == 6 and saved["reflection"]["samples"] == 4
     md = (tmp_path / "report.md").read_text()
-    assert "pass@1" in md and (tmp_path / "plots" / "grpo.png").exists()
+    assert "pass@1" in md and "## Reflection" in md and (tmp_path / "plots" / "grpo.png").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["max_new_tokens"] == 24      # resolved config saved
+
+
+def test_r1_zero_task_defaults_fill_only_unset_flags():
+    from nanoseek.common import UserError
+    from nanoseek.train.r1_zero import TASK_DEFAULTS, R1ZeroConfig, resolve
+    c = resolve(R1ZeroConfig(task="countdown", rl_steps=7))
+    assert c.rl_steps == 7 and c.max_new_tokens == TASK_DEFAULTS["countdown"]["max_new_tokens"]
+    assert c.rl_task_args.startswith("n_numbers=") and c.distill is False
+    a = resolve(R1ZeroConfig())
+    assert a.rl_task_args == "min_digits=3,max_digits=3" and a.distill is True and a.pretrain_steps == 800
+    assert resolve(R1ZeroConfig(task="equations")).rl_task_args == ""
+    with pytest.raises(UserError, match="--task sums: unknown"):
+        resolve(R1ZeroConfig(task="sums"))
+
+
+def test_reflection_stats():
+    from nanoseek.train.rollout import BACKTRACK, REFLECTION, reflection_stats
+    r = reflection_stats([True, True, False, False, False], [True, False, True, False, False])
+    assert r == {"reflection_rate": 0.4, "self_correction_rate": 0.2, "accuracy_reflecting": 0.5,
+                 "accuracy_not_reflecting": 1 / 3}
+    assert reflection_stats([False], [True])["accuracy_reflecting"] is None
+    assert REFLECTION.search("4+8=12, wait, check the carry") and not REFLECTION.search("waiting")
+    assert BACKTRACK.search("7+4=11, 11+3=14 no. 7*4=28") and not BACKTRACK.search("<answer>no</answer>")
 
 
 def test_long_prompts_size_the_context_and_too_long_ones_are_refused(base, tmp_path):

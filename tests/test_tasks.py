@@ -1,6 +1,7 @@
 import json
 import pickle
 import random
+import re
 import string
 import time
 
@@ -87,6 +88,71 @@ def test_carryless_wrong_answer():
                                                                                "<answer>25</answer>")
     assert needs_carry(arith("19+1=?")) and not needs_carry(arith("12+3=?"))
     assert needs_carry(arith("20-1=?")) and not needs_carry(arith("29-13=?"))
+
+
+@pytest.mark.parametrize("q, caught, want", [
+    ("347+285=?", False, "<think>7+5=12, 4+8+1=13, 3+2=5, so 532</think><answer>532</answer>"),
+    ("347+285=?", True, "<think>7+5=12, 4+8+1=13, 3+2=5, wait, check the carry: 3+2+1=6, so 632</think>"
+                        "<answer>632</answer>"),
+    ("847+285=?", False, "<think>7+5=12, 4+8+1=13, 8+2=10, so 1032</think><answer>1032</answer>"),
+    ("532-285=?", True, "<think>2-5+10=7, 3-8-1+10=4, 5-2=3, wait, check the borrow: 5-2-1=2, so 247</think>"
+                        "<answer>247</answer>"),
+    ("100-1=?", False, "<think>0-1+10=9, 0-0-1+10=9, 1-0=1, so 199</think><answer>199</answer>"),
+    ("347+215=?", False, None),           # nothing carried into the leading column
+    ("5+7=?", True, None),                # a carry out of the only column is not a slip place
+])
+def test_arithmetic_slips(q, caught, want):
+    """The writer's habitual slip: the carry/borrow into the leading column is dropped; the rest of the
+    trace stays consistent with it."""
+    assert Arithmetic(ops="+-").slipped_solution(arith(q), random.Random(0), caught) == want
+
+
+def test_slips_are_wrong_unless_caught_and_only_where_something_carries():
+    task, rng = Arithmetic(min_digits=1, max_digits=4, ops="+-"), random.Random(3)
+    n_slips = 0
+    for p in task.problems(300, seed=5):
+        slipped, caught = task.slipped_solution(p, rng, False), task.slipped_solution(p, rng, True)
+        if slipped is None:      # nothing carried into the leading column
+            assert caught is None and not re.search(r"\d[+-]\d[+-]1[^,]*, so", task.worked_solution(p))
+            continue
+        n_slips += 1
+        assert not task.check(extract_answer(slipped), p) and "wait" not in slipped
+        assert task.check(extract_answer(caught), p) and "wait, check the" in caught and is_well_formatted(caught)
+    assert n_slips > 60
+    assert Countdown().slipped_solution(COUNTDOWN, rng, True) is None       # no natural slip: the corpus writes it plainly
+
+
+@pytest.mark.parametrize("task", [Arithmetic(), Countdown(n_numbers=3, max_number=9, max_target=50),
+                                  LinearEquations()], ids=lambda t: t.name)
+def test_guessed_solutions_then_work_it_out_or_stop(task):
+    wrong_guesses = 0
+    for p in task.problems(100, seed=3):
+        lazy = task.guessed_solution(p, random.Random(p.question), p_wrong=0.5, recheck=False)
+        assert is_well_formatted(lazy) and "wait" not in lazy
+        text = task.guessed_solution(p, random.Random(p.question), p_wrong=0.5)
+        assert extract_think(lazy) + "? wait, check: " in text          # the same guess, then the check
+        guess = text[len("<think>"):text.index("? wait, check: ")]
+        wrong_guesses += not task.check(guess, p)
+        assert is_well_formatted(text) and task.check(extract_answer(text), p)
+        assert text.replace(f"{guess}? wait, check: ", "", 1) == task.worked_solution(p)
+    assert wrong_guesses > 10
+
+
+def test_corpus_slip_and_catch_rates():
+    from nanoseek.data.corpus import synthetic_documents
+    plain = synthetic_documents(2000, 0, p_worked=0.5, min_digits=3, max_digits=3)
+    assert plain == synthetic_documents(2000, 0, p_worked=0.5, min_digits=3, max_digits=3, p_slip=0.0, p_catch=1.0)
+    docs = synthetic_documents(4000, 0, p_worked=0.5, p_slip=0.5, p_catch=0.3, min_digits=3, max_digits=3)
+    worked = [d for d in docs if "<think>" in d]
+    caught = sum("wait, check" in d for d in worked)
+    # ~0.5 x P(something carries) x 0.3 of the worked traces reflect; none of the direct answers do
+    assert 0.05 < caught / len(worked) < 0.2 and not any("wait" in d for d in docs if "<think>" not in d)
+    with pytest.raises(Exception, match="p_slip"):
+        synthetic_documents(10, 0, p_slip=1.5)
+    docs = synthetic_documents(4000, 0, p_worked=0.5, p_guess=0.5, p_recheck=0.6, min_digits=3, max_digits=3)
+    worked = [d for d in docs if "<think>" in d]
+    assert 0.25 < sum("? wait, check: " in d for d in worked) / len(worked) < 0.35
+    assert 0.15 < sum(d.count("<think>") and "=" not in d.split("<think>")[1] for d in worked) / len(worked) < 0.25
 
 
 # ---- every task: solutions, wrong answers, determinism, splits ---------------------------------
@@ -221,9 +287,17 @@ def test_countdown_solver():
 def test_countdown_worked_solution_shows_search():
     worked = Countdown().worked_solution(COUNTDOWN)
     think = extract_think(worked)
-    assert think.count(" no.") <= 7 and think.endswith("=58") and " yes. " in think
+    assert think.count(" no.") <= 11 and think.endswith("=58") and " vs 58 yes. " in think
     assert Countdown().check(extract_answer(worked), COUNTDOWN)
     assert worked == Countdown().worked_solution(COUNTDOWN)
+    task = Countdown(n_numbers=3, max_number=9, max_target=50)
+    for p in task.problems(200, seed=4):          # every verdict compares the attempt's value with the target
+        think = extract_think(task.worked_solution(p))
+        verdicts = re.findall(r"=([0-9]+|\([0-9/]+\)) vs ([0-9]+) (yes|no)\.", think)
+        assert verdicts and verdicts[-1][2] == "yes" and all(v[2] == "no" for v in verdicts[:-1])
+        assert all((v[0] == v[1]) == (v[2] == "yes") for v in verdicts)
+        firsts = [a.split(",")[0] for a in think.split(". ")[:-1]]
+        assert len(firsts) == len(set(firsts))          # one attempt per first move
 
 
 @pytest.mark.parametrize("task", TASK_CASES[::2], ids=lambda t: t.name)

@@ -11,8 +11,16 @@ people answer at once, and on hard problems those quick answers are often wrong 
 the carry-less shortcut 347+285 -> 522). Nothing tells it *when* to reason; RL with an accuracy
 reward has to discover that. `p_worked` and the per-difficulty `p_wrong` are the dials.
 
-User data: `.txt` (documents separated by blank lines), `.jsonl` (`text`, or chat `messages`, per
-line) and `.parquet` (a `text` column). Bad lines are reported as file:line and skipped.
+Reflection, the seed of the "aha moment", comes in two forms, each among the worked traces:
+- `p_guess` of them open with a quick answer (`Task.guessed_solution`); in a share `p_recheck` of
+  those the writer then re-evaluates it (`<think>522? wait, check: 7+5=12, 4+8+1=13, 3+2+1=6, so
+  632</think>`: a wrong guess is repaired), the rest stop at the guess (`<think>522</think>`).
+- `p_slip` of the others drop a carry somewhere (`Task.slipped_solution`), and a share `p_catch` of
+  those writers notice at once and repair it (`4+8=12, wait, check the carry: 4+8+1=13`); the rest
+  end wrong.
+Kept rare, both leave a base model that reflects rarely, and a reflection pays: it turns a likely
+wrong quick answer or a slip into a right one. Which of them RL amplifies is measured in the README
+("The aha moment").
 """
 from __future__ import annotations
 
@@ -35,22 +43,29 @@ def chat_document(question: str, completion: str) -> str:
 
 
 def default_p_wrong(problem) -> float:
-    """Direct answers are reliable on easy problems and usually wrong on hard ones."""
+    """Direct answers are reliable on easy problems and usually wrong on hard ones (arithmetic: 3-digit
+    operands); a countdown guess made without searching mostly misses."""
     if problem.task == "arithmetic":
         a, b = problem.meta["a"], problem.meta["b"]
         return 0.7 if max(a, b) >= 100 else 0.0
+    if problem.task == "countdown":      # without a search, a guess mostly misses
+        return 0.8
     return 0.5
 
 
 def synthetic_documents(n_docs: int, seed: int, task: str = "arithmetic", p_worked: float = 0.2,
-                        p_wrong=default_p_wrong, split: str = "train", **task_knobs) -> list[str]:
+                        p_wrong=default_p_wrong, split: str = "train", p_slip: float = 0.0, p_catch: float = 0.0,
+                        p_guess: float = 0.0, p_recheck: float = 0.0, **task_knobs) -> list[str]:
     """`n_docs` chat documents from a task's `split` (or "mix": all tasks), deterministic in `seed`."""
     from .tasks import TASKS, get_task
 
-    if not 0.0 <= p_worked <= 1.0:
-        raise UserError(f"p_worked={p_worked}: must be in [0, 1]")
+    for name, p in (("p_worked", p_worked), ("p_slip", p_slip), ("p_catch", p_catch), ("p_guess", p_guess),
+                    ("p_recheck", p_recheck)):
+        if not 0.0 <= p <= 1.0:
+            raise UserError(f"{name}={p}: must be in [0, 1]")
     if task == "mix":   # equal parts of every built-in task, interleaved
-        parts = [synthetic_documents(n_docs // len(TASKS) + 1, seed + i, name, p_worked, p_wrong, split)
+        parts = [synthetic_documents(n_docs // len(TASKS) + 1, seed + i, name, p_worked, p_wrong, split,
+                                     p_slip, p_catch, p_guess, p_recheck)
                  for i, name in enumerate(sorted(TASKS))]
         return [d for group in zip(*parts) for d in group][:n_docs]
     t = get_task(task, **task_knobs)
@@ -58,7 +73,13 @@ def synthetic_documents(n_docs: int, seed: int, task: str = "arithmetic", p_work
     docs = []
     for prob in t.problems(n_docs, seed=seed, split=split):
         if rng.random() < p_worked:
-            completion = t.worked_solution(prob)
+            completion = None
+            if p_guess and rng.random() < p_guess:
+                completion = t.guessed_solution(prob, rng, p_wrong(prob) if callable(p_wrong) else float(p_wrong),
+                                                recheck=rng.random() < p_recheck)
+            elif p_slip and rng.random() < p_slip:
+                completion = t.slipped_solution(prob, rng, caught=rng.random() < p_catch)
+            completion = completion or t.worked_solution(prob)
         else:
             pw = p_wrong(prob) if callable(p_wrong) else float(p_wrong)
             completion = t.direct_solution(prob, rng, pw)

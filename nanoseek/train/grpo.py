@@ -38,7 +38,7 @@ from ..common import (UserError, autocast, autodetect_device, compute_dtype, pri
                       seed_everything, set_rng_state, set_threads)
 from ..quant.fp8 import SCALE_FORMATS
 from .grpo_loss import LEVELS, LOSS_TYPES, SCALES, group_advantages, grpo_loss, token_logprobs
-from .rollout import REFLECTION, EngineSampler, evaluate, load_for_sampling, prompt_ids
+from .rollout import BACKTRACK, REFLECTION, EngineSampler, evaluate, load_for_sampling, prompt_ids, reflection_stats
 from .optim import build_optimizer, clip_grad_norm
 
 @dataclass
@@ -340,10 +340,13 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
                "groups_carried": n_carried,
                "completion_len": comp_tokens / max(1, len(all_comps)),
                "think_rate": float(np.mean(["<think>" in t for t in comps_text])),
-               "reflection_rate": float(np.mean([bool(REFLECTION.search(t)) for t in comps_text])),
+               "backtrack_rate": float(np.mean([bool(BACKTRACK.search(t)) for t in comps_text])),
                "truncated_frac": float(np.mean([c["truncated"] for c in all_comps]))}
         for k, v in components.items():
             rec[f"reward_{k}"] = float(np.mean(v)) if v else 0.0
+        right = components.get("accuracy") or [r > 0.5 for r in all_rewards]
+        rec.update({k: v for k, v in reflection_stats([bool(REFLECTION.search(t)) for t in comps_text],
+                                                      [bool(c) for c in right]).items() if v is not None})
         # ---- update ----------------------------------------------------------------------------
         t1 = time.perf_counter()
         trained = len(kept_prompts) // cfg.group_size

@@ -57,6 +57,8 @@ def plot_grpo(metrics_path, out) -> Path | None:
     return plot_panels(recs, [
         ("reward / held-out accuracy", ["reward", "reward_accuracy", "eval_accuracy"]),
         ("completion length (tokens)", ["completion_len", "eval_mean_length"]),
-        ("reasoning: <think> and reflection rates", ["think_rate", "reflection_rate", "eval_think_rate"]),
+        ("reasoning: <think> and reflection rates", ["think_rate", "reflection_rate", "backtrack_rate",
+                                                      "eval_think_rate", "eval_reflection_rate"]),
+        ("reflection: does it pay?", ["self_correction_rate", "accuracy_reflecting", "accuracy_not_reflecting"]),
         ("KL / clip fraction", ["kl", "clip_frac"]), ("entropy", ["entropy"]),
         ("zero-variance groups", ["frac_zero_std"])], out, title="GRPO")

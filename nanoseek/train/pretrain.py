@@ -67,6 +67,15 @@ class PretrainConfig:
     task: str = field(default="arithmetic", metadata={"help": "synthetic corpus: arithmetic, countdown, equations or mix"})
     n_docs: int = field(default=40000, metadata={"help": "synthetic documents to generate"})
     p_worked: float = field(default=0.2, metadata={"help": "share of synthetic documents with a worked <think> trace"})
+    p_guess: float = field(default=0.0, metadata={"help": "share of worked traces that open with a quick answer"})
+    p_recheck: float = field(default=0.0, metadata={"help": "share of those quick answers re-evaluated: "
+                                                             "'wait, check: ...' and worked out"})
+    p_slip: float = field(default=0.0, metadata={"help": "share of worked traces with a slip (a dropped carry)"})
+    p_catch: float = field(default=0.0, metadata={"help": "share of slips the writer notices and repairs "
+                                                           "('wait, check ...'): the seed of reflection"})
+    task_args: str = field(default="", metadata={"help": "synthetic corpus: task knobs, e.g. "
+                                                          "'n_numbers=3,max_number=9' (arithmetic: --min-digits/"
+                                                          "--max-digits when empty)"})
     min_digits: int = field(default=1, metadata={"help": "arithmetic corpus: smallest operand size in digits"})
     max_digits: int = field(default=3, metadata={"help": "arithmetic corpus: largest operand size in digits"})
     tokenizer: str | None = field(default=None, metadata={"help": "existing tokenizer directory (default: train one)"})
@@ -164,9 +173,16 @@ def build_documents(cfg: PretrainConfig) -> tuple[list[str], list[str]]:
         docs = load_documents(cfg.data)
         n_val = max(1, len(docs) // 50)
         return docs[:-n_val] if len(docs) > 1 else docs, docs[-n_val:]
-    knobs = {"min_digits": cfg.min_digits, "max_digits": cfg.max_digits} if cfg.task == "arithmetic" else {}
-    train = synthetic_documents(cfg.n_docs, cfg.seed, cfg.task, cfg.p_worked, split="train", **knobs)
-    val = synthetic_documents(max(256, cfg.n_docs // 50), cfg.seed + 1, cfg.task, cfg.p_worked, split="test", **knobs)
+    from ..data.tasks import make_task, parse_knobs
+
+    if cfg.task_args:
+        make_task(cfg.task, cfg.task_args)          # a bad knob is one UserError here, not a traceback later
+        knobs = parse_knobs(cfg.task_args)
+    else:
+        knobs = {"min_digits": cfg.min_digits, "max_digits": cfg.max_digits} if cfg.task == "arithmetic" else {}
+    extra = dict(p_slip=cfg.p_slip, p_catch=cfg.p_catch, p_guess=cfg.p_guess, p_recheck=cfg.p_recheck, **knobs)
+    train = synthetic_documents(cfg.n_docs, cfg.seed, cfg.task, cfg.p_worked, split="train", **extra)
+    val = synthetic_documents(max(256, cfg.n_docs // 50), cfg.seed + 1, cfg.task, cfg.p_worked, split="test", **extra)
     return train, val
 
 

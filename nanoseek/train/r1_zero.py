@@ -6,7 +6,9 @@
                   greedy decoding answers at once, and only sampling sometimes reasons.
     2. R1-Zero    pure GRPO from the base model; the only reward is "is the final answer right".
     3. evaluate   greedy pass@1 on held-out problems (a test split and seed no training step saw),
-                  before and after; plus response length and reasoning / reflection rates.
+                  before and after; response length, and the "aha": how often each model reflects
+                  ("wait, check ..."), whether reflecting pays, and one before/after transcript
+                  picked by a rule (`reflection_report`).
     4. distill    rejection-sample verified traces from the RL model and SFT a ~4x smaller dense
                   student (pretrained on the same corpus) on them; compare with RL run directly on
                   that student (R1 sec. 4.1: distillation beats RL for small models).
@@ -21,8 +23,18 @@ each measured while building this (README, "How the demo was tuned"):
 - the loss is on the responses only (`--loss-on assistant`): the user turn is a pair of random
   operands, pure noise (~2.3 nats a digit) that otherwise dominates the gradient;
 - the corpus is 3-digit sums (the held-out task's size).
-With them, 800 steps give a base whose forced-<think> accuracy is ~99% while its greedy answers are
-direct and almost always wrong (the carry-less shortcut), and which reasons in ~35% of samples.
+With them, 800 steps give a base whose greedy answers are direct and almost always wrong (the
+carry-less shortcut), and which reasons in ~35% of samples.
+
+The "aha": the corpus writer has a habit - dropping the carry into the leading column (`--p-slip 1`)
+- and notices it in 30% of those traces (`--p-catch 0.3`: "3+2=5, wait, check the carry: 3+2+1=6").
+A habit cannot be fixed by sampling more carefully, only by noticing, so RL raises the rate of
+noticing. Random slips (or a quick guess re-checked) are removed or avoided by RL instead; the
+README ("The aha moment") has the runs that showed it.
+
+`--task countdown` (TinyZero's task) runs the same story on a search problem with its own tuned
+defaults (TASK_DEFAULTS): the worked traces try combinations, compare each with the target and
+backtrack ("... vs 19 no."), and RL has to make the model search rather than guess.
 """
 from __future__ import annotations
 
@@ -39,27 +51,38 @@ from ..common import UserError, print0
 class R1ZeroConfig:
     out: str = field(default="runs/r1-zero", metadata={"help": "run directory"})
     preset: str = field(default="mini", metadata={"help": "teacher model preset"})
-    task: str = field(default="arithmetic", metadata={"help": "task (the default is tuned for the demo)"})
+    task: str = field(default="arithmetic", metadata={"help": "arithmetic (the demo) or countdown; flags left "
+                                                             "unset take the task's tuned values (TASK_DEFAULTS)"})
     seed: int = field(default=0, metadata={"help": "seed"})
     # pretraining
-    pretrain_steps: int = field(default=800, metadata={"help": "teacher pretraining steps"})
+    pretrain_steps: int | None = field(default=None, metadata={"help": "teacher pretraining steps"})
     n_docs: int = field(default=60000, metadata={"help": "synthetic pretraining documents"})
-    p_worked: float = field(default=0.35, metadata={"help": "share of documents with a worked <think> trace"})
-    batch_size: int = field(default=32, metadata={"help": "pretraining batch (sequences)"})
-    seq_len: int = field(default=128, metadata={"help": "pretraining sequence length"})
+    p_worked: float | None = field(default=None, metadata={"help": "share of documents with a worked <think> trace"})
+    batch_size: int | None = field(default=None, metadata={"help": "pretraining batch (sequences)"})
+    seq_len: int | None = field(default=None, metadata={"help": "pretraining sequence length"})
     lr: float = field(default=3e-3, metadata={"help": "pretraining learning rate"})
+    p_slip: float | None = field(default=None, metadata={"help": "share of worked traces with the writer's habitual "
+                                                                  "slip (arithmetic: the carry into the leading "
+                                                                  "column is dropped)"})
+    p_catch: float = field(default=0.3, metadata={"help": "share of those slips the writer notices and repairs "
+                                                           "('wait, check the carry: ...'): the seed of reflection"})
+    p_guess: float = field(default=0.0, metadata={"help": "share of worked traces that open with a quick answer"})
+    p_recheck: float = field(default=0.0, metadata={"help": "share of those quick answers then re-evaluated "
+                                                             "('wait, check: ...' and worked out)"})
     min_digits: int = field(default=3, metadata={"help": "arithmetic corpus: smallest operand (digits)"})
     # RL
-    rl_steps: int = field(default=40, metadata={"help": "GRPO steps"})
+    rl_steps: int | None = field(default=None, metadata={"help": "GRPO steps"})
     prompts_per_step: int = field(default=16, metadata={"help": "GRPO prompts per step"})
     group_size: int = field(default=8, metadata={"help": "GRPO samples per prompt"})
     rl_lr: float = field(default=3e-4, metadata={"help": "GRPO learning rate"})
-    max_new_tokens: int = field(default=64, metadata={"help": "completion cap"})
-    rl_task_args: str = field(default="min_digits=3,max_digits=3", metadata={"help": "task knobs for RL and eval"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "completion cap"})
+    rl_task_args: str | None = field(default=None, metadata={"help": "task knobs for the corpus, RL and eval"})
     eval_n: int = field(default=500, metadata={"help": "held-out problems"})
     eval_seed: int = field(default=20251123, metadata={"help": "held-out seed (test split)"})
+    reflect_n: int = field(default=200, metadata={"help": "held-out problems for the sampled reflection measurement"})
+    reflect_samples: int = field(default=4, metadata={"help": "samples per problem (temperature 1) for it"})
     # distillation
-    distill: bool = field(default=True, metadata={"help": "distil into a small dense student"})
+    distill: bool | None = field(default=None, metadata={"help": "distil into a small dense student"})
     student_preset: str = field(default="mini-dense", metadata={"help": "student preset"})
     student_pretrain_steps: int = field(default=400, metadata={"help": "student base pretraining steps"})
     distill_prompts: int = field(default=8000, metadata={"help": "prompts for teacher traces"})
@@ -68,11 +91,32 @@ class R1ZeroConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = all)"})
 
 
+# What each task's main job runs with, for the flags the user leaves unset (each measured; README).
+TASK_DEFAULTS = {
+    "arithmetic": dict(pretrain_steps=800, batch_size=32, seq_len=128, p_worked=0.35, p_slip=1.0, rl_steps=40,
+                       max_new_tokens=64, rl_task_args="min_digits=3,max_digits=3", distill=True),
+    "countdown": dict(pretrain_steps=1500, batch_size=16, seq_len=256, p_worked=0.3, p_slip=0.0, rl_steps=80,
+                      max_new_tokens=192, rl_task_args="n_numbers=3,max_number=9,max_target=50", distill=False),
+}
+
+
+def resolve(cfg: R1ZeroConfig) -> R1ZeroConfig:
+    """`cfg` with every unset (None) field filled from the task's TASK_DEFAULTS row."""
+    from dataclasses import replace
+
+    from ..data.tasks import TASKS
+    if cfg.task not in TASKS:
+        raise UserError(f"--task {cfg.task}: unknown; choose one of {', '.join(sorted(TASKS))}")
+    row = TASK_DEFAULTS.get(cfg.task, {**TASK_DEFAULTS["arithmetic"], "rl_task_args": ""})
+    return replace(cfg, **{k: v for k, v in row.items() if getattr(cfg, k) is None})
+
+
 def r1_zero(cfg: R1ZeroConfig) -> dict:
     from .distill import DistillConfig, distill
     from .grpo import GRPOConfig, grpo
     from .pretrain import PretrainConfig, pretrain
 
+    cfg = resolve(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -86,12 +130,14 @@ def r1_zero(cfg: R1ZeroConfig) -> dict:
     def done(name):
         times[name] = round(time.perf_counter() - times[name], 1)
 
+    corpus = dict(p_slip=cfg.p_slip, p_catch=cfg.p_catch, p_guess=cfg.p_guess, p_recheck=cfg.p_recheck,
+                  task_args="" if cfg.task == "arithmetic" else cfg.rl_task_args)      # arithmetic: --min-digits
     stage("pretrain", "1/4 pretraining the base model")
     pre = pretrain(PretrainConfig(preset=cfg.preset, out=str(out / "base"), max_steps=cfg.pretrain_steps,
                                   batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, warmup=30,
                                   schedule="wsd", seed=cfg.seed, task=cfg.task, n_docs=cfg.n_docs,
                                   p_worked=cfg.p_worked, min_digits=cfg.min_digits, loss_on="assistant",
-                                  eval_every=100, threads=cfg.threads, dtype="float32"))
+                                  eval_every=100, threads=cfg.threads, dtype="float32", **corpus))
     done("pretrain")
     base = out / "base" / "final"
 
@@ -111,6 +157,9 @@ def r1_zero(cfg: R1ZeroConfig) -> dict:
               "eval": {"n": cfg.eval_n, "seed": cfg.eval_seed, "split": "test", "decoding": "greedy",
                        "task_args": cfg.rl_task_args},
               "pretrain": pre}
+    t_reflect = time.perf_counter()
+    report.update(reflection_report(cfg, base, Path(rl["final_model"])))
+    times["reflection"] = round(time.perf_counter() - t_reflect, 1)
 
     if cfg.distill:
         stage("student_pretrain", "3/4 pretraining a small dense student base on the same corpus")
@@ -119,6 +168,7 @@ def r1_zero(cfg: R1ZeroConfig) -> dict:
                                        seq_len=cfg.seq_len, lr=cfg.lr, warmup=30, schedule="wsd", seed=cfg.seed,
                                        task=cfg.task,
                                        n_docs=cfg.n_docs, p_worked=cfg.p_worked, min_digits=cfg.min_digits,
+                                       **corpus,
                                        loss_on="assistant", eval_every=0,
                                        tokenizer=str(out / "base" / "tokenizer"), threads=cfg.threads,
                                        dtype="float32", mtp_lambda=0.0))
@@ -154,7 +204,63 @@ def r1_zero(cfg: R1ZeroConfig) -> dict:
     write_report_md(out, report)
     print0(f"\nheld-out greedy accuracy: base {report['accuracy_before']:.1%} -> RL {report['accuracy_after']:.1%} "
            f"({report['gain_points']:+.1f} points) in {times['total'] / 60:.1f} min; report: {out / 'report.md'}")
+    f = report["reflection"]
+    print0(f"reflection ('wait, check ...', sampled at temperature 1): {f['reflection_rate_before']:.1%} of the base "
+           f"model's completions -> {f['reflection_rate_after']:.1%} after RL (greedy "
+           f"{f['greedy_reflection_rate_before']:.1%} -> {f['greedy_reflection_rate_after']:.1%})")
+    if cfg.task == "countdown":
+        print0(f"backtracking (sampled): {f['backtrack_rate_before']:.1%} -> {f['backtrack_rate_after']:.1%}")
+    if cfg.task == "arithmetic":
+        print0("next: a task that needs search and backtracking, the same story: "
+               "nanoseek r1-zero --task countdown --out runs/r1-zero-countdown")
     return report
+
+
+def reflection_report(cfg: R1ZeroConfig, base: Path, rl_model: Path) -> dict:
+    """Reflection before and after RL, measured on the policy's own distribution (temperature 1,
+    `reflect_samples` per held-out problem: greedy decoding hides a behaviour the policy takes with
+    probability < 1/2), with greedy figures beside it; and one "aha" pair chosen by a fixed rule:
+    the first held-out problem the base model's greedy answer gets wrong and the RL model gets right
+    in a completion that reflects - for countdown, that backtracks (its greedy one if that does, else
+    its first such sample)."""
+    from ..common import autodetect_device
+    from ..data.tasks import make_task
+    from .rollout import BACKTRACK, REFLECTION, evaluate, load_for_sampling
+
+    problems = make_task(cfg.task, cfg.rl_task_args).problems(cfg.reflect_n, seed=cfg.eval_seed, split="test")
+    device = autodetect_device(None)
+    res = {}
+    for name, path in (("before", base), ("after", rl_model)):
+        sampler, _, tok = load_for_sampling(path, device, [p.question for p in problems], cfg.max_new_tokens,
+                                            seed=cfg.eval_seed)
+        res[name] = {"greedy": evaluate(sampler, tok, problems, cfg.max_new_tokens, seed=cfg.eval_seed,
+                                        return_texts=True),
+                     "sampled": evaluate(sampler, tok, problems, cfg.max_new_tokens, temperature=1.0,
+                                         samples=cfg.reflect_samples, seed=cfg.eval_seed, return_texts=True)}
+    from ..data.tasks import extract_answer, get_checker
+    example, revisits = None, BACKTRACK if cfg.task == "countdown" else REFLECTION
+    for i, prob in enumerate(problems):
+        check = get_checker(prob.task)
+        base_text = res["before"]["greedy"]["texts"][i][0]
+        if check(extract_answer(base_text), prob):
+            continue
+        candidates = res["after"]["greedy"]["texts"][i] + res["after"]["sampled"]["texts"][i]
+        fixed = [t for t in candidates if revisits.search(t) and check(extract_answer(t), prob)]
+        if fixed:
+            example = {"index": i, "question": prob.question, "answer": prob.answer, "base_greedy": base_text,
+                       "rl": fixed[0], "rl_decoding": "greedy" if fixed[0] == candidates[0] else "sampled (T=1)"}
+            break
+    keys = ("reflection_rate", "self_correction_rate", "accuracy_reflecting", "accuracy_not_reflecting", "accuracy",
+            "think_rate", "backtrack_rate", "mean_length")
+    out = {"reflection": {"n": len(problems), "samples": cfg.reflect_samples, "temperature": 1.0,
+                          **{f"{k}_{when}": res[when]["sampled"][k] for k in keys for when in ("before", "after")},
+                          **{f"greedy_{k}_{when}": res[when]["greedy"][k]
+                             for k in keys for when in ("before", "after")}},
+           "aha_example": example and {**example,
+                                       "rule": "backtracks" if cfg.task == "countdown" else "reflects"}}
+    out["reflection_rate_before"] = res["before"]["sampled"]["reflection_rate"]
+    out["reflection_rate_after"] = res["after"]["sampled"]["reflection_rate"]
+    return out
 
 
 def write_report_md(out: Path, r: dict) -> None:
@@ -171,6 +277,34 @@ def write_report_md(out: Path, r: dict) -> None:
         f"| base (pretrained) | {r['accuracy_before']:.1%} | {r['think_rate_before']:.0%} | {r['length_before']:.1f} |",
         f"| after pure RL (GRPO) | {r['accuracy_after']:.1%} | {r['think_rate_after']:.0%} | {r['length_after']:.1f} |",
         "", f"Gain: **{r['gain_points']:+.1f} points**.", ""]
+    if "reflection" in r:
+        f = r["reflection"]
+
+        def pct(x):
+            return "-" if x is None else f"{x:.1%}"
+        lines += ["## Reflection (the \"aha moment\")", "",
+                  f"Sampled at temperature 1, {f['samples']} completions for each of {f['n']} held-out problems "
+                  "(the policy's own distribution); greedy in brackets. A completion *reflects* if it says "
+                  "wait / check / verify; a *self-correction* reflects and ends right; it *backtracks* if it "
+                  "abandons an attempt (\"... no.\") and tries another.", "",
+                  "| model | reflects | self-corrects | accuracy when reflecting | when not | backtracks | pass@1 |",
+                  "|---|---|---|---|---|---|---|"]
+        for when, label in (("before", "base"), ("after", "after RL")):
+            lines.append(f"| {label} | {pct(f[f'reflection_rate_{when}'])} "
+                         f"({pct(f[f'greedy_reflection_rate_{when}'])}) | {pct(f[f'self_correction_rate_{when}'])} | "
+                         f"{pct(f[f'accuracy_reflecting_{when}'])} | {pct(f[f'accuracy_not_reflecting_{when}'])} | "
+                         f"{pct(f[f'backtrack_rate_{when}'])} ({pct(f[f'greedy_backtrack_rate_{when}'])}) | "
+                         f"{pct(f[f'accuracy_{when}'])} ({pct(f[f'greedy_accuracy_{when}'])}) |")
+        ex = r.get("aha_example")
+        rule = "backtracks" if r["task"] == "countdown" else "reflects"
+        lines += ["", "Rule for the example below: the first held-out problem the base model's greedy answer gets "
+                  f"wrong and the RL model gets right in a completion that {rule}.", ""]
+        if ex:
+            lines += [f"Problem {ex['index']}: `{ex['question']}` (answer {ex['answer']})", "",
+                      "Base model, greedy:", "", "```", ex["base_greedy"], "```", "",
+                      f"After RL, {ex['rl_decoding']}:", "", "```", ex["rl"], "```", ""]
+        else:
+            lines += ["No held-out problem met the rule.", ""]
     if "distill" in r and "skipped" in r["distill"]:
         lines += ["## Distillation", "", f"Skipped: {r['distill']['skipped']}.", ""]
     elif "distill" in r:

@@ -8,7 +8,8 @@ A *sampler* turns prompt ids into groups of completions: `rollout(prompts, Sampl
 
 `evaluate` scores a sampler on held-out problems: pass@1 (greedy, or the mean over k samples as R1
 reports with t=0.6 / top-p 0.95), cons@k (majority vote over extracted answers), mean length, and
-the share of completions that reason (`<think>`) or reflect ("wait", "check", "verify").
+the share of completions that reason (`<think>`), reflect ("wait", "check", "verify") or
+backtrack (abandon an attempt and try another: the "... no." of a Countdown search trace).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..common import UserError, parse_dtype
 from ..inference.sampling import SamplingParams
 
 REFLECTION = re.compile(r"\b(wait|check|verify|recheck)\b", re.IGNORECASE)
+BACKTRACK = re.compile(r"\bno\.")
 
 
 def prompt_ids(tok, question: str) -> list[int]:
@@ -161,6 +163,18 @@ class HFSampler:
         """generate() reads the model's parameters directly: nothing to rebuild."""
 
 
+def reflection_stats(reflect: list[bool], correct: list[bool]) -> dict:
+    """How often completions reflect, and whether reflecting pays: `self_correction_rate` is the share
+    of all completions that reflect *and* end right; the accuracies are conditioned on reflecting or
+    not (None when no completion falls in that class)."""
+    refl = [c for r, c in zip(reflect, correct) if r]
+    plain = [c for r, c in zip(reflect, correct) if not r]
+    return {"reflection_rate": float(np.mean(reflect)) if reflect else 0.0,
+            "self_correction_rate": float(np.mean([r and c for r, c in zip(reflect, correct)])) if reflect else 0.0,
+            "accuracy_reflecting": float(np.mean(refl)) if refl else None,
+            "accuracy_not_reflecting": float(np.mean(plain)) if plain else None}
+
+
 @torch.no_grad()
 def evaluate(sampler, tok, problems, max_new_tokens: int, temperature: float = 0.0, samples: int = 1,
              top_p: float = 1.0, seed: int = 0, return_texts: bool = False) -> dict:
@@ -170,12 +184,13 @@ def evaluate(sampler, tok, problems, max_new_tokens: int, temperature: float = 0
     sp = SamplingParams(n=samples, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
     sampler.reseed(seed)
     groups = sampler.rollout(prompts, sp)
-    correct, cons, lengths, think, reflect, texts_all = [], [], [], [], [], []
+    correct, cons, lengths, think, reflect, backtrack, texts_all, ok_all = [], [], [], [], [], [], [], []
     for prob, group in zip(problems, groups):
         check = get_checker(prob.task)
         texts = [tok.decode(c["ids"]) for c in group]
         answers = [extract_answer(t) for t in texts]
         ok = [bool(check(a, prob)) for a in answers]
+        ok_all += ok
         correct.append(float(np.mean(ok)))
         votes = [a for a in answers if a is not None]
         majority = max(set(votes), key=votes.count) if votes else None
@@ -183,12 +198,13 @@ def evaluate(sampler, tok, problems, max_new_tokens: int, temperature: float = 0
         lengths += [len(c["ids"]) for c in group]
         think += ["<think>" in t for t in texts]
         reflect += [bool(REFLECTION.search(t)) for t in texts]
+        backtrack += [bool(BACKTRACK.search(t)) for t in texts]
         texts_all.append(texts)
     res = {"accuracy": float(np.mean(correct)), f"cons@{samples}": float(np.mean(cons)),
            "pass@k": float(np.mean([c > 0 for c in correct])),
            "mean_length": float(np.mean(lengths)), "think_rate": float(np.mean(think)),
-           "reflection_rate": float(np.mean(reflect)), "n": len(problems), "samples": samples,
-           "temperature": temperature}
+           "backtrack_rate": float(np.mean(backtrack)),
+           "n": len(problems), "samples": samples, "temperature": temperature, **reflection_stats(reflect, ok_all)}
     if return_texts:
         res["texts"] = texts_all
     return res

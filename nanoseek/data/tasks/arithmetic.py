@@ -55,27 +55,49 @@ def carryless(a: int, op: str, b: int) -> int:
     return int("".join(str(d) for d in reversed(digits)))
 
 
-def _addition_trace(a: int, b: int) -> str:
-    steps, carry = [], 0
-    for x, y in _columns(a, b):
+def _carry_columns(a: int, op: str, b: int) -> list[int]:
+    """Indices (rightmost = 0) of the columns that take a carry-in (addition) or a borrow-in
+    (subtraction): the places where a writer in a hurry drops it."""
+    out, carry = [], 0
+    for i, (x, y) in enumerate(_columns(a, b)):
+        if carry:
+            out.append(i)
+        carry = int(x + y + carry >= 10) if op == "+" else int(x - y - carry < 0)
+    return out
+
+
+def _column_trace(a: int, op: str, b: int, slip: int | None = None, caught: bool = False) -> tuple[str, int]:
+    """The column method written out, and the value it arrives at. With `slip`, the carry/borrow into
+    column `slip` is dropped there (and what follows is computed from the slipped column, so the
+    trace stays self-consistent and ends at a wrong value); with `caught`, the writer notices right
+    after the slipped column ("wait, check the carry: ..."), redoes it, and goes on correctly."""
+    steps, carry, digits = [], 0, []
+    for i, (x, y) in enumerate(_columns(a, b)):
+        sign = "+" if op == "+" else "-"
+        take = carry and i != slip                 # the carry/borrow this column uses
+        if i == slip and caught:
+            steps.append(_column_step(x, sign, y, 0)[0])
+            steps.append(f"wait, check the {'carry' if op == '+' else 'borrow'}: " + _column_step(x, sign, y, 1)[0])
+            take = 1
+        text, digit, carry = _column_step(x, sign, y, int(bool(take)))
+        if not (i == slip and caught):
+            steps.append(text)
+        digits.append(digit)
+    if op == "+" and carry:
+        digits.append(1)
+    return ", ".join(steps), int("".join(str(d) for d in reversed(digits)))
+
+
+def _column_step(x: int, sign: str, y: int, carry: int) -> tuple[str, int, int]:
+    """'x+y(+1)=t' / 'x-y(-1)(+10)=d', the digit written, the carry/borrow out."""
+    if sign == "+":
         total = x + y + carry
-        steps.append(f"{x}+{y}{'+1' if carry else ''}={total}")
-        carry = total // 10
-    return ", ".join(steps)
-
-
-def _subtraction_trace(a: int, b: int) -> str:
-    steps, borrow = [], 0
-    for x, y in _columns(a, b):
-        diff = x - y - borrow
-        text = f"{x}-{y}{'-1' if borrow else ''}"
-        borrow = 1 if diff < 0 else 0
-        if borrow:
-            diff += 10
-            text += "+10"
-        steps.append(f"{text}={diff}")
-    assert borrow == 0, "subtraction keeps a >= b"
-    return ", ".join(steps)
+        return f"{x}+{y}{'+1' if carry else ''}={total}", total % 10, total // 10
+    diff, text = x - y - carry, f"{x}-{y}{'-1' if carry else ''}"
+    borrow = int(diff < 0)
+    if borrow:
+        diff, text = diff + 10, text + "+10"
+    return f"{text}={diff}", diff, borrow
 
 
 class Arithmetic(Task):
@@ -111,8 +133,20 @@ class Arithmetic(Task):
 
     def worked_solution(self, problem: Problem) -> str:
         a, op, b = _operands(problem)
-        trace = _addition_trace(a, b) if op == "+" else _subtraction_trace(a, b)
-        value = a + b if op == "+" else a - b
+        trace, value = _column_trace(a, op, b)
+        assert value == (a + b if op == "+" else a - b)
+        return f"<think>{trace}, so {value}</think><answer>{value}</answer>"
+
+    def slipped_solution(self, problem: Problem, rng: random.Random, caught: bool) -> str | None:
+        """A worked trace with the writer's habitual slip: the carry/borrow into the leading column is
+        dropped. Wrong unless `caught`, where the writer notices at once and repairs it. None when
+        nothing is carried into the leading column. (A habit, not a random slip: a model that learns it
+        cannot fix it by sampling more carefully, only by noticing - or by unlearning the habit.)"""
+        a, op, b = _operands(problem)
+        places = _carry_columns(a, op, b)
+        if not places or places[-1] != len(_columns(a, b)) - 1:
+            return None
+        trace, value = _column_trace(a, op, b, slip=places[-1], caught=caught)
         return f"<think>{trace}, so {value}</think><answer>{value}</answer>"
 
     def direct_solution(self, problem: Problem, rng: random.Random, p_wrong: float = 0.0) -> str:

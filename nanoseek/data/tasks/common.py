@@ -146,6 +146,25 @@ class Task(ABC):
     def direct_solution(self, problem: Problem, rng: random.Random, p_wrong: float = 0.0) -> str:
         """<answer>X</answer>, where X is a plausible wrong answer with probability p_wrong."""
 
+    def guessed_solution(self, problem: Problem, rng: random.Random, p_wrong: float = 0.0,
+                         recheck: bool = True) -> str:
+        """A quick answer first (a direct answer: plausibly wrong with probability p_wrong), then either
+        a re-evaluation that works it out properly, or nothing more:
+
+            recheck  <think>522? wait, check: 7+5=12, 4+8+1=13, 3+2+1=6, so 632</think><answer>632</answer>
+            not      <think>522</think><answer>522</answer>
+        """
+        guess = extract_answer(self.direct_solution(problem, rng, p_wrong))
+        if not recheck:
+            return f"<think>{guess}</think><answer>{guess}</answer>"
+        return self.worked_solution(problem).replace("<think>", f"<think>{guess}? wait, check: ", 1)
+
+    def slipped_solution(self, problem: Problem, rng: random.Random, caught: bool) -> str | None:
+        """A worked completion with one slip in it: it ends wrong unless `caught`, where the writer
+        notices ("wait, check ...") and repairs it. None if the task (or this problem) has no
+        natural slip; the corpus then writes the plain worked solution."""
+        return None
+
     def problems(self, n: int, seed: int, split: str = "train") -> list[Problem]:
         check_split(split)
         if not isinstance(n, int) or n < 0:

@@ -12,8 +12,9 @@ names), with limits on length and nesting so hostile input cannot hang or blow t
 tree is evaluated with `fractions.Fraction`, so 7/2*2 is exactly 7, and the answer counts only if
 it uses each given number exactly once (multiset equality) and equals the target.
 
-The worked solution is a depth-first search written out: a few failed attempts (at most one per
-first move, at most MAX_SHOWN_FAILURES), then the path that works and its expression. It is a
+The worked solution is a depth-first search written out: failed attempts (one per first move,
+the closest miss, each compared with the target: "7+4=11, 11+3=14 vs 19 no."; at most
+MAX_SHOWN_FAILURES), then the path that works ("... vs 19 yes.") and its expression. It is a
 deterministic function of the problem. Unlike TinyZero we do not give partial credit here; the
 0.1 "format score" lives in `nanoseek.rewards.accuracy.countdown_reward`.
 """
@@ -28,7 +29,7 @@ from .common import Problem, Task, check_p_wrong
 
 MAX_EXPR_CHARS = 200
 MAX_DEPTH = 32
-MAX_SHOWN_FAILURES = 7
+MAX_SHOWN_FAILURES = 11
 MAX_NUMBERS = 5                 # an unsolvable 5-number search takes ~1 s in pure Python, 6 takes ~40 s
 _QUESTION_RE = re.compile(r"Use ([0-9]+(?: [0-9]+)*) to make ([0-9]+)")
 _TOKEN_RE = re.compile(r"\s*(?:([0-9]+)|([-+*/()]))")
@@ -148,7 +149,8 @@ def _moves(items, integers_only):
 
 
 def _search(nums, target, integers_only, failures):
-    """DFS over merges. Returns (steps, expression) or None; appends failed leaf paths to failures."""
+    """DFS over merges. Returns (steps, expression) or None; appends (failed leaf path, its value) to
+    failures."""
     target = Fraction(target)
     dead = set()
 
@@ -156,7 +158,7 @@ def _search(nums, target, integers_only, failures):
         if len(items) == 1:
             if items[0][0] == target:
                 return steps, items[0][1]
-            failures.append(steps)
+            failures.append((steps, items[0][0]))
             return None
         key = tuple(sorted(v for v, _, _ in items))
         if key in dead:
@@ -277,13 +279,16 @@ class Countdown(Task):
         else:
             raise ValueError(f"countdown problem has no solution: {problem.question!r}")
         steps, expr = found
-        shown = []
-        first_moves = {steps[0] if steps else None}
-        for path in failures:
-            if path and path[0] not in first_moves and len(shown) < MAX_SHOWN_FAILURES:
-                first_moves.add(path[0])
-                shown.append(", ".join(path) + " no.")
-        trace = " ".join(shown + [", ".join(steps) + " yes.", f"{expr}={target}"])
+        # one miss per first move tried before the one that works: the closest to the target (so the
+        # trace teaches a search that picks the best last step; for 3 numbers that search is complete)
+        best: dict[str, tuple] = {}
+        for path, value in failures:
+            if path and path[0] != steps[0]:
+                key = (abs(value - target), len(best))
+                if path[0] not in best or key[0] < best[path[0]][0][0]:
+                    best[path[0]] = (key, path, value)
+        shown = [", ".join(path) + f" vs {target} no." for _, path, _ in list(best.values())[:MAX_SHOWN_FAILURES]]
+        trace = " ".join(shown + [", ".join(steps) + f" vs {target} yes.", f"{expr}={target}"])
         return f"<think>{trace}</think><answer>{expr}</answer>"
 
     def direct_solution(self, problem: Problem, rng: random.Random, p_wrong: float = 0.0) -> str:
