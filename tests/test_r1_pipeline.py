@@ -190,6 +190,8 @@ def test_r1_zero_task_defaults_fill_only_unset_flags():
     assert resolve(R1ZeroConfig(task="equations")).rl_task_args == ""
     with pytest.raises(UserError, match="--task sums: unknown"):
         resolve(R1ZeroConfig(task="sums"))
+    with pytest.raises(UserError, match="--p-catch 1.5: a share"):
+        resolve(R1ZeroConfig(p_catch=1.5))
 
 
 def test_reflection_stats():

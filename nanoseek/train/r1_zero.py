@@ -108,7 +108,11 @@ def resolve(cfg: R1ZeroConfig) -> R1ZeroConfig:
     if cfg.task not in TASKS:
         raise UserError(f"--task {cfg.task}: unknown; choose one of {', '.join(sorted(TASKS))}")
     row = TASK_DEFAULTS.get(cfg.task, {**TASK_DEFAULTS["arithmetic"], "rl_task_args": ""})
-    return replace(cfg, **{k: v for k, v in row.items() if getattr(cfg, k) is None})
+    cfg = replace(cfg, **{k: v for k, v in row.items() if getattr(cfg, k) is None})
+    for name in ("p_worked", "p_slip", "p_catch", "p_guess", "p_recheck"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: a share, must be in [0, 1]")
+    return cfg
 
 
 def r1_zero(cfg: R1ZeroConfig) -> dict:
