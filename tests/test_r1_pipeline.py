@@ -417,3 +417,19 @@ def test_dynamic_sampling_refills_and_carries_surplus_groups(base, tmp_path):
     assert sizes == [16, 8, 12]                 # 4 prompts x G=4, a refill of max(1, 4 // 2) = 2, then 3 at step 2
     assert [r["groups_trained"] for r in recs] == [4, 4] and [r["groups_carried"] for r in recs] == [0, 1]
     assert [r["short_steps"] for r in recs] == [0, 0]
+
+
+@pytest.mark.slow
+def test_main_job_aha_pinned(tmp_path):
+    """The main job's recipe without distillation (~5 min on 2 cores): RL lifts greedy pass@1 by >= 30
+    points on held-out sums and the reflection rate by >= 5 points, sampled and greedy; reflecting pays in
+    the base; and the report carries a rule-picked transcript whose RL side reflects and is right."""
+    from nanoseek.train.r1_zero import R1ZeroConfig, r1_zero
+    rep = r1_zero(R1ZeroConfig(out=str(tmp_path), distill=False, eval_n=200, reflect_n=100))
+    f = rep["reflection"]
+    assert rep["accuracy_after"] - rep["accuracy_before"] >= 0.30
+    assert f["reflection_rate_after"] - f["reflection_rate_before"] >= 0.05
+    assert f["greedy_reflection_rate_after"] - f["greedy_reflection_rate_before"] >= 0.05
+    assert f["accuracy_reflecting_before"] > f["accuracy_not_reflecting_before"] + 0.3
+    ex = rep["aha_example"]
+    assert ex is not None and "wait, check" in ex["rl"] and ex["answer"] in ex["rl"]

@@ -551,6 +551,13 @@ def test_prometheus_metrics(url, client):
     assert values['nanoseek_tokens_total{kind="completion"}'] >= 2
     assert values['nanoseek_response_start_seconds_bucket{endpoint="chat",le="+Inf"}'] >= 1
     assert "nanoseek_running_requests" in values and "# TYPE nanoseek_response_start_seconds histogram" in text
+    before = values.get('nanoseek_requests_total{endpoint="completions",status="200"}', 0)
+    for part in client.completions.create(model="tiny", prompt="1+1=", max_tokens=3, stream=True):
+        pass                                          # a stream is counted once, when its first chunk goes out
+    text = httpx.get(url + "/metrics").text
+    after = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line and not line.startswith("#")}
+    assert after['nanoseek_requests_total{endpoint="completions",status="200"}'] == before + 1
 
 
 def test_penalties_and_logit_bias_through_the_api(url):

@@ -211,8 +211,9 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
             return prompt_logprobs(llm.model, prompts, top)
 
     async def measured(endpoint: str, handle):
-        """Run a request handler, counting its status and the time to its response's start. (Not an HTTP
-        middleware: Starlette's would hide a client's disconnect from the handler.)"""
+        """Run a request handler, counting its status and the time to its response's start - for a stream,
+        its first chunk. (Not an HTTP middleware: Starlette's would hide a client's disconnect from the
+        handler.)"""
         t0 = time.perf_counter()
         try:
             response = await handle()
@@ -222,7 +223,25 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
         except Exception:
             metrics.observe(endpoint, 500, time.perf_counter() - t0)
             raise
-        metrics.observe(endpoint, response.status_code, time.perf_counter() - t0)
+        if not isinstance(response, StreamingResponse):
+            metrics.observe(endpoint, response.status_code, time.perf_counter() - t0)
+            return response
+        body = response.body_iterator
+
+        async def timed():              # a stream's response starts with its first chunk, not at setup
+            seen = False
+            try:
+                async for part in body:
+                    if not seen:
+                        seen = True
+                        metrics.observe(endpoint, response.status_code, time.perf_counter() - t0)
+                    yield part
+            finally:
+                if not seen:            # the client left (or the stream ended) before any byte
+                    metrics.observe(endpoint, response.status_code, time.perf_counter() - t0)
+                if hasattr(body, "aclose"):
+                    await body.aclose()
+        response.body_iterator = timed()
         return response
 
     @app.get("/metrics")
