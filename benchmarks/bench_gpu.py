@@ -1,0 +1,304 @@
+"""Training MFU and decode speed beside HF transformers on the same weights, in one run (issue 11's yardstick).
+
+    PYTHONPATH=. python3 benchmarks/bench_gpu.py            # one CUDA GPU, ~5 min; JSON to $OUT (or .)
+    python benchmarks/bench_gpu.py --tiny                   # the same code at toy size on CPU (~1 min)
+
+1. train   the V3-shaped 1.71B-total / 0.41B-activated model (hidden 2048, 8 layers, 32 experts top-4,
+           q_lora 768, kv_lora 512), B8 x T2048, bf16 autocast, AdamW: nanoseek eager, nanoseek with its
+           blocks compiled (`train/compiled.py`), HF `DeepseekV3ForCausalLM`. Step time, tokens/s, MFU
+           (6 x activated params x tokens + causal attention, over the GPU's dense bf16 peak), peak memory.
+2. decode  the 8.5M benchmark model and the 1.71B model, 128 new tokens after 32-token prompts, greedy,
+           batch 1 / 8 / 64: nanoseek `LLM` (bf16) vs HF `generate` (bf16). Tokens/s, and the achieved
+           fraction of the memory roofline: (weight bytes + latent-cache bytes read per step) / step
+           time / peak bandwidth. Plus: nanoseek's greedy tokens in fp32 == HF's in fp32 (8 prompts).
+--tiny shrinks every shape, runs on CPU, and takes the CPU's "peaks" from a GEMM and a copy it times
+(so MFU and roofline there say little; the point is that the script stays runnable without a GPU).
+Each part is time-boxed by --budget and reports its error instead of stopping the run; the JSON holds
+the device, torch and transformers versions and the commit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# dense bf16 peak FLOP/s and HBM bandwidth (bytes/s) by GPU name (vendor data sheets, SXM parts)
+GPU_PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}
+MID = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1024,
+           num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=16, num_key_value_heads=16,
+           n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+           q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+           max_position_embeddings=4096, tie_word_embeddings=False)
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+            first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8,
+            n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
+            qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, max_position_embeddings=512,
+            tie_word_embeddings=False)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args, self.t0, self.res = args, time.time(), {}
+        self.dev = torch.device("cpu" if args.tiny else "cuda")
+        self.path = Path(args.out) / "bench_gpu.json"
+
+    def left(self) -> float:
+        return self.args.budget - (time.time() - self.t0)
+
+    def sync(self):
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(self, fn, n: int = 3, warm: int = 1) -> float:
+        for _ in range(warm):
+            fn()
+        self.sync()
+        best = float("inf")
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    def part(self, name: str, fn) -> None:
+        t = time.time()
+        if self.left() < 10:
+            self.res[name] = {"skipped": f"out of time (--budget {self.args.budget:.0f} s)"}
+        else:
+            try:
+                self.res[name] = fn()
+            except Exception as e:          # a measurement script reports, it does not stop
+                self.res[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
+        self.res.setdefault("seconds", {})[name] = round(time.time() - t, 1)
+        self.path.write_text(json.dumps(self.res, indent=2))
+        print(f"{name}: {json.dumps(self.res[name])[:600]}", flush=True)
+
+    def peak_mem_gb(self):
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.dev.type == "cuda" else None
+
+    def free(self):
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+
+def environment(b: Bench) -> dict:
+    import transformers
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    if b.dev.type == "cuda":
+        name = torch.cuda.get_device_name(0)
+        flops, bw = next((v for k, v in GPU_PEAKS.items() if k in name), (None, None))
+        source = "data sheet" if flops else "unknown GPU: MFU and roofline not computed"
+    else:
+        name = _cpu_name()
+        flops, bw, source = _measured_cpu_peaks(b)
+    return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "commit": commit, "peak_flops": flops, "peak_bytes_per_s": bw, "peaks_from": source,
+            "tiny": b.args.tiny}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def _measured_cpu_peaks(b: Bench):
+    a = torch.randn(1024, 1024)
+    t = b.timed(lambda: a @ a, n=5)
+    x = torch.empty(64 * 2**20, dtype=torch.uint8)
+    y = torch.empty_like(x)
+    tc = b.timed(lambda: y.copy_(x), n=5)
+    return 2 * 1024**3 / t, 2 * x.numel() / tc, "measured here: fp32 1024^3 GEMM and a 64 MiB copy"
+
+
+def train_part(b: Bench) -> dict:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from nanoseek.config import ModelConfig
+    from nanoseek.info import model_info
+    from nanoseek.model import Transformer
+    from nanoseek.model.moe import update_bias
+    from nanoseek.train.compiled import StepCompiler
+    from nanoseek.train.losses import forward_losses
+    from nanoseek.train.optim import build_optimizer
+    from nanoseek.train.pretrain import PretrainConfig
+
+    shapes = TINY if b.args.tiny else MID
+    cfg = ModelConfig(**{k: v for k, v in shapes.items() if k != "num_key_value_heads"}, num_nextn_predict_layers=0,
+                      routed_scaling_factor=1.0, rope_factor=1.0, initializer_range=0.02)
+    B, T = (2, 64) if b.args.tiny else (8, 2048)
+    info = model_info(cfg)
+    act = info["activated_params_no_embedding"] + cfg.vocab_size * cfg.hidden_size      # the head's GEMM counts
+    attn = 3 * 2 * cfg.num_hidden_layers * B * T * T * cfg.num_attention_heads * (
+        cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2                  # fwd+bwd, causal half
+    flops = 6 * act * B * T + attn
+    peak = b.res["env"]["peak_flops"]
+    batch = torch.randint(0, cfg.vocab_size, (B, T + 1), device=b.dev)
+    out = {"total_params": info["total_params"], "activated_params": info["activated_params"], "batch": [B, T],
+           "flops_per_step": flops}
+
+    def record(name, seconds, extra=None):
+        out[name] = {"step_s": round(seconds, 4), "tok_s": round(B * T / seconds),
+                     "mfu": round(flops / seconds / peak, 4) if peak else None, "peak_mem_gb": b.peak_mem_gb(),
+                     **(extra or {})}
+
+    pc = PretrainConfig(mtp_lambda=0.0)
+    for mode in ("eager", "compiled"):
+        if b.left() < 60:
+            out[f"nanoseek_{mode}"] = {"skipped": "out of time"}
+            continue
+        torch.manual_seed(0)
+        model = Transformer(cfg).init_weights(0).to(b.dev).train()
+        opt = build_optimizer(model, 1e-4)
+        t_compile = time.perf_counter()
+        if mode == "compiled":
+            StepCompiler(model, "on")
+
+        def step():
+            with torch.autocast(b.dev.type, dtype=torch.bfloat16):
+                loss = forward_losses(model, batch, pc)["total"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for moe in model.moe_layers():
+                update_bias(moe, 1e-3)
+        step()
+        b.sync()
+        first = time.perf_counter() - t_compile
+        record(f"nanoseek_{mode}", b.timed(step, n=3, warm=1), {"first_step_s": round(first, 1)})
+        model = opt = None
+        b.free()
+    if b.left() < 60:
+        out["hf"] = {"skipped": "out of time"}
+        return out
+    hf_cfg = DeepseekV3Config(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
+    hf = DeepseekV3ForCausalLM(hf_cfg).to(b.dev).train()
+    hopt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=b.dev.type == "cuda")
+
+    def hf_step():
+        with torch.autocast(b.dev.type, dtype=torch.bfloat16):
+            loss = hf(batch[:, :-1], labels=batch[:, :-1]).loss
+        loss.backward()
+        hopt.step()
+        hopt.zero_grad(set_to_none=True)
+    record("hf", b.timed(hf_step, n=3, warm=1))
+    hf = hopt = None
+    b.free()
+    for mode in ("eager", "compiled"):
+        if "step_s" in out.get(f"nanoseek_{mode}", {}):
+            out[f"nanoseek_{mode}"]["speedup_vs_hf"] = round(out["hf"]["step_s"] / out[f"nanoseek_{mode}"]["step_s"], 2)
+    return out
+
+
+def decode_part(b: Bench, shapes: dict, batches) -> dict:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from nanoseek.inference import LLM, SamplingParams
+
+    torch.manual_seed(0)
+    hf_cfg = DeepseekV3Config(**shapes, eos_token_id=None, bos_token_id=None)
+    d = tempfile.mkdtemp()
+    DeepseekV3ForCausalLM(hf_cfg).save_pretrained(d)
+    hf = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to(b.dev).eval()
+    n_new, n_prompt = (16, 8) if b.args.tiny else (128, 32)
+    llm = LLM(d, device=b.dev.type, max_batch=max(batches), max_len=n_prompt + n_new + 8)
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())           # bf16, all read per step
+    cache_per_token = shapes["num_hidden_layers"] * (shapes["kv_lora_rank"] + shapes["qk_rope_head_dim"]) * \
+        llm.engine.cache.data.element_size()
+    bw = b.res["env"]["peak_bytes_per_s"]
+    out = {"new_tokens": n_new, "prompt_tokens": n_prompt, "weight_bytes_bf16": weight_bytes}
+    for B in batches:
+        if b.left() < 30:
+            out[f"b{B}"] = {"skipped": "out of time"}
+            continue
+        prompts = torch.randint(0, shapes["vocab_size"], (B, n_prompt))
+        reqs = [{"prompt_token_ids": p.tolist()} for p in prompts]
+        sp = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
+        ids = prompts.to(b.dev)
+
+        def hf_gen():
+            with torch.no_grad():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                            do_sample=False, eos_token_id=None)
+        t_ns = b.timed(lambda: llm.generate(reqs, sp), n=2, warm=1)
+        t_hf = b.timed(hf_gen, n=2, warm=1)
+        step_s = t_ns / n_new
+        read = weight_bytes + B * (n_prompt + n_new / 2) * cache_per_token
+        out[f"b{B}"] = {"nanoseek_tok_s": round(B * n_new / t_ns, 1), "hf_tok_s": round(B * n_new / t_hf, 1),
+                        "ratio": round(t_hf / t_ns, 2),
+                        "roofline_fraction": round(read / step_s / bw, 4) if bw else None,
+                        "hf_roofline_fraction": round(read / (t_hf / n_new) / bw, 4) if bw else None}
+    hf = llm = None
+    b.free()
+    return out
+
+
+def greedy_fp32_part(b: Bench) -> dict:
+    """nanoseek's greedy tokens in fp32 == HF `generate` in fp32, 8 prompts, on the 8.5M model (tiny: toy)."""
+    from bench_model import hf_config
+    from transformers import DeepseekV3ForCausalLM
+
+    from nanoseek.inference import LLM, SamplingParams
+
+    torch.manual_seed(0)
+    cfg = hf_config(**({k: TINY[k] for k in TINY} if b.args.tiny else {}), eos_token_id=None, bos_token_id=None)
+    d = tempfile.mkdtemp()
+    DeepseekV3ForCausalLM(cfg).save_pretrained(d)
+    hf = DeepseekV3ForCausalLM.from_pretrained(d).to(b.dev).eval()
+    llm = LLM(d, device=b.dev.type, autocast_dtype="float32", max_batch=8, max_len=64)
+    p = torch.randint(0, cfg.vocab_size, (8, 16))
+    with torch.no_grad():
+        ref = hf.generate(p.to(b.dev), attention_mask=torch.ones_like(p).to(b.dev), max_new_tokens=24,
+                          do_sample=False, eos_token_id=None)[:, 16:].tolist()
+    outs = llm.generate([{"prompt_token_ids": r.tolist()} for r in p],
+                        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    return {"identical": sum(o.outputs[0].token_ids == r for o, r in zip(outs, ref)), "of": 8}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="toy shapes on CPU (keeps the script alive without a GPU)")
+    ap.add_argument("--budget", type=float, default=280.0, help="seconds for the whole run; parts past it are skipped")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for bench_gpu.json")
+    args = ap.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        print("bench_gpu.py: no CUDA device here; run with --tiny for the CPU toy version", file=sys.stderr)
+        raise SystemExit(2)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    b = Bench(args)
+    b.res["env"] = environment(b)
+    print(f"env: {json.dumps(b.res['env'])}", flush=True)
+    b.part("greedy_fp32_vs_hf", lambda: greedy_fp32_part(b))
+    b.part("train", lambda: train_part(b))
+    from bench_model import hf_config
+    small = {k: v for k, v in hf_config().to_dict().items() if k in MID}
+    b.part("decode_small", lambda: decode_part(b, TINY if args.tiny else small, (1, 8) if args.tiny else (1, 8, 64)))
+    if not args.tiny:
+        b.part("decode_mid", lambda: decode_part(b, MID, (1, 8, 64)))
+    return b.res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The GPU benchmark runs only where a GPU is lent; its --tiny CPU mode keeps the same code alive here."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_gpu_tiny_runs_on_cpu(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NANOSEEK_NO_PROGRESS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny", "--out", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert res["env"]["tiny"] and res["env"]["commit"] and res["env"]["peak_flops"] > 0
+    for part in ("greedy_fp32_vs_hf", "train", "decode_small"):
+        assert "error" not in res[part] and "skipped" not in res[part], res[part]
+    assert res["greedy_fp32_vs_hf"] == {"identical": 8, "of": 8}
+    for mode in ("nanoseek_eager", "nanoseek_compiled", "hf"):
+        assert 0 < res["train"][mode]["mfu"] and res["train"][mode]["tok_s"] > 0, res["train"][mode]
+    for b in ("b1", "b8"):
+        d = res["decode_small"][b]
+        assert d["nanoseek_tok_s"] > 0 and d["hf_tok_s"] > 0 and 0 < d["roofline_fraction"]
+
+
+def test_bench_gpu_without_a_gpu_says_to_use_tiny():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert r.returncode == 2 and "--tiny" in r.stderr and "Traceback" not in r.stderr
