@@ -95,6 +95,50 @@ def test_engine_logprobs_equal_trainer_logprobs():
     assert (trainer - engine).abs().max() < 1e-5          # build_batch lays the engine's log-probs out as the trainer's
 
 
+def test_routing_replay_makes_trainer_match_the_engine_where_only_routing_differs():
+    """The engine records every input position's experts; replaying them in the trainer's forward gives the
+    engine's log-probs back after the routing alone changed (a new selection bias moves the top-k choice and
+    not the weights), while the unreplayed forward differs. The router still gets a gradient."""
+    from nanoseek.inference.engine import Engine
+    from nanoseek.inference.sampling import SamplingParams
+    from nanoseek.model.moe import MoE
+    from nanoseek.train.grpo import build_replay
+
+    torch.manual_seed(0)
+    model = randomize(Transformer(random_cfg(rope_factor=1.0, max_position_embeddings=128))).eval()
+    eng = Engine(model, max_batch=16, max_len=96, seed=3, autocast_dtype=torch.float32, record_routing=True)
+    prompts = [[1, 5, 7, 9], [1, 3, 3, 8, 2, 4]]
+    for i, p in enumerate(prompts):
+        eng.add_request(p, SamplingParams(n=3, temperature=1.0, max_tokens=10, ignore_eos=True), str(i))
+    seqs = []
+    while eng.has_work():
+        seqs += [s for s in eng.step() if s.finish_reason]
+    comps = [{"ids": s.out_ids, "truncated": False, "logprobs": s.logprobs,
+              "routing": torch.cat(s.routing, dim=1)} for s in seqs]
+    n_moe = sum(isinstance(layer.ffn, MoE) for layer in model.layers)
+    assert n_moe and all(c["routing"].shape[:2] == (n_moe, len(s.prompt_ids) + len(s.out_ids) - 1)
+                         for c, s in zip(comps, seqs))
+    ids, mask, _, engine = build_batch([s.prompt_ids for s in seqs], comps, torch.zeros(len(seqs)), 0, False, "cpu")
+    replay = build_replay([s.prompt_ids for s in seqs], comps, ids.shape[1], "cpu")
+    with torch.no_grad():
+        same = policy_logprobs(model, ids, mask, 1.0)
+        assert (same - engine).abs().max() < 1e-5                    # fp32: the recorded routes are the model's
+        for layer in model.layers:                                   # only the routing changes
+            if isinstance(layer.ffn, MoE):
+                layer.ffn.gate.bias.copy_(torch.randn_like(layer.ffn.gate.bias) * 5)
+        moved = policy_logprobs(model, ids, mask, 1.0)
+        recs = []
+        replayed = policy_logprobs(model, ids, mask, 1.0, replay=replay, records=recs)
+    assert recs[0].replayed_rows == n_moe * ids.shape[0] * (ids.shape[1] - 1) - int((replay[..., 0] < 0).sum())
+    assert 0 < recs[0].changed_rows <= recs[0].replayed_rows       # the new bias moved the routes
+    assert (moved - engine).abs().max() > 1e-2
+    assert (replayed - engine).abs().max() < 1e-5
+    model.zero_grad()
+    (policy_logprobs(model, ids, mask, 1.0, replay=replay) * mask).sum().backward()
+    gate = next(layer.ffn.gate.weight for layer in model.layers if isinstance(layer.ffn, MoE))
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # the update: minibatches, accumulation, off-policy ratios
 

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -333,6 +334,38 @@ def test_any_hf_model_with_its_own_tokenizer_end_to_end(qwen_dir, tmp_path):
     assert (tmp_path / "sft" / "final" / "config.json").exists()
 
 
+def test_distill_with_hf_teacher_and_hf_student(qwen_dir, tmp_path):
+    """A Qwen2 teacher (SFT'd on worked sums until some answers are right) distilled into a Qwen2 student with
+    its own tokenizer: verified traces, the student's loss falls, an HF directory transformers loads (the
+    student used to be loaded as a DeepSeek model: a traceback)."""
+    import transformers
+
+    from nanoseek.data.tasks import Arithmetic
+    from nanoseek.train.distill import DistillConfig, distill
+    from nanoseek.train.sft import main as sft_main
+    task = Arithmetic(min_digits=1, max_digits=1)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p.question},
+                                                     {"role": "assistant", "content": task.worked_solution(p)}]})
+                            + "\n" for p in task.problems(400, seed=1)))
+    sft_main(["--data", str(chat), "--model", str(qwen_dir), "--out", str(tmp_path / "teacher"), "--epochs", "8",
+              "--batch-size", "16", "--lr", "3e-3", "--dtype", "float32"])
+    s = distill(DistillConfig(teacher=str(tmp_path / "teacher" / "final"), student=str(qwen_dir),
+                              out=str(tmp_path / "dis"), task="arithmetic", task_args="min_digits=1,max_digits=1",
+                              n_prompts=32, k=2, max_new_tokens=24, epochs=6, batch_size=4, eval_n=16))
+    assert s["traces"] > 0 and s["teacher_accuracy"] > 0 and s["sft"]["steps"] > 1
+    assert s["sft"]["final_loss"] < s["sft"]["first_loss"]
+    final = Path(s["final_model"])
+    transformers.AutoModelForCausalLM.from_pretrained(final)
+    assert "im_end" in transformers.AutoTokenizer.from_pretrained(final).eos_token
+
+
+def test_routing_replay_needs_a_nanoseek_model(qwen_dir, tmp_path):
+    from nanoseek.train.grpo import GRPOConfig, grpo
+    with pytest.raises(UserError, match="--routing-replay needs a nanoseek"):
+        grpo(GRPOConfig(model=str(qwen_dir), out=str(tmp_path), routing_replay=True, steps=1, eval_n=2))
+
+
 def test_hf_chat_mask_marks_exactly_the_assistant_replies(qwen_dir):
     from nanoseek.tokenizer import HFChatTokenizer, load_tokenizer
     tok = load_tokenizer(qwen_dir)
@@ -369,6 +402,9 @@ def test_rollout_mismatch_is_logged_and_corrected(base, tmp_path):
                     compile="off", dynamic_sampling=False, rollout_is="truncate", rollout_is_cap=1.002))
     rec = last(tmp_path / "bf16")
     assert rec["rollout_logp_gap"] > 1e-3 and 0 < rec["rollout_is_capped"] < 1
+    grpo(small_grpo(base, tmp_path / "r3", steps=2, plots=False, save_final=False, rollout_dtype="float32",
+                    compile="off", dynamic_sampling=False, routing_replay=True, minibatches=2))
+    assert last(tmp_path / "r3")["rollout_logp_gap"] < 1e-4      # fp32 rollouts through the recording path
 
 
 def test_hf_tokenizer_stops_on_the_templates_end_of_turn_and_masks_past_a_think_prompt(qwen_dir, tmp_path):

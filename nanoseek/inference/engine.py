@@ -23,6 +23,7 @@ import torch
 
 from ..common import UserError, compute_dtype, decode_dtypes
 from ..model import Transformer
+from ..model.moe import RoutingRecord
 from .cache import LatentCache
 from .runner import DecodeRunner
 from .sampling import SamplingParams, logprobs_topk, process_logits, sample
@@ -34,12 +35,15 @@ class Engine:
     def __init__(self, model: Transformer, max_batch: int = 64, max_len: int | None = None,
                  cache_dtype: torch.dtype | None = None, autocast_dtype: torch.dtype | None = None,
                  speculative: bool = False, seed: int = 0, stop_token_ids: list[int] | None = None,
-                 compile: bool | str = "auto"):
+                 compile: bool | str = "auto", record_routing: bool = False):
         """autocast_dtype: the compute dtype (None: measured per host - prefill in the faster of fp32
         and bf16 autocast, each decode GEMM in its fastest kernel; see `nanoseek.calibrate`).
         compile: the decode step's torch.compile policy (True / False / "auto", see runner/). A model
         whose weights `nanoseek.quant.fp8.quantize_weights` converted (`LLM(weights="fp8")`) decodes
-        from e4m3 weights too."""
+        from e4m3 weights too.
+        record_routing: keep every token's experts per MoE layer on its Sequence (`routing`), for routing
+        replay in RL. The runner's fused decode paths do not expose routes, so such an engine decodes
+        through the model's own forward over the cache (slower) and does not speculate."""
         if compile not in (True, False, "auto"):
             raise UserError(f"compile={compile!r}: use True, False or 'auto' (compile a batch size once it pays)")
         cfg = model.cfg
@@ -47,7 +51,8 @@ class Engine:
         self.device = model.device
         self.max_batch = max_batch
         self.max_len = min(max_len or 2048, cfg.max_position_embeddings)
-        self.speculative = speculative and len(model.mtp) > 0
+        self.record_routing = record_routing
+        self.speculative = speculative and len(model.mtp) > 0 and not record_routing
         n_layers = cfg.num_hidden_layers + (len(model.mtp) if self.speculative else 0)
         pdtype = model.embed.weight.dtype
         self.cache = LatentCache(n_layers, max_batch, self.max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
@@ -116,11 +121,17 @@ class Engine:
         return out
 
     # ---------------------------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, starts: torch.Tensor, row0: int = 0) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, starts: torch.Tensor, row0: int = 0, routing=None) -> torch.Tensor:
         """Run the main model on (B,T) new tokens for slots row0.. ; returns hidden (B,T,D)."""
         self.cache.begin(starts, ids.shape[1], row0)
         with torch.no_grad(), self._autocast():
-            return self.model.hidden(ids, self.cache.positions, self.cache)
+            return self.model.hidden(ids, self.cache.positions, self.cache, routing=routing)
+
+    def _routes(self, rec, B: int, T: int) -> torch.Tensor | None:
+        """A RoutingRecord of one forward over (B,T) tokens -> expert ids (n_moe, B, T, K), or None."""
+        if rec is None or not len(rec):
+            return None
+        return torch.stack([idx.view(B, T, -1) for _, idx in rec])
 
     def _autocast(self):
         if self.autocast_dtype == torch.float32:
@@ -144,7 +155,9 @@ class Engine:
         for i, r in enumerate(groups):
             ids[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
         lens = torch.tensor([len(r.prompt_ids) for r in groups], device=self.device)
-        h = self._forward(ids.to(self.device), torch.zeros(B, dtype=torch.long, device=self.device), row0)
+        rec = RoutingRecord() if self.record_routing else None
+        h = self._forward(ids.to(self.device), torch.zeros(B, dtype=torch.long, device=self.device), row0, rec)
+        routes = self._routes(rec, B, T)
         last = h[torch.arange(B, device=self.device), lens - 1]                                  # (B,D)
         self.stats["prefill_tokens"] += int(lens.sum())
         # one sequence per sample: sample 0 in the prefilled row, samples 1..n-1 in forked rows
@@ -158,7 +171,8 @@ class Engine:
                 if r.params.seed is not None:
                     gen = torch.Generator(device=self.device).manual_seed(r.params.seed + j)
                 seqs.append(Sequence(r.request_id, j, r.prompt_ids, r.params, gen, slot=slot,
-                                     length=len(r.prompt_ids)))
+                                     length=len(r.prompt_ids),
+                                     routing=None if routes is None else [routes[:, i, : len(r.prompt_ids)]]))
                 src_rows.append(i)
         order = sorted(range(len(seqs)), key=lambda k: seqs[k].slot)
         seqs, src_rows = [seqs[k] for k in order], [src_rows[k] for k in order]
@@ -172,6 +186,8 @@ class Engine:
 
     def _decode(self) -> list[Sequence]:
         seqs = self.running
+        if self.record_routing:
+            return self._decode_recorded(seqs)
         logits, tokens, logps, h = self.runner.decode([s.pending for s in seqs], [s.length for s in seqs])
         if self.speculative:       # plain steps of a speculative engine keep the main hidden states
             for i, s in enumerate(seqs):
@@ -181,6 +197,19 @@ class Engine:
         for s in seqs:
             s.length += 1
         self._emit(seqs, logits, greedy)
+        return list(seqs)
+
+    def _decode_recorded(self, seqs: list[Sequence]) -> list[Sequence]:
+        """A decode step through the model's own forward, keeping each row's experts."""
+        ids = torch.tensor([[s.pending] for s in seqs], device=self.device)
+        rec = RoutingRecord()
+        h = self._forward(ids, torch.tensor([s.length for s in seqs], device=self.device), 0, rec)
+        routes = self._routes(rec, len(seqs), 1)
+        for i, s in enumerate(seqs):
+            if routes is not None:
+                s.routing.append(routes[:, i])
+            s.length += 1
+        self._emit(seqs, self._logits(h[:, 0]))
         return list(seqs)
 
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor, greedy=None) -> None:

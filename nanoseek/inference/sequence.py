@@ -26,6 +26,7 @@ class Sequence:
     mtp_len: int = 0                     # positions already in the MTP cache
     draft: int | None = None             # speculative: the MTP module's guess for the token after `pending`
     stop_text: bool = False              # finished by a stop string (text truncated by the caller)
+    routing: list | None = None          # record_routing: (n_moe, t, K) expert ids per forward, in order
 
 
 @dataclass

@@ -205,13 +205,25 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None):
 class RoutingRecord:
     """Each MoE layer's (scores (T,E) fp32 with grad, expert ids (T,K)) from one forward, in layer order,
     for balance losses. The caller creates it and passes it down; the model keeps nothing. (An object, not
-    a list: FSDP and other wrappers rebuild container arguments, so appends to a list could be lost.)"""
+    a list: FSDP and other wrappers rebuild container arguments, so appends to a list could be lost.)
 
-    def __init__(self):
+    `replay`: expert ids (T,K) per MoE layer, in layer order, that the layers use instead of their own
+    top-k (routing replay, "R3": RL trains on the experts its sampler chose); -1 rows route freely. The
+    routing weights still come from this forward's scores at those experts, so the router learns."""
+
+    def __init__(self, replay: list[torch.Tensor] | None = None):
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.replay = replay
+        self.replayed_rows = self.changed_rows = 0      # how often a replay overrode this forward's own choice
 
     def add(self, scores: torch.Tensor, idx: torch.Tensor) -> None:
         self.layers.append((scores, idx))
+
+    def replayed(self) -> torch.Tensor | None:
+        """The next layer's forced expert ids (the layer about to `add`), or None."""
+        if self.replay is None or len(self.layers) >= len(self.replay):
+            return None
+        return self.replay[len(self.layers)]
 
     def __iter__(self):
         return iter(self.layers)
@@ -245,10 +257,20 @@ class MoE(nn.Module):
         return "padded"
 
     def forward(self, x: torch.Tensor, routing: RoutingRecord | None = None) -> torch.Tensor:
-        """`routing`: the caller's record; this layer adds its scores and expert ids to it."""
+        """`routing`: the caller's record; this layer adds its scores and expert ids to it (and takes
+        its replayed expert ids from it, if any)."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         weights, idx, scores = self.gate(x_TD)
+        forced = routing.replayed() if routing is not None else None
+        if forced is not None:
+            forced = forced.to(idx.device)
+            have = forced[:, 0] >= 0
+            changed = (forced.sort(dim=-1).values != idx.sort(dim=-1).values).any(dim=-1) & have
+            routing.replayed_rows += int(have.sum())
+            routing.changed_rows += int(changed.sum())
+            idx = torch.where(forced >= 0, forced, idx)
+            weights = scale_weights(scores.gather(1, idx), self.cfg)
         if self.training:
             self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel())
         if routing is not None:

@@ -44,8 +44,15 @@ class DistillConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = all)"})
 
 
+def n_params(model) -> int:
+    """nanoseek's count (main model, without the MTP module) or, for other models, every parameter."""
+    if hasattr(model, "num_params"):
+        return model.num_params()
+    return sum(p.numel() for p in model.parameters())
+
+
 def distill(cfg: DistillConfig, teacher=None, tok=None, student=None) -> dict:
-    from ..checkpoint.hf import from_pretrained, save_pretrained
+    from ..checkpoint.hf import save_pretrained
     from ..config import load_preset
     from ..model import Transformer
     from ..data.tasks import make_task
@@ -68,17 +75,20 @@ def distill(cfg: DistillConfig, teacher=None, tok=None, student=None) -> dict:
                                   max_len=context_length(tok, questions, cfg.max_new_tokens,
                                                          teacher.cfg.max_position_embeddings))
     t_cfg = getattr(teacher, "cfg", None) or teacher.config
+    s_tok, s_sampler = tok, None           # the student's tokenizer: the teacher's unless it brings its own
     if student is None:
-        if cfg.student:
-            student = from_pretrained(cfg.student, device=device)
+        if cfg.student:                    # any causal LM: SFT on the traces' text in its own tokenizer
+            s_sampler, student, s_tok = load_for_sampling(cfg.student, device, questions, cfg.max_new_tokens,
+                                                          seed=cfg.seed)
         else:
             bos = tok.bos_id if tok.bos_id is not None else tok.eos_id
             scfg = load_preset(cfg.student_preset, vocab_size=t_cfg.vocab_size, bos_token_id=bos,
                                eos_token_id=tok.eos_id)
             student = Transformer(scfg).init_weights(cfg.seed).to(device)
-    if student.cfg.vocab_size != t_cfg.vocab_size:
-        raise UserError(f"student vocab {student.cfg.vocab_size} != teacher vocab {t_cfg.vocab_size}: "
-                        "distillation needs the teacher's tokenizer")
+    s_cfg = getattr(student, "cfg", None) or student.config
+    if cfg.kd_alpha > 0 and s_cfg.vocab_size != t_cfg.vocab_size:
+        raise UserError(f"--kd-alpha: student vocab {s_cfg.vocab_size} != teacher vocab {t_cfg.vocab_size}; logit "
+                        "distillation needs one tokenizer (SFT on the traces alone works across tokenizers)")
     scfg_ = SampleConfig(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                          seed=cfg.seed)
     rows, sample_stats = rejection_sample(t_sampler, tok, problems, scfg_)
@@ -90,18 +100,25 @@ def distill(cfg: DistillConfig, teacher=None, tok=None, student=None) -> dict:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     print0(f"distill: {len(rows):,} verified teacher traces ({sample_stats['correct_rate']:.1%} of samples correct)")
-    examples = encode_conversations(tok, [r["messages"] for r in rows], 512)
-    sft_summary = sft_train(student, tok, examples, SFTConfig(epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                                               lr=cfg.lr, seed=cfg.seed),
+    examples = encode_conversations(s_tok, [r["messages"] for r in rows], 512)
+    sft_summary = sft_train(student, s_tok, examples, SFTConfig(epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                                                 lr=cfg.lr, seed=cfg.seed),
                             teacher=teacher if cfg.kd_alpha > 0 else None, kd_alpha=cfg.kd_alpha, desc="distill")
-    s_eval = evaluate(EngineSampler(student, tok, max_len=context_length(
-        tok, [p.question for p in held_out], cfg.max_new_tokens, student.cfg.max_position_embeddings)),
-        tok, held_out, cfg.max_new_tokens)
+    if s_sampler is None:
+        s_sampler = EngineSampler(student, s_tok, max_len=context_length(
+            s_tok, [p.question for p in held_out], cfg.max_new_tokens, student.cfg.max_position_embeddings))
+    else:
+        s_sampler.sync_weights()           # the SFT stepped the model the sampler decodes with
+    s_eval = evaluate(s_sampler, s_tok, held_out, cfg.max_new_tokens)
     t_eval = evaluate(t_sampler, tok, held_out, cfg.max_new_tokens)
-    save_pretrained(student, out / "final", tokenizer=tok)
+    if isinstance(student, Transformer):
+        save_pretrained(student, out / "final", tokenizer=s_tok)
+    else:
+        student.save_pretrained(out / "final")
+        s_tok.save(out / "final")
     summary = {"teacher_accuracy": t_eval["accuracy"], "student_accuracy": s_eval["accuracy"],
-               "ratio": s_eval["accuracy"] / max(1e-9, t_eval["accuracy"]), "teacher_params": teacher.num_params(),
-               "student_params": student.num_params(), "traces": len(rows), "sampling": sample_stats,
+               "ratio": s_eval["accuracy"] / max(1e-9, t_eval["accuracy"]), "teacher_params": n_params(teacher),
+               "student_params": n_params(student), "traces": len(rows), "sampling": sample_stats,
                "sft": sft_summary, "student_eval": s_eval, "final_model": str(out / "final")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print0(f"student {s_eval['accuracy']:.3f} vs teacher {t_eval['accuracy']:.3f} "

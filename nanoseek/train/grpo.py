@@ -99,6 +99,11 @@ class GRPOConfig:
                                                             "it would), on, off", "choices": ["auto", "on", "off"]})
     max_batch: int = field(default=256, metadata={"help": "engine batch slots"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = all)"})
+    routing_replay: bool = field(default=False, metadata={"help": "MoE routing replay (R3): the engine records "
+                                                                   "each token's experts and the trainer's forwards "
+                                                                   "use them (the router still learns from its "
+                                                                   "scores); rollouts then decode through the model's "
+                                                                   "own forward, slower; nanoseek models"})
     fp8: bool = field(default=False, metadata={"help": "FP8 policy updates (DeepSeek-V3's fine-grained recipe; "
                                                        "rollouts decode in high precision)"})
     fp8_scales: str = field(default="fp32", metadata={"help": "FP8 scale format", "choices": list(SCALE_FORMATS)})
@@ -119,7 +124,7 @@ def load_policy(cfg: GRPOConfig, device, questions: list[str]):
     """The policy and its sampler (nanoseek engine or transformers), with the model's own tokenizer."""
     return load_for_sampling(cfg.model, device, questions, cfg.max_new_tokens, seed=cfg.seed,
                              max_batch=max(cfg.max_batch, cfg.group_size), rollout_dtype=cfg.rollout_dtype,
-                             compile=COMPILE[cfg.compile])
+                             compile=COMPILE[cfg.compile], record_routing=cfg.routing_replay)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -145,13 +150,35 @@ def build_batch(prompts: list[list[int]], completions: list[dict], adv: torch.Te
     return ids.to(device), mask.to(device), adv.to(device), (rollout_logp.to(device) if with_logp else None)
 
 
-def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, with_entropy=False):
+def build_replay(prompts: list[list[int]], completions: list[dict], L: int, device) -> torch.Tensor | None:
+    """The rollouts' recorded experts laid out as the trainer's inputs ids[:, :-1]: (N, L-1, n_moe, K), -1
+    where nothing was recorded (padding). None unless every completion carries `routing`."""
+    if not completions or any(c.get("routing") is None for c in completions):
+        return None
+    n_moe, _, K = completions[0]["routing"].shape
+    out = torch.full((len(completions), L - 1, n_moe, K), -1, dtype=torch.long)
+    for i, c in enumerate(completions):
+        r = c["routing"]                                   # (n_moe, prompt + out - 1, K): every input position
+        out[i, : r.shape[1]] = r.permute(1, 0, 2)
+    return out.to(device)
+
+
+def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, with_entropy=False,
+                    replay: torch.Tensor | None = None, records: list | None = None):
     """(N,L) ids -> (N,L-1) log-probs of the next token at masked positions (0 elsewhere).
-    nanoseek models: hidden states once, then the head in chunks; HF models: their logits."""
+    nanoseek models: hidden states once, then the head in chunks; HF models: their logits. `replay`
+    (N, L-1, n_moe, K): expert ids the MoE layers use instead of their own choice (`build_replay`);
+    `records` collects the forward's RoutingRecord (how many routes the replay changed)."""
     from ..model import Transformer
+    from ..model.moe import RoutingRecord
 
     if isinstance(model, Transformer):
-        hidden, logits_fn = model.hidden(ids[:, :-1]), model.logits
+        routing = None
+        if replay is not None:
+            routing = RoutingRecord([replay[:, :, k].reshape(-1, replay.shape[-1]) for k in range(replay.shape[2])])
+            if records is not None:
+                records.append(routing)
+        hidden, logits_fn = model.hidden(ids[:, :-1], routing=routing), model.logits
     else:
         hidden, logits_fn = model(ids[:, :-1]).logits, (lambda x: x)
     sel = mask.bool()
@@ -201,6 +228,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
         policy, model, tok = load_policy(cfg, device, [p.question for p in pool + held_out])
     model = policy.model
     model.eval()
+    if cfg.routing_replay and not isinstance(policy, EngineSampler):
+        raise UserError("--routing-replay needs a nanoseek (DeepSeek-V3) model: the engine records the experts")
     if cfg.rollout_is != "off" and not isinstance(policy, EngineSampler):
         raise UserError("--rollout-is needs the sampler's log-probs, which only nanoseek models' engine returns; "
                         "drop it for this model")
@@ -367,7 +396,9 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
             ids, mask, adv, rollout_logp = build_batch(kept_prompts, kept_comps, adv, tok.eos_id, cfg.mask_truncated,
                                                        device)
             carried = torch.arange(ids.shape[0], device=ids.device) < n_carried * cfg.group_size
-            stats = train_on_batch(policy, ref, opt, ids, mask, adv, cfg, device, dtype, rollout_logp, carried)
+            replay = build_replay(kept_prompts, kept_comps, ids.shape[1], device) if cfg.routing_replay else None
+            stats = train_on_batch(policy, ref, opt, ids, mask, adv, cfg, device, dtype, rollout_logp, carried,
+                                   replay=replay)
             rec.update(stats)
         t_train = time.perf_counter() - t1
         rec.update({"gen_s": round(t_gen, 3), "train_s": round(t_train, 3),
@@ -444,13 +475,14 @@ def rollout_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mode: st
 
 
 def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dtype, rollout_logp=None,
-                   carried=None) -> dict:
+                   carried=None, replay=None) -> dict:
     """mu passes over the rollout batch, each `update_plan` optimizer steps. Whenever the batch feeds more
     than one optimizer step, later minibatches are off-policy (the weights moved since the rollout), so
     the old policy's log-probs are computed once, before the first step, and the ratio is the true one.
     Rows carried over from the previous step (`carried`, (N,) bool) were sampled by the previous policy:
     their old log-probs are the sampler's own. Each step's loss is normalised by the tokens (sequences)
-    of the minibatches it accumulates, not by an assumed equal share."""
+    of the minibatches it accumulates, not by an assumed equal share. `replay` (routing replay): the
+    rollouts' experts, used by every forward here (policy, old policy, reference)."""
     N, max_len = ids.shape[0], cfg.max_new_tokens
     plan = update_plan(N, cfg.minibatches, cfg.grad_accum)
     carried = carried if carried is not None and carried.any() else None
@@ -460,8 +492,12 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
         raise UserError("--rollout-is needs the sampler's log-probs, which only nanoseek models' engine returns")
     old_logp = ref_logp = is_w = None
     stats_acc: dict[str, list] = {}
+    def rep(mb):
+        return replay[mb] if replay is not None else None
+
     def in_minibatches(model):          # no-grad log-probs, one minibatch at a time (as memory allows)
-        return torch.cat([policy_logprobs(model, ids[mb], mask[mb], cfg.temperature) for st_ in plan for mb in st_])
+        return torch.cat([policy_logprobs(model, ids[mb], mask[mb], cfg.temperature, replay=rep(mb))
+                          for st_ in plan for mb in st_])
 
     with torch.no_grad(), autocast(device, dtype):
         if off_policy or use_is:
@@ -481,7 +517,9 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
             losses = []
             for mb in step_mbs:
                 with autocast(device, dtype):
-                    logp, ent = policy_logprobs(policy.model, ids[mb], mask[mb], cfg.temperature, with_entropy=True)
+                    recs: list = []
+                    logp, ent = policy_logprobs(policy.model, ids[mb], mask[mb], cfg.temperature, with_entropy=True,
+                                                replay=rep(mb), records=recs)
                     old = old_logp[mb] if old_logp is not None else logp.detach()
                     loss, st = grpo_loss(logp, old, adv[mb], mask[mb], cfg.eps_low, cfg.eps_high, cfg.beta,
                                          ref_logp[mb] if ref_logp is not None else None, cfg.loss_type, max_len,
@@ -494,6 +532,8 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
                     trainer = fresh_logp[mb] if fresh_logp is not None else logp.detach()
                     gap = (trainer[sel] - rollout_logp[mb][sel]).abs()
                     st["rollout_logp_gap"] = float(gap.mean()) if sel.any() else 0.0
+                if recs and pass_ == 0:       # (token, layer) routes where the sampler's experts differ from ours
+                    st["routing_replay_changed"] = recs[0].changed_rows / max(1, recs[0].replayed_rows)
                 loss.backward()
                 losses.append(loss.item())
                 st["entropy"] = float(ent.mean()) if ent.numel() else 0.0

@@ -73,13 +73,14 @@ def load_for_sampling(model_dir, device, questions: list[str], max_new_tokens: i
 
 class EngineSampler:
     def __init__(self, model, tok, max_batch: int = 256, max_len: int = 512, seed: int = 0,
-                 rollout_dtype: str | None = None, compile: bool | str = "auto"):
+                 rollout_dtype: str | None = None, compile: bool | str = "auto", record_routing: bool = False):
         from ..inference.engine import Engine
 
         self.model, self.tok = model, tok
         rd = None if rollout_dtype in (None, "none", "auto") else parse_dtype(rollout_dtype)
         self.engine = Engine(model, max_batch=max_batch, max_len=max_len, seed=seed, autocast_dtype=rd,
-                             stop_token_ids=list(getattr(tok, "stop_ids", [tok.eos_id])), compile=compile)
+                             stop_token_ids=list(getattr(tok, "stop_ids", [tok.eos_id])), compile=compile,
+                             record_routing=record_routing)
 
     def rollout(self, prompts: list[list[int]], params: SamplingParams) -> list[list[dict]]:
         eng = self.engine
@@ -90,6 +91,8 @@ class EngineSampler:
                 if s.finish_reason:
                     done[s.request_id][s.index] = {"ids": list(s.out_ids), "logprobs": list(s.logprobs),
                                                    "truncated": s.finish_reason == "length"}
+                    if s.routing:       # experts of every input position: (n_moe, prompt + out - 1, K)
+                        done[s.request_id][s.index]["routing"] = torch.cat(s.routing, dim=1).cpu()
         return [done[r] for r in rids]
 
     def reseed(self, seed: int) -> None:
