@@ -259,6 +259,25 @@ def test_bf16_adam_moments_match_adamw():
         build_optimizer(torch.nn.Linear(2, 2), 1e-3, moments="fp8")
 
 
+def test_fused_adamw_matches_foreach():
+    """The single-kernel AdamW (the default on CUDA) takes the same steps as the foreach one (CPU here)."""
+    from nanoseek.train.optim import build_optimizer
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    b = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    b.load_state_dict(a.state_dict())
+    oa, ob = build_optimizer(a, 1e-2), build_optimizer(b, 1e-2, fused=True)
+    assert ob.defaults["fused"] and not oa.defaults.get("fused")          # CPU parameters: foreach by default
+    for _ in range(5):
+        x = torch.randn(8, 16)
+        for m, o in ((a, oa), (b, ob)):
+            m(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
 def test_weight_only_fp8_inference_halves_weight_memory_and_tracks_bf16(tmp_path):
     from nanoseek.common import UserError
     from nanoseek.inference.llm import LLM

@@ -17,9 +17,11 @@ MOMENTS = ("float32", "bfloat16")          # AdamW moment storage
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
-                    betas=(0.9, 0.95), eps: float = 1e-8, moments: str = "float32") -> torch.optim.Optimizer:
+                    betas=(0.9, 0.95), eps: float = 1e-8, moments: str = "float32",
+                    fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW; `moments="bfloat16"` keeps both moments in bf16 (V3's FP8 recipe: half the optimizer
-    state, no observed loss difference) while master weights and the update math stay fp32."""
+    state, no observed loss difference) while master weights and the update math stay fp32. `fused`:
+    torch's single-kernel AdamW (None: on CUDA when no parameter is an FSDP shard; else foreach)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -33,6 +35,11 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
         return AdamWLowPrecisionMoments(groups, lr=lr, betas=betas, eps=eps)
     if moments not in MOMENTS:
         raise UserError(f"--adam-moments {moments!r}: choose one of {', '.join(MOMENTS)}")
+    params = decay + no_decay
+    if fused is None:
+        fused = bool(params) and all(p.is_cuda for p in params) and not any(hasattr(p, "to_local") for p in params)
+    if fused:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     # foreach: one fused update for all tensors instead of a Python loop (faster on CPU and GPU)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=not mixed)
 
