@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow browser bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# a headless Chromium for the chat page's browser test (tests/test_server.py skips it, saying so, without one)
+browser:
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

@@ -574,3 +574,61 @@ def test_penalties_and_logit_bias_through_the_api(url):
                      json={"prompt": [1, 5, 9], "max_tokens": 4, "temperature": 0, "logit_bias": {"9": 100},
                            "logprobs": 1}).json()["choices"][0]["logprobs"]["top_logprobs"]
     assert all(len(t) == 1 for t in ids)                 # the biased token dominates every step
+
+
+# ------------------------------------------------------------------------------------------------
+# the chat page
+
+def test_chat_page_is_served_and_self_contained(url):
+    r = httpx.get(url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in r.text and "reasoning_content" in r.text
+    assert "http://" not in r.text and "https://" not in r.text and "<script src" not in r.text    # no CDN
+
+
+def _browser():
+    """A headless Chromium through Selenium, or a skip naming what is missing (`make browser` installs it)."""
+    import shutil
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (make browser)")
+    chrome = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chrome or not driver:
+        pytest.skip("no Chromium/chromedriver on this machine (make browser: apt-get install chromium "
+                    "chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chrome
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def test_chat_page_in_a_real_browser(url):
+    """Type two messages in the page: each streams an answer from the server, and the second request carries
+    the first turn (the page keeps the conversation)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    b = _browser()
+    try:
+        b.get(url + "/")
+        WebDriverWait(b, 20).until(lambda d: d.find_element(By.ID, "model").text == "tiny")
+        b.find_element(By.ID, "key").send_keys(KEY)
+        b.find_element(By.ID, "max_tokens").clear()
+        b.find_element(By.ID, "max_tokens").send_keys("8")
+        for turn, text in enumerate(["1+1=?", "and 2+2=?"], start=1):
+            b.find_element(By.ID, "input").send_keys(text, Keys.ENTER)
+            WebDriverWait(b, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='1']"))
+                                       == turn)
+        assert not b.find_elements(By.CSS_SELECTOR, ".error"), b.find_element(By.CSS_SELECTOR, ".error").text
+        assert [e.text for e in b.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["1+1=?", "and 2+2=?"]
+        turns = b.execute_script("return turns")
+        assert [m["role"] for m in turns] == ["user", "assistant", "user", "assistant"]
+        assert turns[1]["content"] == b.execute_script("return document.querySelector('.msg.assistant .body').textContent")
+        b.find_element(By.ID, "key").clear()                    # a wrong key: the error is shown, the turn dropped
+        b.find_element(By.ID, "key").send_keys("wrong")
+        b.find_element(By.ID, "input").send_keys("3+3=?", Keys.ENTER)
+        WebDriverWait(b, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".error"))
+        assert len(b.execute_script("return turns")) == 4
+    finally:
+        b.quit()

@@ -18,6 +18,9 @@ request gets a 500 naming the cause, and /health turns 503.
 Text is produced in the worker (worker.py) by the streaming pieces in stream.py; request parsing and
 response shapes live in openai_api.py. This file is the HTTP layer.
 
+`/` serves a chat page (chat.html, shipped in the package, no CDN): it streams from
+/v1/chat/completions, shows the reasoning in a collapsible block and keeps the conversation.
+
 
 OpenAI contracts kept: response and chunk shapes (`chatcmpl-`/`cmpl-` ids, `usage`, SSE `data:`
 lines ending with `data: [DONE]`), temperature 0 = greedy, the legacy completions default of
@@ -110,7 +113,7 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
 
         from fastapi import Depends, FastAPI, Request
         from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+        from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
         from starlette.exceptions import HTTPException
     except ImportError as e:
         raise UserError(f"the server needs fastapi and uvicorn ({e}): pip install fastapi uvicorn") from None
@@ -195,6 +198,12 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
 
     card = {"id": model_name, "object": "model", "created": started, "owned_by": "nanoseek",
             "max_model_len": llm.engine.max_len}
+
+    page = (Path(__file__).with_name("chat.html")).read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():                # a chat page: open http://HOST:PORT/ in a browser
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health():
