@@ -9,8 +9,9 @@
            (6 x activated params x tokens + causal attention, over the GPU's dense bf16 peak), peak memory.
 2. decode  the 8.5M benchmark model and the 1.71B model, 128 new tokens after 32-token prompts, greedy,
            batch 1 / 8 / 64: nanoseek `LLM` (bf16) vs HF `generate` (bf16). Tokens/s, and the achieved
-           fraction of the memory roofline: (weight bytes + latent-cache bytes read per step) / step
-           time / peak bandwidth. Plus: nanoseek's greedy tokens in fp32 == HF's in fp32 (8 prompts).
+           fraction of the memory roofline: (bytes of the dense weights, of the experts a step's tokens
+           use under uniform routing, and of the latent cache) / step time / peak bandwidth. Plus:
+           nanoseek's greedy tokens in fp32 == HF's in fp32 (8 prompts).
 --tiny shrinks every shape, runs on CPU, and takes the CPU's "peaks" from a GEMM and a copy it times
 (so MFU and roofline there say little; the point is that the script stays runnable without a GPU).
 Each part is time-boxed by --budget and reports its error instead of stopping the run; the JSON holds
@@ -35,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # dense bf16 peak FLOP/s and HBM bandwidth (bytes/s) by GPU name (vendor data sheets, SXM parts)
-GPU_PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}
+# (the first name contained in torch.cuda.get_device_name wins: PCIe/NVL parts before the SXM default)
+GPU_PEAKS = {"H100 PCIe": (756e12, 2.0e12), "H100 NVL": (835e12, 3.9e12), "H100": (989e12, 3.35e12),
+             "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}
 MID = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1024,
            num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=16, num_key_value_heads=16,
            n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
@@ -223,8 +226,14 @@ def decode_part(b: Bench, shapes: dict, batches) -> dict:
     DeepseekV3ForCausalLM(hf_cfg).save_pretrained(d)
     hf = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to(b.dev).eval()
     n_new, n_prompt = (16, 8) if b.args.tiny else (128, 32)
-    llm = LLM(d, device=b.dev.type, max_batch=max(batches), max_len=n_prompt + n_new + 8)
-    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())           # bf16, all read per step
+    # bf16 weights as HF runs them; the decode step compiled in the warm-up run on a GPU (not mid-measurement)
+    llm = LLM(d, dtype="bfloat16", device=b.dev.type, max_batch=max(batches), max_len=n_prompt + n_new + 8,
+              compile=not b.args.tiny)
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    E, K = shapes["n_routed_experts"], shapes["num_experts_per_tok"]
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if ".mlp.experts." in n)
+    if not expert_bytes:
+        raise RuntimeError("no routed-expert parameters found by name: the roofline would count every expert")
     cache_per_token = shapes["num_hidden_layers"] * (shapes["kv_lora_rank"] + shapes["qk_rope_head_dim"]) * \
         llm.engine.cache.data.element_size()
     bw = b.res["env"]["peak_bytes_per_s"]
@@ -245,7 +254,10 @@ def decode_part(b: Bench, shapes: dict, batches) -> dict:
         t_ns = b.timed(lambda: llm.generate(reqs, sp), n=2, warm=1)
         t_hf = b.timed(hf_gen, n=2, warm=1)
         step_s = t_ns / n_new
-        read = weight_bytes + B * (n_prompt + n_new / 2) * cache_per_token
+        # a step reads the dense weights and, per MoE layer, the experts its B tokens use: with uniform
+        # routing E (1 - (1 - K/E)^B) of the E experts (~K at batch 1, all of them at large batches)
+        used = 1 - (1 - K / E) ** B
+        read = weight_bytes - expert_bytes * (1 - used) + B * (n_prompt + n_new / 2) * cache_per_token
         out[f"b{B}"] = {"nanoseek_tok_s": round(B * n_new / t_ns, 1), "hf_tok_s": round(B * n_new / t_hf, 1),
                         "ratio": round(t_hf / t_ns, 2),
                         "roofline_fraction": round(read / step_s / bw, 4) if bw else None,

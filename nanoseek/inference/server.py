@@ -382,10 +382,12 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
 
         async def stream():
             try:
-                if chat:
-                    for i in range(len(choices)):
-                        yield chunk(i, {"delta": {"role": "assistant", "content": ""}})
+                role_sent = not chat
                 async for ev in run():
+                    if not role_sent:         # with the first event, so a stream's first chunk marks its first token
+                        role_sent = True
+                        for i in range(len(choices)):
+                            yield chunk(i, {"delta": {"role": "assistant", "content": ""}})
                     c, final = choices[ev.index], ev.finish_reason is not None
                     if chat:
                         reasoning, content = splitters[ev.index].feed(ev.text, final)

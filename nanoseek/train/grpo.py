@@ -230,6 +230,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
     model.eval()
     if cfg.routing_replay and not isinstance(policy, EngineSampler):
         raise UserError("--routing-replay needs a nanoseek (DeepSeek-V3) model: the engine records the experts")
+    if cfg.routing_replay and not model.moe_layers():
+        raise UserError("--routing-replay: this model has no MoE layer, so there is no routing to replay")
     if cfg.rollout_is != "off" and not isinstance(policy, EngineSampler):
         raise UserError("--rollout-is needs the sampler's log-probs, which only nanoseek models' engine returns; "
                         "drop it for this model")
@@ -397,6 +399,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
                                                        device)
             carried = torch.arange(ids.shape[0], device=ids.device) < n_carried * cfg.group_size
             replay = build_replay(kept_prompts, kept_comps, ids.shape[1], device) if cfg.routing_replay else None
+            if cfg.routing_replay and replay is None:
+                raise RuntimeError("--routing-replay: the sampler recorded no experts for this batch")
             stats = train_on_batch(policy, ref, opt, ids, mask, adv, cfg, device, dtype, rollout_logp, carried,
                                    replay=replay)
             rec.update(stats)
@@ -511,7 +515,7 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
         if ref is not None:
             ref_logp = in_minibatches(ref)
     for pass_ in range(cfg.mu):
-        for step_mbs in plan:
+        for step_i, step_mbs in enumerate(plan):
             rows = torch.cat(step_mbs)
             n_tokens, n_seqs = mask[rows].sum().clamp(min=1), rows.numel()
             losses = []
@@ -532,7 +536,8 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
                     trainer = fresh_logp[mb] if fresh_logp is not None else logp.detach()
                     gap = (trainer[sel] - rollout_logp[mb][sel]).abs()
                     st["rollout_logp_gap"] = float(gap.mean()) if sel.any() else 0.0
-                if recs and pass_ == 0:       # (token, layer) routes where the sampler's experts differ from ours
+                if recs and pass_ == 0 and step_i == 0:   # routes where the sampler's experts differ from the
+                                                          # trainer's (before any step moves the weights)
                     st["routing_replay_changed"] = recs[0].changed_rows / max(1, recs[0].replayed_rows)
                 loss.backward()
                 losses.append(loss.item())

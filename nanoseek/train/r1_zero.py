@@ -76,7 +76,8 @@ class R1ZeroConfig:
     group_size: int = field(default=8, metadata={"help": "GRPO samples per prompt"})
     rl_lr: float = field(default=3e-4, metadata={"help": "GRPO learning rate"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "completion cap"})
-    rl_task_args: str | None = field(default=None, metadata={"help": "task knobs for the corpus, RL and eval"})
+    rl_task_args: str | None = field(default=None, metadata={"help": "task knobs for RL and eval, and for the "
+                                                                               "corpus (arithmetic's: --min-digits)"})
     eval_n: int = field(default=500, metadata={"help": "held-out problems"})
     eval_seed: int = field(default=20251123, metadata={"help": "held-out seed (test split)"})
     reflect_n: int = field(default=200, metadata={"help": "held-out problems for the sampled reflection measurement"})
