@@ -366,9 +366,6 @@ class HFChatTokenizer:
         ids = self.hf.encode(text, add_special_tokens=False)
         return ([self.hf.bos_token_id] + ids) if add_bos and self.hf.bos_token_id is not None else ids
 
-    def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
-        return [self.encode(t, add_bos) for t in texts]
-
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -364,6 +364,8 @@ def test_routing_replay_needs_a_nanoseek_model(qwen_dir, tmp_path):
     from nanoseek.train.grpo import GRPOConfig, grpo
     with pytest.raises(UserError, match="--routing-replay needs a nanoseek"):
         grpo(GRPOConfig(model=str(qwen_dir), out=str(tmp_path), routing_replay=True, steps=1, eval_n=2))
+    with pytest.raises(UserError, match="--reward-timeout -1"):
+        grpo(GRPOConfig(model=str(qwen_dir), out=str(tmp_path), reward_timeout=-1, steps=1, eval_n=2))
 
 
 def test_hf_chat_mask_marks_exactly_the_assistant_replies(qwen_dir):

@@ -149,6 +149,11 @@ def test_corpus_slip_and_catch_rates():
     assert 0.05 < caught / len(worked) < 0.2 and not any("wait" in d for d in docs if "<think>" not in d)
     with pytest.raises(Exception, match="p_slip"):
         synthetic_documents(10, 0, p_slip=1.5)
+    from nanoseek.errors import UserError
+    with pytest.raises(UserError, match="--task sums: unknown task"):
+        synthetic_documents(10, 0, "sums")
+    with pytest.raises(UserError, match="--task countdown --task-args foo=1"):
+        synthetic_documents(10, 0, "countdown", foo=1)
     docs = synthetic_documents(4000, 0, p_worked=0.5, p_guess=0.5, p_recheck=0.6, min_digits=3, max_digits=3)
     worked = [d for d in docs if "<think>" in d]
     assert 0.25 < sum("? wait, check: " in d for d in worked) / len(worked) < 0.35

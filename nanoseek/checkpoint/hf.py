@@ -149,14 +149,22 @@ def to_fp8_state_dict(tensors: dict[str, torch.Tensor], dtype: torch.dtype = tor
     return out
 
 
-def save_pretrained(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
+def save_pretrained(model, path: str | os.PathLike, dtype: torch.dtype | None = None,
                     max_shard_bytes: int = 5 * 2**30, tokenizer=None, fp8: bool = False) -> Path:
-    """Write config.json + safetensors (sharded with an index past `max_shard_bytes`). `fp8`: in
-    DeepSeek's FP8 release format (block-quantized e4m3 linears, other tensors in `dtype` or bf16)."""
+    """Write config.json + safetensors (sharded with an index past `max_shard_bytes`), and the tokenizer's
+    files. `fp8`: in DeepSeek's FP8 release format (block-quantized e4m3 linears, other tensors in `dtype`
+    or bf16). Any other causal LM (a transformers model being fine-tuned) is written in its own format."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if not isinstance(model, Transformer):
+        if fp8:
+            raise UserError("FP8 checkpoints are DeepSeek's format, for nanoseek (DeepSeek-V3-format) models only")
+        model.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save(path)
+        return path
     tensors = to_hf_state_dict(model, dtype)
     if fp8:
         dtype = dtype or torch.bfloat16

@@ -68,20 +68,23 @@ def synthetic_documents(n_docs: int, seed: int, task: str = "arithmetic", p_work
                                      p_slip, p_catch, p_guess, p_recheck)
                  for i, name in enumerate(sorted(TASKS))]
         return [d for group in zip(*parts) for d in group][:n_docs]
-    t = get_task(task, **task_knobs)
+    try:
+        t = get_task(task, **task_knobs)
+    except (ValueError, TypeError) as e:           # an unknown task or knob: one message naming the flags
+        knobs = ",".join(f"{k}={v}" for k, v in task_knobs.items())
+        raise UserError(f"--task {task}" + (f" --task-args {knobs}" if knobs else "") + f": {e}") from None
     rng = random.Random(seed + 7919)
     docs = []
     for prob in t.problems(n_docs, seed=seed, split=split):
+        pw = p_wrong(prob) if callable(p_wrong) else float(p_wrong)
         if rng.random() < p_worked:
             completion = None
             if p_guess and rng.random() < p_guess:
-                completion = t.guessed_solution(prob, rng, p_wrong(prob) if callable(p_wrong) else float(p_wrong),
-                                                recheck=rng.random() < p_recheck)
+                completion = t.guessed_solution(prob, rng, pw, recheck=rng.random() < p_recheck)
             elif p_slip and rng.random() < p_slip:
                 completion = t.slipped_solution(prob, rng, caught=rng.random() < p_catch)
             completion = completion or t.worked_solution(prob)
         else:
-            pw = p_wrong(prob) if callable(p_wrong) else float(p_wrong)
             completion = t.direct_solution(prob, rng, pw)
         docs.append(chat_document(prob.question, completion))
     return docs

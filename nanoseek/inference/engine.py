@@ -206,9 +206,10 @@ class Engine:
         h = self._forward(ids, torch.tensor([s.length for s in seqs], device=self.device), 0, rec)
         routes = self._routes(rec, len(seqs), 1)
         for i, s in enumerate(seqs):
-            if routes is not None:
-                s.routing.append(routes[:, i])
             s.length += 1
+        if routes is not None:
+            for i, s in enumerate(seqs):
+                s.routing.append(routes[:, i])
         self._emit(seqs, self._logits(h[:, 0]))
         return list(seqs)
 

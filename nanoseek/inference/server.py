@@ -248,8 +248,7 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
             finally:
                 if not seen:            # the client left (or the stream ended) before any byte
                     metrics.observe(endpoint, response.status_code, time.perf_counter() - t0)
-                if hasattr(body, "aclose"):
-                    await body.aclose()
+                await body.aclose()     # the handler's stream(): its finally aborts unfinished work
         response.body_iterator = timed()
         return response
 

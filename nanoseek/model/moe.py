@@ -211,10 +211,11 @@ class RoutingRecord:
     top-k (routing replay, "R3": RL trains on the experts its sampler chose); -1 rows route freely. The
     routing weights still come from this forward's scores at those experts, so the router learns."""
 
-    def __init__(self, replay: list[torch.Tensor] | None = None):
+    def __init__(self, replay: list[torch.Tensor] | None = None, count_changes: bool = False):
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.replay = replay
-        self.replayed_rows = self.changed_rows = 0      # how often a replay overrode this forward's own choice
+        self.count_changes = count_changes              # count how often a replay overrode the layer's own
+        self.replayed_rows = self.changed_rows = 0      # choice (a host sync per layer: only when asked)
 
     def add(self, scores: torch.Tensor, idx: torch.Tensor) -> None:
         self.layers.append((scores, idx))
@@ -265,10 +266,11 @@ class MoE(nn.Module):
         forced = routing.replayed() if routing is not None else None
         if forced is not None:
             forced = forced.to(idx.device)
-            have = forced[:, 0] >= 0
-            changed = (forced.sort(dim=-1).values != idx.sort(dim=-1).values).any(dim=-1) & have
-            routing.replayed_rows += int(have.sum())
-            routing.changed_rows += int(changed.sum())
+            if routing.count_changes:
+                have = forced[:, 0] >= 0
+                changed = (forced.sort(dim=-1).values != idx.sort(dim=-1).values).any(dim=-1) & have
+                routing.replayed_rows += int(have.sum())
+                routing.changed_rows += int(changed.sum())
             idx = torch.where(forced >= 0, forced, idx)
             weights = scale_weights(scores.gather(1, idx), self.cfg)
         if self.training:

@@ -111,11 +111,7 @@ def distill(cfg: DistillConfig, teacher=None, tok=None, student=None) -> dict:
         s_sampler.sync_weights()           # the SFT stepped the model the sampler decodes with
     s_eval = evaluate(s_sampler, s_tok, held_out, cfg.max_new_tokens)
     t_eval = evaluate(t_sampler, tok, held_out, cfg.max_new_tokens)
-    if isinstance(student, Transformer):
-        save_pretrained(student, out / "final", tokenizer=s_tok)
-    else:
-        student.save_pretrained(out / "final")
-        s_tok.save(out / "final")
+    save_pretrained(student, out / "final", tokenizer=s_tok)
     summary = {"teacher_accuracy": t_eval["accuracy"], "student_accuracy": s_eval["accuracy"],
                "ratio": s_eval["accuracy"] / max(1e-9, t_eval["accuracy"]), "teacher_params": n_params(teacher),
                "student_params": n_params(student), "traces": len(rows), "sampling": sample_stats,

@@ -151,15 +151,15 @@ def build_batch(prompts: list[list[int]], completions: list[dict], adv: torch.Te
 
 
 def build_replay(prompts: list[list[int]], completions: list[dict], L: int, device) -> torch.Tensor | None:
-    """The rollouts' recorded experts laid out as the trainer's inputs ids[:, :-1]: (N, L-1, n_moe, K), -1
+    """The rollouts' recorded experts laid out as the trainer's inputs ids[:, :-1]: (n_moe, N, L-1, K), -1
     where nothing was recorded (padding). None unless every completion carries `routing`."""
     if not completions or any(c.get("routing") is None for c in completions):
         return None
     n_moe, _, K = completions[0]["routing"].shape
-    out = torch.full((len(completions), L - 1, n_moe, K), -1, dtype=torch.long)
+    out = torch.full((n_moe, len(completions), L - 1, K), -1, dtype=torch.long)
     for i, c in enumerate(completions):
         r = c["routing"]                                   # (n_moe, prompt + out - 1, K): every input position
-        out[i, : r.shape[1]] = r.permute(1, 0, 2)
+        out[:, i, : r.shape[1]] = r
     return out.to(device)
 
 
@@ -167,15 +167,15 @@ def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: f
                     replay: torch.Tensor | None = None, records: list | None = None):
     """(N,L) ids -> (N,L-1) log-probs of the next token at masked positions (0 elsewhere).
     nanoseek models: hidden states once, then the head in chunks; HF models: their logits. `replay`
-    (N, L-1, n_moe, K): expert ids the MoE layers use instead of their own choice (`build_replay`);
-    `records` collects the forward's RoutingRecord (how many routes the replay changed)."""
+    (n_moe, N, L-1, K): expert ids the MoE layers use instead of their own choice (`build_replay`);
+    `records` collects the forward's RoutingRecord, counting how many routes the replay changed."""
     from ..model import Transformer
     from ..model.moe import RoutingRecord
 
     if isinstance(model, Transformer):
         routing = None
         if replay is not None:
-            routing = RoutingRecord([replay[:, :, k].reshape(-1, replay.shape[-1]) for k in range(replay.shape[2])])
+            routing = RoutingRecord([r.reshape(-1, r.shape[-1]) for r in replay], count_changes=records is not None)
             if records is not None:
                 records.append(routing)
         hidden, logits_fn = model.hidden(ids[:, :-1], routing=routing), model.logits
@@ -208,6 +208,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
     if cfg.group_size < 2:
         raise UserError("--group-size must be >= 2: advantages are relative to the group")
+    if cfg.reward_timeout < 0:
+        raise UserError(f"--reward-timeout {cfg.reward_timeout}: seconds, >= 0 (0 = no time limit)")
     set_threads(cfg.threads or None)
     device = autodetect_device(cfg.device)
     seed_everything(cfg.seed)
@@ -426,12 +428,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
                "seconds": round(time.perf_counter() - t_start, 1), "steps": cfg.steps, "short_steps": short_steps}
     if cfg.save_final:
         final = out / "final"
-        if isinstance(policy, EngineSampler):
-            from ..checkpoint.hf import save_pretrained
-            save_pretrained(model, final, tokenizer=tok, fp8=cfg.save_fp8)
-        else:
-            model.save_pretrained(final)
-            tok.save(final)
+        from ..checkpoint.hf import save_pretrained
+        save_pretrained(model, final, tokenizer=tok, fp8=cfg.save_fp8)
         summary["final_model"] = str(final)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if cfg.plots:
@@ -497,7 +495,7 @@ def train_on_batch(policy, ref, opt, ids, mask, adv, cfg: GRPOConfig, device, dt
     old_logp = ref_logp = is_w = None
     stats_acc: dict[str, list] = {}
     def rep(mb):
-        return replay[mb] if replay is not None else None
+        return replay[:, mb] if replay is not None else None
 
     def in_minibatches(model):          # no-grad log-probs, one minibatch at a time (as memory allows)
         return torch.cat([policy_logprobs(model, ids[mb], mask[mb], cfg.temperature, replay=rep(mb))

@@ -173,10 +173,9 @@ def build_documents(cfg: PretrainConfig) -> tuple[list[str], list[str]]:
         docs = load_documents(cfg.data)
         n_val = max(1, len(docs) // 50)
         return docs[:-n_val] if len(docs) > 1 else docs, docs[-n_val:]
-    from ..data.tasks import make_task, parse_knobs
+    from ..data.tasks import parse_knobs
 
     if cfg.task_args:
-        make_task(cfg.task, cfg.task_args)          # a bad knob is one UserError here, not a traceback later
         knobs = parse_knobs(cfg.task_args)
     else:
         knobs = {"min_digits": cfg.min_digits, "max_digits": cfg.max_digits} if cfg.task == "arithmetic" else {}

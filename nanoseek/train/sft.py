@@ -224,10 +224,6 @@ def main(argv=None) -> None:
             convert(model)
         model.load_state_dict(full_sd)
         model.eval()
-    if hasattr(model, "save_pretrained"):            # a transformers model: its own format and tokenizer files
-        model.save_pretrained(out / "final")
-        tok.save(out / "final")
-    else:
-        save_pretrained(model, out / "final", tokenizer=tok, fp8=cfg.save_fp8)
+    save_pretrained(model, out / "final", tokenizer=tok, fp8=cfg.save_fp8)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print0(f"done: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; model in {out / 'final'}")

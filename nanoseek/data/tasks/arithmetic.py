@@ -73,24 +73,25 @@ def _column_trace(a: int, op: str, b: int, slip: int | None = None, caught: bool
     after the slipped column ("wait, check the carry: ..."), redoes it, and goes on correctly."""
     steps, carry, digits = [], 0, []
     for i, (x, y) in enumerate(_columns(a, b)):
-        sign = "+" if op == "+" else "-"
-        take = carry and i != slip                 # the carry/borrow this column uses
-        if i == slip and caught:
-            steps.append(_column_step(x, sign, y, 0)[0])
-            steps.append(f"wait, check the {'carry' if op == '+' else 'borrow'}: " + _column_step(x, sign, y, 1)[0])
-            take = 1
-        text, digit, carry = _column_step(x, sign, y, int(bool(take)))
-        if not (i == slip and caught):
-            steps.append(text)
+        text, digit, carry_out = _column_step(x, op, y, carry)
+        if i == slip:                               # the carry/borrow this column takes is dropped
+            dropped = _column_step(x, op, y, 0)
+            if caught:
+                steps.append(dropped[0])
+                text = f"wait, check the {'carry' if op == '+' else 'borrow'}: {text}"
+            else:
+                text, digit, carry_out = dropped
+        steps.append(text)
         digits.append(digit)
+        carry = carry_out
     if op == "+" and carry:
         digits.append(1)
     return ", ".join(steps), int("".join(str(d) for d in reversed(digits)))
 
 
-def _column_step(x: int, sign: str, y: int, carry: int) -> tuple[str, int, int]:
+def _column_step(x: int, op: str, y: int, carry: int) -> tuple[str, int, int]:
     """'x+y(+1)=t' / 'x-y(-1)(+10)=d', the digit written, the carry/borrow out."""
-    if sign == "+":
+    if op == "+":
         total = x + y + carry
         return f"{x}+{y}{'+1' if carry else ''}={total}", total % 10, total // 10
     diff, text = x - y - carry, f"{x}-{y}{'-1' if carry else ''}"

@@ -281,13 +281,12 @@ class Countdown(Task):
         steps, expr = found
         # one miss per first move tried before the one that works: the closest to the target (so the
         # trace teaches a search that picks the best last step; for 3 numbers that search is complete)
-        best: dict[str, tuple] = {}
+        best: dict[str, tuple] = {}          # first move -> (miss, path), in the order the search met them
         for path, value in failures:
-            if path and path[0] != steps[0]:
-                key = (abs(value - target), len(best))
-                if path[0] not in best or key[0] < best[path[0]][0][0]:
-                    best[path[0]] = (key, path, value)
-        shown = [", ".join(path) + f" vs {target} no." for _, path, _ in list(best.values())[:MAX_SHOWN_FAILURES]]
+            miss = abs(value - target)
+            if path and path[0] != steps[0] and (path[0] not in best or miss < best[path[0]][0]):
+                best[path[0]] = (miss, path)
+        shown = [", ".join(path) + f" vs {target} no." for _, path in list(best.values())[:MAX_SHOWN_FAILURES]]
         trace = " ".join(shown + [", ".join(steps) + f" vs {target} yes.", f"{expr}={target}"])
         return f"<think>{trace}</think><answer>{expr}</answer>"
 
