@@ -57,7 +57,12 @@ exists (and then reports `hf_tok.add_bos_token == False` while still adding BOS)
 
 `save` writes tokenizer.json, tokenizer_config.json (with the chat template as Jinja, reading an
 optional `thinking` variable: `hf_tok.apply_chat_template(msgs, thinking=True)`) and
-special_tokens_map.json. Tool calls are out of scope.
+special_tokens_map.json.
+
+Tools (spec 9.2): `apply_chat_template(messages, tools=...)` appends the tool definitions to the system
+prompt; an assistant's `tool_calls` are rendered in DeepSeek-V3's markup after its content, and `tool`
+messages as `<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>...` results. The markup is text to our
+small BPE vocabularies (no added tokens), so any saved tokenizer renders it.
 """
 from __future__ import annotations
 
@@ -78,7 +83,15 @@ SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT)      # control tokens, skipped by d
 TAG_TOKENS = (THINK, THINK_END, ANSWER, ANSWER_END)  # text the model writes, kept by decode
 ALL_TOKENS = SPECIAL_TOKENS + TAG_TOKENS           # ids 0..7 after `train`
 MIN_VOCAB_SIZE = 256 + len(ALL_TOKENS)             # 256 byte symbols + our 8 tokens
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# DeepSeek-V3's tool-call markup (spec 9.1-9.2). Not in our small vocabularies: BPE spells them as text.
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_SEP, TOOL_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TOOLS_HEADER = "## Tools\nYou have access to the following tools:"
+TOOLS_FOOTER = ("\n\nTo call tools, answer with:\n" + TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "function" + TOOL_SEP
+                + "NAME\n```json\nARGUMENTS\n```" + TOOL_CALL_END + TOOL_CALLS_END)
 MODEL_MAX_LENGTH = 131072                          # DeepSeek-V3's tokenizer_config value
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -89,7 +102,8 @@ FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CHAT_TEMPLATE = r"""
 {%- if thinking is not defined %}{%- set thinking = false %}{%- endif %}
 {%- if add_generation_prompt is not defined %}{%- set add_generation_prompt = false %}{%- endif %}
-{%- set ns = namespace(system='', has_system=false, last_user=-1) %}
+{%- if tools is not defined or tools is none %}{%- set tools = [] %}{%- endif %}
+{%- set ns = namespace(system='', has_system=false, last_user=-1, content='', in_outputs=false) %}
 {%- for message in messages %}
     {%- if message['role'] == 'system' %}
         {%- if ns.has_system %}{%- set ns.system = ns.system + '\n\n' %}{%- endif %}
@@ -97,26 +111,59 @@ CHAT_TEMPLATE = r"""
         {%- set ns.has_system = true %}
     {%- elif message['role'] == 'user' %}
         {%- set ns.last_user = loop.index0 %}
-    {%- elif message['role'] != 'assistant' %}
-        {{- raise_exception('nanoseek chat template: role must be one of system, user, assistant') }}
+    {%- elif message['role'] != 'assistant' and message['role'] != 'tool' %}
+        {{- raise_exception('nanoseek chat template: role must be one of system, user, assistant, tool') }}
     {%- endif %}
 {%- endfor %}
+{%- if tools %}
+    {%- if ns.has_system %}{%- set ns.system = ns.system + '\n\n' %}{%- endif %}
+    {%- set ns.system = ns.system + TOOLS_HEADER %}
+    {%- for tool in tools %}
+        {%- set f = tool['function'] if tool['function'] is defined else tool %}
+        {%- set params = f['parameters'] if f['parameters'] is defined else {} %}
+        {%- set ns.system = ns.system + '\n\n### ' + f['name'] + '\nDescription: ' + (f['description'] or '')
+            + '\nParameters: ' + (params | tojson) %}
+    {%- endfor %}
+    {%- set ns.system = ns.system + TOOLS_FOOTER %}
+{%- endif %}
 {{- '<｜begin▁of▁sentence｜>' + ns.system }}
 {%- for message in messages %}
+    {%- if ns.in_outputs and message['role'] != 'tool' %}
+        {{- '<｜tool▁outputs▁end｜>' }}
+        {%- set ns.in_outputs = false %}
+    {%- endif %}
     {%- if message['role'] == 'user' %}
         {{- '<｜User｜>' + message['content'] }}
     {%- elif message['role'] == 'assistant' %}
-        {%- set content = message['content'] %}
-        {%- if thinking and loop.index0 < ns.last_user and '</think>' in content %}
-            {%- set content = content.split('</think>')[-1] %}
+        {%- set ns.content = message['content'] if message['content'] is string else '' %}
+        {%- if thinking and loop.index0 < ns.last_user and '</think>' in ns.content %}
+            {%- set ns.content = ns.content.split('</think>')[-1] %}
         {%- endif %}
-        {{- '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}
+        {%- if message['tool_calls'] is defined and message['tool_calls'] %}
+            {%- set ns.content = ns.content + '<｜tool▁calls▁begin｜>' %}
+            {%- for call in message['tool_calls'] %}
+                {%- set f = call['function'] if call['function'] is defined else call %}
+                {%- set args = f['arguments'] if f['arguments'] is string else (f['arguments'] | tojson) %}
+                {%- if not loop.first %}{%- set ns.content = ns.content + '\n' %}{%- endif %}
+                {%- set ns.content = ns.content + '<｜tool▁call▁begin｜>' + (call['type'] or 'function')
+                    + '<｜tool▁sep｜>' + f['name'] + '\n```json\n' + args + '\n```<｜tool▁call▁end｜>' %}
+            {%- endfor %}
+            {%- set ns.content = ns.content + '<｜tool▁calls▁end｜>' %}
+        {%- endif %}
+        {{- '<｜Assistant｜>' + ns.content + '<｜end▁of▁sentence｜>' }}
+    {%- elif message['role'] == 'tool' %}
+        {{- ('\n' if ns.in_outputs else '<｜tool▁outputs▁begin｜>') + '<｜tool▁output▁begin｜>' + message['content']
+            + '<｜tool▁output▁end｜>' }}
+        {%- set ns.in_outputs = true %}
     {%- endif %}
 {%- endfor %}
+{%- if ns.in_outputs %}{{- '<｜tool▁outputs▁end｜>' }}{%- endif %}
 {%- if add_generation_prompt %}
     {{- '<｜Assistant｜>' }}
     {%- if thinking %}{{- '<think>\n' }}{%- endif %}
 {%- endif %}""".strip()
+CHAT_TEMPLATE = CHAT_TEMPLATE.replace("TOOLS_HEADER", json.dumps(TOOLS_HEADER, ensure_ascii=False)).replace(
+    "TOOLS_FOOTER", json.dumps(TOOLS_FOOTER, ensure_ascii=False))
 
 
 class Tokenizer:
@@ -230,16 +277,17 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- chat
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            thinking: bool = False) -> str:
-        text = "".join(piece for piece, _ in _chat_pieces(messages, thinking))
+                            thinking: bool = False, tools: list[dict] | None = None) -> str:
+        text = "".join(piece for piece, _ in _chat_pieces(messages, thinking, tools))
         if add_generation_prompt:
             text += ASSISTANT + (THINK + "\n" if thinking else "")
         return text
 
-    def encode_chat(self, messages: list[dict], thinking: bool = False) -> tuple[list[int], list[int]]:
+    def encode_chat(self, messages: list[dict], thinking: bool = False,
+                    tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
         ids: list[int] = []
         mask: list[int] = []
-        for piece, trained in _chat_pieces(messages, thinking):
+        for piece, trained in _chat_pieces(messages, thinking, tools):
             piece_ids = self._tok.encode(piece, add_special_tokens=False).ids
             ids += piece_ids
             mask += [int(trained)] * len(piece_ids)
@@ -293,33 +341,78 @@ def _check_messages(messages: list[dict]) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
-        if "tool_calls" in m:
-            raise ValueError(f"messages[{i}].tool_calls: tool calls are not supported by the nanoseek chat template")
         if "role" not in m:
             raise ValueError(f"messages[{i}] has no 'role': must be one of {', '.join(ROLES)}")
         if m["role"] not in ROLES:
-            extra = " (tool messages are not supported)" if m["role"] == "tool" else ""
-            raise ValueError(f"messages[{i}].role={m['role']!r}: must be one of {', '.join(ROLES)}{extra}")
-        if "content" not in m:
+            raise ValueError(f"messages[{i}].role={m['role']!r}: must be one of {', '.join(ROLES)}")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m["role"] != "assistant" or not isinstance(calls, list):
+                raise ValueError(f"messages[{i}].tool_calls: only an assistant message has tool_calls, a list of "
+                                 "{'type': 'function', 'function': {'name', 'arguments'}}")
+            for j, c in enumerate(calls):
+                f = c.get("function", c) if isinstance(c, dict) else None
+                if not (isinstance(f, dict) and isinstance(f.get("name"), str)
+                        and isinstance(f.get("arguments"), (str, dict))):
+                    raise ValueError(f"messages[{i}].tool_calls[{j}]: must be {{'type': 'function', 'function': "
+                                     "{'name': <string>, 'arguments': <JSON string or object>}}")
+        if "content" not in m and not calls:
             raise ValueError(f"messages[{i}] ({m['role']}) has no 'content': it must be a string")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"messages[{i}].content: must be a string, got {type(m['content']).__name__}")
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
+            raise ValueError(f"messages[{i}].content: must be a string, got {type(m.get('content')).__name__}")
 
 
-def _chat_pieces(messages: list[dict], thinking: bool) -> list[tuple[str, bool]]:
-    """The rendered conversation as (text, is_assistant_output) pieces, without a generation prompt."""
+def _tools_text(tools: list[dict]) -> str:
+    """The tool definitions as the system prompt's last part (DeepSeek-V3.1's layout)."""
+    parts = [TOOLS_HEADER]
+    for i, t in enumerate(tools):
+        f = t.get("function", t) if isinstance(t, dict) else None
+        if not (isinstance(f, dict) and isinstance(f.get("name"), str)):
+            raise ValueError(f"tools[{i}]: must be {{'type': 'function', 'function': {{'name': <string>, "
+                             "'description': ..., 'parameters': <JSON Schema>}}}}")
+        parts.append(f"\n\n### {f['name']}\nDescription: {f.get('description') or ''}\nParameters: "
+                     + json.dumps(f.get("parameters", {}), ensure_ascii=False))
+    return "".join(parts) + TOOLS_FOOTER
+
+
+def tool_calls_text(calls: list[dict]) -> str:
+    """An assistant's tool calls in DeepSeek-V3's markup (what the model writes to call them)."""
+    out = []
+    for c in calls:
+        f = c.get("function", c)
+        args = f["arguments"] if isinstance(f["arguments"], str) else json.dumps(f["arguments"], ensure_ascii=False)
+        out.append(f"{TOOL_CALL_BEGIN}{c.get('type') or 'function'}{TOOL_SEP}{f['name']}\n```json\n{args}\n```"
+                   f"{TOOL_CALL_END}")
+    return TOOL_CALLS_BEGIN + "\n".join(out) + TOOL_CALLS_END
+
+
+def _chat_pieces(messages: list[dict], thinking: bool, tools: list[dict] | None = None) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, is_assistant_output) pieces, without a generation prompt.
+    Tool calls are assistant output; tool results (role "tool") are prompt, wrapped in the outputs markup."""
     _check_messages(messages)
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    system = [m["content"] for m in messages if m["role"] == "system"] + ([_tools_text(tools)] if tools else [])
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
-    pieces = [(BOS, False), (system, False)]
+    pieces = [(BOS, False), ("\n\n".join(system), False)]
+    in_outputs = False
     for i, m in enumerate(messages):
+        if in_outputs and m["role"] != "tool":
+            pieces.append((TOOL_OUTPUTS_END, False))
+            in_outputs = False
         if m["role"] == "user":
             pieces += [(USER, False), (m["content"], False)]
         elif m["role"] == "assistant":
-            content = m["content"]
+            content = m.get("content") or ""
             if thinking and i < last_user:  # past turn: do not feed old reasoning back
                 content = content.rsplit(THINK_END, 1)[-1]
+            if m.get("tool_calls"):
+                content += tool_calls_text(m["tool_calls"])
             pieces += [(ASSISTANT, False), (content, True), (EOS, True)]
+        elif m["role"] == "tool":
+            opener = "\n" if in_outputs else TOOL_OUTPUTS_BEGIN
+            pieces.append((opener + TOOL_OUTPUT_BEGIN + m["content"] + TOOL_OUTPUT_END, False))
+            in_outputs = True
+    if in_outputs:
+        pieces.append((TOOL_OUTPUTS_END, False))
     return pieces
 
 
@@ -386,9 +479,10 @@ class HFChatTokenizer:
         return self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            thinking: bool = False) -> str:
+                            thinking: bool = False, tools: list[dict] | None = None) -> str:
         _check_messages(messages)
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **({"tools": tools} if tools else {}))
 
     def encode_chat(self, messages: list[dict], thinking: bool = False) -> tuple[list[int], list[int]]:
         _check_messages(messages)

@@ -13,10 +13,13 @@ import threading
 import time
 from contextlib import contextmanager
 
+from typing import Literal
+
 import httpx
 import openai
 import pytest
 import uvicorn
+from pydantic import BaseModel, ConfigDict, Field
 
 from nanoseek.inference import LLM, SamplingParams
 from nanoseek.inference.server import ReasoningSplitter, TextStream, build_app, listen
@@ -299,7 +302,23 @@ BAD = [  # (path, body, param)
     ("/v1/chat/completions", {"messages": MSGS, "stream_options": {"include_usage": "yes"}},
      "stream_options.include_usage"),
     ("/v1/chat/completions", {"messages": MSGS, "top_logprobs": 2}, "top_logprobs"),
-    ("/v1/chat/completions", {"messages": MSGS, "tools": [{"type": "function"}]}, "tools"),
+    ("/v1/chat/completions", {"messages": MSGS, "tools": [{"type": "function"}]}, "tools[0]"),
+    ("/v1/chat/completions", {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "a b"}}]},
+     "tools[0]"),
+    ("/v1/chat/completions", {"messages": MSGS, "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}],
+                              "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "tool_calls": []}]},
+     "messages[0].tool_calls"),
+    ("/v1/chat/completions", {"messages": MSGS, "response_format": {"type": "xml"}}, "response_format.type"),
+    ("/v1/chat/completions", {"messages": MSGS, "response_format": "json"}, "response_format"),
+    ("/v1/chat/completions", {"messages": MSGS, "response_format": {"type": "json_schema"}},
+     "response_format.json_schema"),
+    ("/v1/chat/completions", {"messages": MSGS, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer", "minimum": "x"}}}}}},
+     "response_format.json_schema.schema"),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"schema": 3}}},
+     "response_format.json_schema.schema"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, "messages"),
     ("/v1/completions", {"prompt": LONG}, "prompt"),
     ("/v1/completions", {"prompt": [0, 1, 10**6]}, "prompt"),
@@ -632,3 +651,122 @@ def test_chat_page_in_a_real_browser(url):
         assert len(b.execute_script("return turns")) == 4
     finally:
         b.quit()
+
+
+# ------------------------------------------------------------------------------------------------
+# structured output and tools: a longer context (the tools prompt alone is ~550 tokens of this 300-token
+# vocabulary: the markup characters are 3 UTF-8 bytes each)
+
+class Answer(BaseModel):
+    """Bounded fields and no extra keys, so every path through its grammar ends well within max_tokens."""
+    model_config = ConfigDict(extra="forbid")
+    value: int = Field(ge=0, le=999)
+    unit: Literal["m", "s", "kg"]
+    sure: bool
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+NOW = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {},
+                                                                        "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def served_long(model_dir):
+    llm = LLM(str(model_dir), max_len=1024, max_batch=8)
+    with running(build_app(llm, "tiny")) as url:
+        yield url
+
+
+def test_response_format_json_schema_and_object(served_long):
+    client = openai.OpenAI(base_url=served_long + "/v1", api_key="x", max_retries=0, timeout=120)
+    schema = {"type": "json_schema", "json_schema": {"name": "Answer", "schema": Answer.model_json_schema(),
+                                                      "strict": True}}
+    r = client.chat.completions.create(model="tiny", messages=MSGS, response_format=schema, n=4, temperature=1.0,
+                                       seed=1, max_tokens=200)
+    assert all(c.finish_reason == "stop" for c in r.choices)
+    parsed = [Answer.model_validate_json(c.message.content) for c in r.choices]
+    assert len({p.model_dump_json() for p in parsed}) > 1         # sampled, not one canned answer
+    r = client.chat.completions.create(model="tiny", messages=MSGS, response_format={"type": "json_object"},
+                                       temperature=0, max_tokens=200)
+    text = r.choices[0].message.content
+    assert text.startswith("{") and (r.choices[0].finish_reason == "length" or isinstance(json.loads(text), dict))
+    # with R1's <think>: free reasoning, then </think> and the document
+    r = client.chat.completions.create(model="tiny", messages=MSGS, response_format=schema, temperature=1.0,
+                                       seed=2, max_tokens=300, extra_body={"thinking": True, "logit_bias": {"5": 4}})
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and c.message.reasoning_content is not None
+    Answer.model_validate_json(c.message.content)
+
+
+def test_langchain_with_structured_output(served_long):
+    from langchain_openai import ChatOpenAI
+    chat = ChatOpenAI(base_url=served_long + "/v1", api_key="x", model="tiny", temperature=1.0, max_tokens=200,
+                      max_retries=0)
+    structured = chat.with_structured_output(Answer)          # method="json_schema", strict
+    outs = [structured.invoke(f"Question {i}?") for i in range(6)]
+    assert all(isinstance(o, Answer) for o in outs)
+
+
+def test_tool_calls_forced_named_auto_and_streamed(served_long):
+    client = openai.OpenAI(base_url=served_long + "/v1", api_key="x", max_retries=0, timeout=120)
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, tools=[WEATHER, NOW], tool_choice="required",
+                                       parallel_tool_calls=False, n=3, temperature=1.0, seed=4, max_tokens=200)
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1, c.message
+        call = c.message.tool_calls[0]
+        assert call.type == "function" and call.id.startswith("call_")
+        args = json.loads(call.function.arguments)
+        if call.function.name == "get_weather":
+            assert args["city"] in ("Paris", "Rome") and 1 <= args["days"] <= 7 and set(args) == {"city", "days"}
+        else:
+            assert call.function.name == "now" and args == {}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model="tiny", messages=msgs, tools=[WEATHER, NOW], tool_choice=named,
+                                       temperature=1.0, seed=5, max_tokens=200)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    # the conversation goes on with the call and its result in the prompt (DeepSeek's markup)
+    follow = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "18C"}]
+    r2 = client.chat.completions.create(model="tiny", messages=follow, tools=[WEATHER], max_tokens=5, temperature=0)
+    assert r2.choices[0].message.role == "assistant"
+    # streamed: the same call arrives as one tool_calls delta, then finish_reason tool_calls
+    stream = client.chat.completions.create(model="tiny", messages=msgs, tools=[WEATHER, NOW], tool_choice=named,
+                                            temperature=1.0, seed=5, max_tokens=200, stream=True)
+    chunks = list(stream)
+    deltas = [tc for ch in chunks for c in ch.choices for tc in (c.delta.tool_calls or [])]
+    assert len(deltas) == 1 and deltas[0].function.name == "get_weather"
+    assert deltas[0].function.arguments == call.function.arguments        # same seed, same call
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    bad = httpx.post(served_long + "/v1/chat/completions", json={"messages": msgs, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools", bad.text
+    # auto: a tiny model answers in text; its reply carries no tool calls and finishes with "stop"/"length"
+    r = client.chat.completions.create(model="tiny", messages=msgs, tools=[WEATHER], max_tokens=8, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.tool_calls is None
+
+
+def test_tool_call_parsing_and_stream_holdback():
+    from nanoseek.inference.tools import ToolCallStream, parse_tool_calls
+    from nanoseek.tokenizer import tool_calls_text
+    calls = [{"type": "function", "function": {"name": "now", "arguments": "{}"}},
+             {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome", "days": 2}'}}]
+    text = "Let me check." + tool_calls_text(calls)
+    content, got = parse_tool_calls(text)
+    assert content == "Let me check." and [c["function"] for c in got] == [c["function"] for c in calls]
+    assert parse_tool_calls("plain text") == ("plain text", [])
+    cut = text[: text.index("```json") + 9]                        # cut off by max_tokens: stays text
+    assert parse_tool_calls(cut) == (cut, [])
+    for size in (1, 3, 7, 50):                                     # any chunking streams the same content
+        ts, sent = ToolCallStream(), ""
+        for i in range(0, len(text), size):
+            sent += ts.feed(text[i: i + size])
+        rest, got = ts.finish()
+        assert sent + rest == "Let me check." and len(got) == 2
+    ts = ToolCallStream()                                          # a lone "<" is held back, then released
+    assert ts.feed("a <") == "a " and ts.feed("b") == "<b" and ts.finish() == ("", [])

@@ -166,6 +166,44 @@ def test_save_load_same_ids(tok, saved):
     assert tok2.decode(tok.encode(f"{THINK}x{THINK_END}"), skip_special_tokens=True) == f"{THINK}x{THINK_END}"
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}},
+         {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
+TOOL_CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "21C"},
+    {"role": "assistant", "content": "<think>both</think>Paris 18C, Rome 21C."},
+    {"role": "user", "content": "Thanks"},
+]
+
+
+def test_chat_template_tools(tok):
+    text = tok.apply_chat_template(TOOL_CHAT, tools=TOOLS)
+    want = (f"{BOS}Be brief.\n\n## Tools\nYou have access to the following tools:\n\n### get_weather\n"
+            'Description: Weather in a city.\nParameters: {"type": "object", "properties": {"city": {"type": '
+            '"string"}}, "required": ["city"]}\n\n### now\nDescription: \nParameters: {"type": "object", '
+            '"properties": {}}\n\nTo call tools, answer with:\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function'
+            "<｜tool▁sep｜>NAME\n```json\nARGUMENTS\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+            f"{USER}Weather in Paris and Rome?"
+            f"{ASSISTANT}<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+            '{"city": "Paris"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n'
+            '```json\n{"city": "Rome"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>' + EOS +
+            "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>18C<｜tool▁output▁end｜>\n<｜tool▁output▁begin｜>21C"
+            "<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"
+            f"{ASSISTANT}<think>both</think>Paris 18C, Rome 21C.{EOS}{USER}Thanks{ASSISTANT}")
+    assert text == want
+    ids, mask = tok.encode_chat(TOOL_CHAT[:3], tools=TOOLS)      # the calls are trained, the tools prompt is not
+    trained = tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+    assert trained.startswith("<｜tool▁calls▁begin｜>") and trained.endswith(f"<｜tool▁calls▁end｜>{EOS}")
+    assert "## Tools" not in trained
+
+
 def test_transformers_autotokenizer_parity(tok, saved):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(saved))
@@ -178,12 +216,14 @@ def test_transformers_autotokenizer_parity(tok, saved):
         ids = tok.encode(s, add_bos=True) + [tok.eos_id]
         for skip in (True, False):
             assert hf.decode(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip)
-    convs = [CHAT, CHAT[:5], [{"role": "user", "content": "hi"}], CHAT[1:3]]
-    for msgs in convs:
+    convs = [(CHAT, None), (CHAT[:5], None), ([{"role": "user", "content": "hi"}], None), (CHAT[1:3], None),
+             (TOOL_CHAT, TOOLS), (TOOL_CHAT[:3], TOOLS), (TOOL_CHAT[1:2], TOOLS)]
+    for msgs, tools in convs:
         for thinking in (False, True):
             for gen in (False, True):
-                want = tok.apply_chat_template(msgs, add_generation_prompt=gen, thinking=thinking)
-                got = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, thinking=thinking)
+                want = tok.apply_chat_template(msgs, add_generation_prompt=gen, thinking=thinking, tools=tools)
+                got = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, thinking=thinking,
+                                             tools=tools)
                 assert got == want, (msgs, thinking, gen)
     # thinking is off unless passed, and tokenize=True does not add a second BOS
     assert hf.apply_chat_template(CHAT[:5], tokenize=False, add_generation_prompt=True) == \
@@ -207,10 +247,14 @@ def test_bad_inputs_raise_clear_errors(tok, saved, tmp_path):
         tok.apply_chat_template([{"role": "assistant", "content": None}])
     with pytest.raises(ValueError, match=r"messages\[0\] has no 'role'"):
         tok.apply_chat_template([{"content": "hi"}])
-    with pytest.raises(ValueError, match=r"messages\[1\]\.role='tool'.*not supported"):
-        tok.apply_chat_template([CHAT[1], {"role": "tool", "content": "42"}])
-    with pytest.raises(ValueError, match=r"messages\[0\]\.tool_calls"):
-        tok.encode_chat([{"role": "assistant", "content": "", "tool_calls": []}])
+    with pytest.raises(ValueError, match=r"messages\[1\]\.role='function': must be one of"):
+        tok.apply_chat_template([CHAT[1], {"role": "function", "content": "42"}])
+    with pytest.raises(ValueError, match=r"messages\[0\]\.tool_calls\[0\]: must be"):
+        tok.encode_chat([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}])
+    with pytest.raises(ValueError, match=r"messages\[0\]\.tool_calls: only an assistant"):
+        tok.encode_chat([{"role": "user", "content": "", "tool_calls": []}])
+    with pytest.raises(ValueError, match=r"tools\[0\]: must be"):
+        tok.apply_chat_template(CHAT[1:2], tools=[{"type": "function"}])
     with pytest.raises(ValueError, match=r"non-empty list"):
         tok.encode_chat([])
     with pytest.raises(KeyError, match="not in the vocabulary"):

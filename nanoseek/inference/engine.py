@@ -35,7 +35,7 @@ class Engine:
     def __init__(self, model: Transformer, max_batch: int = 64, max_len: int | None = None,
                  cache_dtype: torch.dtype | None = None, autocast_dtype: torch.dtype | None = None,
                  speculative: bool = False, seed: int = 0, stop_token_ids: list[int] | None = None,
-                 compile: bool | str = "auto", record_routing: bool = False):
+                 compile: bool | str = "auto", record_routing: bool = False, tokenizer=None):
         """autocast_dtype: the compute dtype (None: measured per host - prefill in the faster of fp32
         and bf16 autocast, each decode GEMM in its fastest kernel; see `nanoseek.calibrate`).
         compile: the decode step's torch.compile policy (True / False / "auto", see runner/). A model
@@ -43,7 +43,8 @@ class Engine:
         from e4m3 weights too.
         record_routing: keep every token's experts per MoE layer on its Sequence (`routing`), for routing
         replay in RL. The runner's fused decode paths do not expose routes, so such an engine decodes
-        through the model's own forward over the cache (slower) and does not speculate."""
+        through the model's own forward over the cache (slower) and does not speculate.
+        tokenizer: the model's, needed only for structured output (`SamplingParams.grammar`)."""
         if compile not in (True, False, "auto"):
             raise UserError(f"compile={compile!r}: use True, False or 'auto' (compile a batch size once it pays)")
         cfg = model.cfg
@@ -68,12 +69,25 @@ class Engine:
         self.running: list[Sequence] = []
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self._ids = itertools.count()
+        self.tokenizer = tokenizer
+        self._grammars = None
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "spec_drafts": 0, "spec_accepted": 0}
 
     def sync_weights(self) -> None:
         """The model's parameters changed (an optimizer step, a load): rebuild the decode weights now.
         A version check before every decode step catches a missing call; this makes it explicit."""
         self.runner.sync_weights()
+
+    @property
+    def grammars(self):
+        """The structured-output matcher factory (structured.Grammars), built on first use."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise UserError("structured output (SamplingParams.grammar) needs the model's tokenizer: "
+                                "pass tokenizer= to the Engine (LLM does)")
+            from .structured import Grammars
+            self._grammars = Grammars(self.tokenizer, self.model.cfg.vocab_size, sorted(self.eos_ids))
+        return self._grammars
 
     # ---------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -88,7 +102,8 @@ class Engine:
         V = self.model.cfg.vocab_size
         if any(not 0 <= t < V for t in prompt_ids):
             raise UserError(f"prompt token ids must be in [0, {V})")
-        self.waiting.append(Request(rid, list(prompt_ids), params))
+        matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
+        self.waiting.append(Request(rid, list(prompt_ids), params, matcher))
         return rid
 
     def has_work(self) -> bool:
@@ -113,7 +128,7 @@ class Engine:
         if self.waiting and self.waiting[0].params.n <= self.max_batch - len(self.running):
             out = self._prefill()
         elif self.speculative and 0 < len(self.running) <= SPEC_MAX_ROWS and \
-                all(s.params.greedy and not s.params.processed for s in self.running):     # (penalties: _emit)
+                all(s.params.greedy and not s.params.processed and s.matcher is None for s in self.running):
             out = speculative_step(self)
         else:
             out = self._decode()
@@ -170,8 +185,9 @@ class Engine:
                 gen = None
                 if r.params.seed is not None:
                     gen = torch.Generator(device=self.device).manual_seed(r.params.seed + j)
+                matcher = None if r.matcher is None else r.matcher if j == 0 else r.matcher.deep_copy()
                 seqs.append(Sequence(r.request_id, j, r.prompt_ids, r.params, gen, slot=slot,
-                                     length=len(r.prompt_ids),
+                                     length=len(r.prompt_ids), matcher=matcher,
                                      routing=None if routes is None else [routes[:, i, : len(r.prompt_ids)]]))
                 src_rows.append(i)
         order = sorted(range(len(seqs)), key=lambda k: seqs[k].slot)
@@ -217,8 +233,13 @@ class Engine:
         """Sample one token per sequence from logits (B,V) and apply the stop rules. `greedy`: the
         (tokens, log-probs) of argmax sampling when the compiled step already computed them."""
         P = [s.params for s in seqs]
-        suppress = [i for i, s in enumerate(seqs) if len(s.out_ids) < s.params.min_tokens]
-        for i in suppress:             # suppress EOS before min_tokens
+        matchers = [s.matcher for s in seqs]
+        constrained = any(m is not None for m in matchers)
+        if constrained:                # structured output: only the tokens each grammar allows next
+            logits = self.grammars.mask_(logits, matchers)
+        # suppress EOS before min_tokens (a grammar decides for itself when its document may end)
+        suppress = [i for i, s in enumerate(seqs) if len(s.out_ids) < s.params.min_tokens and s.matcher is None]
+        for i in suppress:
             for e in self.eos_ids:
                 logits[i, e] = float("-inf")
         processed = any(p.processed for p in P)
@@ -226,7 +247,7 @@ class Engine:
             logits = process_logits(logits.float(), P, [s.prompt_ids for s in seqs], [s.out_ids for s in seqs])
         all_greedy = all(p.greedy for p in P)
         temps = None
-        if all_greedy and greedy is not None and not suppress and not processed:
+        if all_greedy and greedy is not None and not suppress and not processed and not constrained:
             tokens, logps = greedy
         else:
             temps = torch.tensor([p.temperature for p in P], device=logits.device)
@@ -247,6 +268,8 @@ class Engine:
             self._append(s, tokens[i], logps[i], top)
 
     def _append(self, s: Sequence, tok: int, logp: float, top: dict | None = None) -> None:
+        if s.matcher is not None:
+            s.matcher.consume_token(tok)
         s.out_ids.append(tok)
         s.logprobs.append(logp)
         if top is not None:

@@ -77,7 +77,7 @@ class LLM:
         eos = [self.model.cfg.eos_token_id]
         self.engine = Engine(self.model, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype,
                              autocast_dtype=parse_dtype(autocast_dtype), speculative=speculative, seed=seed,
-                             stop_token_ids=eos, compile=compile)
+                             stop_token_ids=eos, compile=compile, tokenizer=tokenizer)
 
     # ---------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt) -> tuple[str | None, list[int]]:

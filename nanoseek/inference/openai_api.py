@@ -20,9 +20,9 @@ from .worker import ApiError, Delta
 
 # requests: every user mistake becomes ApiError(400, ..., param=<the field>)
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None,), "function_call": (None,),
-               "response_format": (None, {"type": "text"}), "suffix": (None,), "best_of": (None, 1)}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+UNSUPPORTED = {"functions": (None,), "function_call": (None,), "suffix": (None,), "best_of": (None, 1)}
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
               dict: "an object", type(None): "null"}
 
@@ -37,6 +37,7 @@ class Parsed:
     echo: bool = False                   # completions: return the prompt (and its log-probs) before the text
     generate: bool = True                # False: max_tokens 0 with echo (score the prompt, generate nothing)
     param: str = "prompt"                # the field that holds the prompt ("messages" for chat)
+    tools: bool = False                  # chat: parse tool calls out of the reply
 
 
 def field(body: dict, name: str, typ: type, default=None, param: str | None = None):
@@ -65,8 +66,11 @@ def require(ok: bool, name: str, value, rule: str) -> None:
         raise ApiError(400, f"Invalid value for '{name}': {value!r}; it must be {rule}.", name, "invalid_value")
 
 
-def parse_common(body: dict, engine, chat: bool) -> tuple[SamplingParams, bool, bool, bool, bool]:
-    """The fields chat and completions share -> (SamplingParams, stream, include_usage, echo, generate)."""
+def parse_common(body: dict, engine, chat: bool, after_token: int | None = None, grammar: str | None = None
+                 ) -> tuple[SamplingParams, bool, bool, bool, bool]:
+    """The fields chat and completions share -> (SamplingParams, stream, include_usage, echo, generate).
+    `after_token`: a structured output starts after this token (the reasoning's end). `grammar`: a
+    forced tool call's, which wins over response_format."""
     for name, allowed in UNSUPPORTED.items():
         if body.get(name) not in allowed:
             raise ApiError(400, f"'{name}' is not supported by the nanoseek server.", name, "unsupported_parameter")
@@ -118,16 +122,53 @@ def parse_common(body: dict, engine, chat: bool) -> tuple[SamplingParams, bool, 
             and isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
         require(ok, "logit_bias", {k: v}, "token ids of this model mapped to numbers in [-100, 100]")
         logit_bias[int(k)] = float(v)
+    grammar = grammar or parse_response_format(body, engine, after_token)
     stream = field(body, "stream", bool, False)
     options = field(body, "stream_options", dict, {})
     include_usage = field(options, "include_usage", bool, False, "stream_options.include_usage")
     try:
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max(1, max_tokens),
-                                stop=stop, seed=seed, logprobs=logprobs, logit_bias=logit_bias, **penalties)
+                                stop=stop, seed=seed, logprobs=logprobs, logit_bias=logit_bias, grammar=grammar,
+                                **penalties)
     except UserError as e:               # a rule checked only by SamplingParams: name its field
         m = re.search(r"SamplingParams\.(\w+)", str(e))
         raise ApiError(400, str(e), m.group(1) if m else None, "invalid_value") from None
     return params, stream, include_usage, echo, max_tokens > 0
+
+
+def parse_response_format(body: dict, engine, after_token: int | None = None) -> str | None:
+    """OpenAI's `response_format` -> llguidance grammar text (None for plain text), checked against the
+    model's tokenizer so a bad schema is a 400 naming it, before any engine work. `after_token`: the
+    document follows the reasoning and this token (`</think>` when the prompt opened `<think>`)."""
+    rf = field(body, "response_format", dict)
+    if rf is None:
+        return None
+    kind = rf.get("type")
+    if kind == "text":
+        return None
+    from .structured import json_object_grammar, json_schema_grammar
+    if kind == "json_object":
+        grammar, param = json_object_grammar(after_token), "response_format"
+    elif kind == "json_schema":
+        spec = field(rf, "json_schema", dict, None, "response_format.json_schema")
+        require(spec is not None, "response_format.json_schema", spec,
+                "an object {'name': ..., 'schema': {...}} for type 'json_schema'")
+        schema = field(spec, "schema", dict, {"type": "object"}, "response_format.json_schema.schema")
+        param = "response_format.json_schema.schema"
+        if spec.get("strict") and schema.get("type") == "object" and "additionalProperties" not in schema:
+            schema = {**schema, "additionalProperties": False}     # OpenAI's strict mode: no extra keys
+        try:
+            grammar = json_schema_grammar(schema, after_token)
+        except ValueError as e:
+            raise ApiError(400, f"Invalid schema for 'response_format': {e}", param, "invalid_value") from None
+    else:
+        raise ApiError(400, f"Invalid value for 'response_format.type': {kind!r}. Supported values are: 'text', "
+                            "'json_object' and 'json_schema'.", "response_format.type", "invalid_value")
+    try:
+        engine.grammars.check(grammar)
+    except UserError as e:
+        raise ApiError(400, f"Invalid 'response_format': {e}", param, "invalid_value") from None
+    return grammar
 
 
 def check_context(ids: list[int], engine, param: str) -> None:
@@ -181,9 +222,14 @@ def parse_messages(body: dict) -> list[dict]:
         if not isinstance(role, str) or role not in ROLES:
             raise ApiError(400, f"Invalid value for '{p}.role': {role!r}. Supported values are: "
                                 f"{', '.join(repr(r) for r in ROLES)}.", f"{p}.role", "invalid_value")
-        if m.get("tool_calls"):
-            raise ApiError(400, "tool calls are not supported by the nanoseek chat template.", f"{p}.tool_calls",
-                           "unsupported_parameter")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            require(role == "assistant" and isinstance(calls, list) and all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+                and isinstance(c["function"].get("arguments"), str) for c in calls), f"{p}.tool_calls", calls,
+                "on an assistant message, a list of {'id', 'type': 'function', 'function': {'name', 'arguments'}}")
+            for j, c in enumerate(calls):
+                check_unicode(c["function"]["name"] + c["function"]["arguments"], f"{p}.tool_calls[{j}]")
         content = m.get("content")
         if content is None and role == "assistant":
             content = ""
@@ -199,26 +245,83 @@ def parse_messages(body: dict) -> list[dict]:
             raise ApiError(400, f"Invalid type for '{p}.content': expected a string or a list of text parts.",
                            f"{p}.content", "invalid_type")
         check_unicode(content, f"{p}.content")
-        out.append({"role": ROLES[role], "content": content})
+        out.append({"role": ROLES[role], "content": content, **({"tool_calls": calls} if calls else {})})
     return out
+
+
+@dataclasses.dataclass
+class ToolRequest:
+    tools: list | None = None            # for the chat template
+    forced: bool = False                 # tool_choice 'required' or a named function: decoding is constrained
+    name: str | None = None              # the named function
+    parallel: bool = True                # parallel_tool_calls
+    parse: bool = False                  # parse calls out of the reply
+
+    def grammar(self, engine, after_token: int | None) -> str | None:
+        if not self.forced:
+            return None
+        from .tools import tool_call_grammar
+        grammar = tool_call_grammar(self.tools, self.name, self.parallel, after_token)
+        try:
+            engine.grammars.check(grammar)
+        except UserError as e:
+            raise ApiError(400, f"Invalid 'tools': {e}", "tools", "invalid_value") from None
+        return grammar
+
+
+def parse_tools(body: dict) -> ToolRequest:
+    """`tools`, `tool_choice`, `parallel_tool_calls`, checked."""
+    tools = field(body, "tools", list)
+    choice = body.get("tool_choice")
+    parallel = field(body, "parallel_tool_calls", bool, True)
+    if not tools:
+        require(choice in (None, "none", "auto"), "tool_choice", choice, "'none' or 'auto' when no 'tools' are given")
+        return ToolRequest()
+    names = []
+    for k, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        ok = isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(f, dict) \
+            and isinstance(f.get("name"), str) and TOOL_NAME.fullmatch(f["name"]) is not None \
+            and isinstance(f.get("description", ""), (str, type(None))) and isinstance(f.get("parameters", {}), dict)
+        require(ok, f"tools[{k}]", t, "{'type': 'function', 'function': {'name': <letters, digits, _ or -, at most 64>, "
+                "'description': <string>, 'parameters': <JSON Schema object>}}")
+        check_unicode(json.dumps(t, ensure_ascii=False), f"tools[{k}]")
+        names.append(f["name"])
+    name = None
+    if isinstance(choice, dict):
+        name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        require(choice.get("type") == "function" and name in names, "tool_choice", choice,
+                f"'none', 'auto', 'required' or {{'type': 'function', 'function': {{'name': one of {names}}}}}")
+    else:
+        require(choice in (None, "none", "auto", "required"), "tool_choice", choice,
+                "'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
+    return ToolRequest(tools, forced=choice not in (None, "none", "auto"), name=name, parallel=parallel,
+                       parse=choice != "none")
 
 
 def parse_chat(body: dict, llm, max_chars: int | None = None) -> Parsed:
     messages = parse_messages(body)
-    check_chars(sum(len(m["content"]) for m in messages), max_chars, llm.engine, "messages")
+    tools = parse_tools(body)
+    chars = sum(len(m["content"]) + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls", ()))
+                for m in messages)
+    check_chars(chars + (len(json.dumps(tools.tools)) if tools.tools else 0), max_chars, llm.engine, "messages")
     kwargs = field(body, "chat_template_kwargs", dict, {})
     thinking = field(body, "thinking", bool, field(kwargs, "thinking", bool, False, "chat_template_kwargs.thinking"))
     if llm.tokenizer is None:
         raise ApiError(400, "this model directory has no tokenizer, so chat is unavailable; use /v1/completions "
                             "with token-id prompts", "messages", "no_tokenizer")
     try:
-        text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
+        text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking,
+                                                 **({"tools": tools.tools} if tools.tools else {}))
     except ValueError as e:
         raise ApiError(400, str(e), "messages", "invalid_value") from None
     ids = llm.tokenizer.encode(text)
     check_context(ids, llm.engine, "messages")
-    params, stream, include_usage, _, _ = parse_common(body, llm.engine, chat=True)
-    return Parsed([ids], params, stream, include_usage, text.rstrip().endswith(THINK), "messages")
+    in_reasoning = text.rstrip().endswith(THINK)
+    after = getattr(llm.tokenizer, "think_end_id", None) if in_reasoning else None
+    params, stream, include_usage, _, _ = parse_common(body, llm.engine, chat=True, after_token=after,
+                                                       grammar=tools.grammar(llm.engine, after))
+    return Parsed([ids], params, stream, include_usage, in_reasoning, "messages", tools=tools.parse)
 
 
 def is_token_ids(x) -> bool:

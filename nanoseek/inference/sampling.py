@@ -38,6 +38,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0      # HF/vLLM: logits of tokens in prompt or output divided (>0) / multiplied by r
     min_p: float = 0.0                   # drop tokens less likely than min_p x the most likely one
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
+    grammar: str | None = None           # structured output: llguidance grammar text (see structured.py)
 
     @property
     def processed(self) -> bool:
@@ -59,7 +60,9 @@ class SamplingParams:
                   ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
                   ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
                   ("logit_bias", all(isinstance(k, int) and -100 <= v <= 100 for k, v in self.logit_bias.items()),
-                   "token id -> a bias in [-100, 100]")]
+                   "token id -> a bias in [-100, 100]"),
+                  ("grammar", self.grammar is None or isinstance(self.grammar, str),
+                   "None or grammar text from nanoseek.inference.structured")]
         for name, ok, rule in checks:
             if not ok:
                 raise UserError(f"SamplingParams.{name}={getattr(self, name)!r}: must be {rule}")

@@ -27,6 +27,7 @@ class Sequence:
     draft: int | None = None             # speculative: the MTP module's guess for the token after `pending`
     stop_text: bool = False              # finished by a stop string (text truncated by the caller)
     routing: list | None = None          # record_routing: (n_moe, t, K) expert ids per forward, in order
+    matcher: object | None = None        # structured output: this sample's llguidance matcher
 
 
 @dataclass
@@ -34,3 +35,4 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    matcher: object | None = None        # structured output: the grammar's matcher (made, so checked, at add_request)

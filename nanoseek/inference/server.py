@@ -28,7 +28,8 @@ max_tokens=16, and errors as `{"error": {"message", "type", "param", "code"}}` -
 user mistake (FastAPI's 422 included), 401 for a bad API key, 404 for an unknown model. Extensions:
 `top_k`, `thinking` (or `chat_template_kwargs.thinking`) for the R1 template, `repetition_penalty` and
 `min_p` (vLLM's). `echo` with prompt log-probs on /v1/completions (not streamed); `logit_bias` and the
-penalties. Left out: tools, response_format, suffix, best_of (rejected with a 400 naming the field).
+penalties; `response_format` (json_object, json_schema) and `tools`/`tool_choice` through grammar-constrained
+decoding (structured.py, tools.py). Left out: suffix, best_of, the legacy `functions` (a 400 naming the field).
 """
 import argparse
 import asyncio
@@ -46,6 +47,7 @@ from ..common import UserError
 from .openai_api import (Parsed, field, is_token_ids, longest_token_chars, parse_chat, parse_completion,
                          prompt_logprobs, _byte_symbols, Choice, sse)
 from .stream import ReasoningSplitter, TextStream  # noqa: F401  (re-exported for tests)
+from .tools import ToolCallStream, parse_tool_calls
 from .worker import ApiError, EngineWorker, Job, next_event
 
 
@@ -350,10 +352,15 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
                 if chat:
                     splitter = ReasoningSplitter(p.in_reasoning)
                     reasoning, content = splitter.split(c.text)
-                    message = {"role": "assistant", "content": content}
+                    message, finish = {"role": "assistant", "content": content}, c.finish_reason
+                    if p.tools:
+                        content, calls = parse_tool_calls(content)
+                        if calls:
+                            message = {"role": "assistant", "content": content or None, "tool_calls": calls}
+                            finish = "tool_calls" if finish == "stop" else finish
                     if splitter.saw_reasoning:
                         message["reasoning_content"] = reasoning
-                    out.append({"index": i, "message": message, "finish_reason": c.finish_reason,
+                    out.append({"index": i, "message": message, "finish_reason": finish,
                                 "logprobs": c.chat_logprobs(c.whole()) if want_logprobs else None})
                 else:
                     text, lps = c.text, None
@@ -374,6 +381,7 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if p.include_usage else {}
         splitters = [ReasoningSplitter(p.in_reasoning) for _ in choices]
+        tool_streams = [ToolCallStream() for _ in choices] if p.tools else None
 
         def chunk(i: int, body: dict, logprobs=None, finish_reason=None) -> str:
             return sse({**head, "choices": [{"index": i, **body, "logprobs": logprobs,
@@ -390,12 +398,22 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
                     c, final = choices[ev.index], ev.finish_reason is not None
                     if chat:
                         reasoning, content = splitters[ev.index].feed(ev.text, final)
+                        calls, finish = [], ev.finish_reason
+                        if tool_streams is not None:      # content up to the tool-call markup streams
+                            content = tool_streams[ev.index].feed(content)
+                            if final:
+                                rest, calls = tool_streams[ev.index].finish()
+                                content += rest
+                                finish = "tool_calls" if calls and finish == "stop" else finish
                         delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
                         lp = c.chat_logprobs(ev) if want_logprobs and ev.token_ids else None
                         if delta or lp:
                             yield chunk(ev.index, {"delta": delta}, lp)
+                        if calls:
+                            yield chunk(ev.index, {"delta": {"tool_calls": [{"index": k, **call}
+                                                                            for k, call in enumerate(calls)]}})
                         if final:
-                            yield chunk(ev.index, {"delta": {}}, None, ev.finish_reason)
+                            yield chunk(ev.index, {"delta": {}}, None, finish)
                     elif ev.text or final or want_logprobs:
                         lp = c.completion_logprobs(ev) if want_logprobs else None
                         yield chunk(ev.index, {"text": ev.text}, lp, ev.finish_reason)
