@@ -65,7 +65,8 @@ class Engine:
         self.runner = DecodeRunner(model, self.cache, decode_dtypes(self.device, fixed), compile=compile,
                                    max_batch=max_batch)
         self.eos_ids = set(stop_token_ids if stop_token_ids is not None else [cfg.eos_token_id])
-        self.waiting: deque[Request] = deque()
+        self.waiting: deque[Request] = deque()     # in arrival order; aborted ones are dropped when reached
+        self.queued: dict[str, Request] = {}        # request id -> its Request, while it waits (not aborted)
         self.running: list[Sequence] = []
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self._ids = itertools.count()
@@ -103,18 +104,32 @@ class Engine:
         if any(not 0 <= t < V for t in prompt_ids):
             raise UserError(f"prompt token ids must be in [0, {V})")
         matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
-        self.waiting.append(Request(rid, list(prompt_ids), params, matcher))
+        if rid in self.queued or any(s.request_id == rid for s in self.running):
+            raise UserError(f"request id {rid!r} is already in use")
+        self.queued[rid] = Request(rid, list(prompt_ids), params, matcher)
+        self.waiting.append(self.queued[rid])
         return rid
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.queued or self.running)
 
-    def abort(self, request_id: str) -> None:
-        self.waiting = deque(r for r in self.waiting if r.request_id != request_id)
+    def abort(self, request_ids: str | list[str]) -> None:
+        """Drop requests: queued ones are marked (O(1) each, skipped when the queue reaches them), running
+        ones finish with "abort". The cost is the aborted requests' own, whatever else is queued."""
+        ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
+        for rid in ids:
+            r = self.queued.pop(rid, None)
+            if r is not None:
+                r.aborted = True
         for s in self.running:
-            if s.request_id == request_id:
+            if s.request_id in ids:
                 s.finish_reason = "abort"
         self._compact()
+
+    def _next_waiting(self) -> Request | None:
+        while self.waiting and self.waiting[0].aborted:
+            self.waiting.popleft()
+        return self.waiting[0] if self.waiting else None
 
     def finish(self, seq: Sequence, reason: str = "stop") -> None:
         """Mark a sequence finished from outside (e.g. a stop string); it leaves at the next step."""
@@ -122,10 +137,11 @@ class Engine:
 
     def step(self) -> list[Sequence]:
         self._compact()              # sequences finished from outside since the last step
-        if not self.running and not self.waiting:      # e.g. a stop string ended the last sequence
+        if not self.running and not self.queued:       # e.g. a stop string ended the last sequence
             return []
         self.stats["steps"] += 1
-        if self.waiting and self.waiting[0].params.n <= self.max_batch - len(self.running):
+        head = self._next_waiting()
+        if head is not None and head.params.n <= self.max_batch - len(self.running):
             out = self._prefill()
         elif self.speculative and 0 < len(self.running) <= SPEC_MAX_ROWS and \
                 all(s.params.greedy and not s.params.processed and s.matcher is None for s in self.running):
@@ -159,9 +175,10 @@ class Engine:
 
     def _prefill(self) -> list[Sequence]:
         groups, budget, free = [], 8192, self.max_batch - len(self.running)
-        while self.waiting and self.waiting[0].params.n <= free - sum(r.params.n for r in groups) and \
-                (not groups or budget >= len(self.waiting[0].prompt_ids)):
-            r = self.waiting.popleft()
+        while (r := self._next_waiting()) is not None and r.params.n <= free - sum(g.params.n for g in groups) \
+                and (not groups or budget >= len(r.prompt_ids)):
+            self.waiting.popleft()
+            del self.queued[r.request_id]
             groups.append(r)
             budget -= len(r.prompt_ids)
         row0 = len(self.running)

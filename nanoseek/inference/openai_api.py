@@ -45,6 +45,8 @@ def field(body: dict, name: str, typ: type, default=None, param: str | None = No
     v = body.get(name)
     if v is None:
         return default
+    if typ is int and isinstance(v, float) and v.is_integer():
+        v = int(v)                        # JSON Schema's integer: 2.0 is one
     ok = isinstance(v, (int, float)) if typ is float else isinstance(v, typ)
     if not ok or (typ in (int, float) and isinstance(v, bool)):
         param = param or name
@@ -144,13 +146,17 @@ def parse_response_format(body: dict, engine, after_token: int | None = None) ->
     if rf is None:
         return None
     kind = rf.get("type")
+    spec = field(rf, "json_schema", dict, None, "response_format.json_schema")
+    if spec is not None:
+        field(spec, "name", str, None, "response_format.json_schema.name")
+        field(spec, "strict", bool, None, "response_format.json_schema.strict")
+        field(spec, "schema", dict, None, "response_format.json_schema.schema")
     if kind == "text":
         return None
     from .structured import json_object_grammar, json_schema_grammar
     if kind == "json_object":
         grammar, param = json_object_grammar(after_token), "response_format"
     elif kind == "json_schema":
-        spec = field(rf, "json_schema", dict, None, "response_format.json_schema")
         require(spec is not None, "response_format.json_schema", spec,
                 "an object {'name': ..., 'schema': {...}} for type 'json_schema'")
         schema = field(spec, "schema", dict, {"type": "object"}, "response_format.json_schema.schema")

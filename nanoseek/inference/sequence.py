@@ -36,3 +36,4 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     matcher: object | None = None        # structured output: the grammar's matcher (made, so checked, at add_request)
+    aborted: bool = False                # aborted while queued: skipped when the queue reaches it

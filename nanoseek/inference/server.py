@@ -46,6 +46,8 @@ from ..common import UserError
 
 from .openai_api import (Parsed, field, is_token_ids, longest_token_chars, parse_chat, parse_completion,
                          prompt_logprobs, _byte_symbols, Choice, sse)
+from .schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Health, ModelCard,
+                      ModelList, add_request_schemas, request_body, responses)
 from .stream import ReasoningSplitter, TextStream  # noqa: F401  (re-exported for tests)
 from .tools import ToolCallStream, parse_tool_calls
 from .worker import ApiError, EngineWorker, Job, next_event
@@ -92,7 +94,7 @@ class Metrics:
             out += [f'nanoseek_response_start_seconds_sum{{endpoint="{ep}"}} {self.latency_sum[ep]:.6f}',
                     f'nanoseek_response_start_seconds_count{{endpoint="{ep}"}} {counts[-1]}']
         gauges = {"nanoseek_running_requests": (len(worker.jobs), "Requests the engine is working on."),
-                  "nanoseek_waiting_sequences": (len(engine.waiting), "Sequences queued for prefill."),
+                  "nanoseek_waiting_requests": (len(engine.queued), "Requests queued for prefill."),
                   "nanoseek_running_sequences": (len(engine.running), "Sequences decoding.")}
         for name, (value, doc) in gauges.items():
             out += [f"# HELP {name} {doc}", f"# TYPE {name} gauge", f"{name} {value}"]
@@ -134,6 +136,20 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
 
     app = FastAPI(title="nanoseek", description="OpenAI-compatible server for nanoseek models", lifespan=lifespan)
     app.state.worker = worker
+
+    def openapi():                      # the hand-parsed request bodies, documented from schemas.py
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+            spec = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
+            for ops in spec["paths"].values():      # FastAPI's 422 is answered as OpenAI's 400 here
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                spec.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = add_request_schemas(spec, [ChatCompletionRequest, CompletionRequest],
+                                                     llm.model.cfg.vocab_size, llm.engine.max_batch)
+        return app.openapi_schema
+    app.openapi = openapi
 
     def error_response(e: ApiError, headers: dict | None = None):
         headers = {**({"WWW-Authenticate": "Bearer"} if e.status == 401 else {}), **(headers or {})}
@@ -207,7 +223,7 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
     async def chat_page():                # a chat page: open http://HOST:PORT/ in a browser
         return HTMLResponse(page)
 
-    @app.get("/health")
+    @app.get("/health", responses=responses(Health, 503))
     async def health():
         if not worker.alive:
             raise ApiError(503, worker.error or "the engine thread is not running")
@@ -254,15 +270,15 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
         response.body_iterator = timed()
         return response
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return PlainTextResponse(metrics.render(worker, llm.engine), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", dependencies=[Depends(auth)])
+    @app.get("/v1/models", dependencies=[Depends(auth)], responses=responses(ModelList, 401))
     async def models():
         return {"object": "list", "data": [card]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(auth)])
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(auth)], responses=responses(ModelCard, 401, 404))
     async def model(model_id: str):
         if model_id != model_name:
             raise ApiError(404, f"The model '{model_id}' does not exist.", "model", "model_not_found")
@@ -278,7 +294,8 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
         return p
 
     # parsing tokenizes: off the event loop, so a large prompt never stalls /health or the streams
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)], openapi_extra=request_body(ChatCompletionRequest),
+              responses=responses(ChatCompletion, 400, 401, 404, 413, 500, 503, stream=True))
     async def chat_completions(request: Request):
         async def handle():
             body = await json_body(request)
@@ -286,7 +303,8 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
             return await respond(request, within_budget(parsed), chat=True)
         return await measured("chat", handle)
 
-    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    @app.post("/v1/completions", dependencies=[Depends(auth)], openapi_extra=request_body(CompletionRequest),
+              responses=responses(Completion, 400, 401, 404, 413, 500, 503, stream=True))
     async def completions(request: Request):
         async def handle():
             body = await json_body(request)
@@ -322,8 +340,7 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
 
         def abort_unfinished() -> None:
             if any(c.finish_reason is None for c in choices):
-                for job in jobs:
-                    worker.abort(job.rid)
+                worker.abort([job.rid for job in jobs])       # one message: O(this request's own jobs)
 
         async def run(request=None):
             """Submit the jobs, yield Deltas until every choice has finished. With `request` (not

@@ -108,8 +108,8 @@ class EngineWorker:
         self.check_alive()
         self.inbox.put(("add", job))
 
-    def abort(self, rid: str) -> None:
-        self.inbox.put(("abort", rid))
+    def abort(self, rids: list[str]) -> None:
+        self.inbox.put(("abort", rids))
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
@@ -148,9 +148,10 @@ class EngineWorker:
     def _handle(self, op: str, arg) -> None:
         eng = self.llm.engine
         if op == "abort":
-            if self.jobs.pop(arg, None) is not None:
-                eng.abort(arg)
-                self.stats["aborted"] += 1
+            live = [rid for rid in arg if self.jobs.pop(rid, None) is not None]
+            if live:
+                eng.abort(live)
+                self.stats["aborted"] += len(live)
             return
         job: Job = arg
         try:
