@@ -90,7 +90,7 @@ def parse_common(body: dict, engine, chat: bool, after_token: int | None = None,
     top_p = field(body, "top_p", float, 1.0)
     require(0 < top_p <= 1, "top_p", top_p, "in (0, 1]")
     top_k = field(body, "top_k", int, -1)
-    require(top_k >= -1, "top_k", top_k, "-1 or 0 (off) or a positive integer")
+    require(-1 <= top_k < 2**31, "top_k", top_k, "-1 or 0 (off) or a positive integer below 2^31")
     n = field(body, "n", int, 1)
     require(1 <= n <= engine.max_batch, "n", n, f"between 1 and {engine.max_batch} (the server's --max-batch)")
     seed = field(body, "seed", int)

@@ -51,7 +51,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         checks = [("n", self.n >= 1, ">= 1"), ("temperature", self.temperature >= 0, ">= 0"),
-                  ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("top_k", self.top_k >= -1, ">= -1"),
+                  ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("top_k", -1 <= self.top_k < 2**31, "-1, 0 (off) or a positive int32"),
                   ("max_tokens", self.max_tokens >= 1, ">= 1"), ("min_tokens", self.min_tokens >= 0, ">= 0"),
                   ("logprobs", self.logprobs is None or self.logprobs >= 0, ">= 0"),
                   ("seed", self.seed is None or 0 <= self.seed < 2**63 - 2**16, "in [0, 2^63)"),

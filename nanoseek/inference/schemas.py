@@ -97,7 +97,7 @@ class _Sampling(_Open):
     model: str | None = Field(None, description="the served model's name (others: 404)")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy")
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, description="-1 or 0: off")
+    top_k: int | None = Field(None, ge=-1, lt=2**31, description="-1 or 0: off")
     n: int | None = Field(None, ge=1, description="at most the server's --max-batch")
     stream: bool | None = None
     stream_options: StreamOptions | None = None
