@@ -11,6 +11,8 @@ requests and the worker goes on; if the worker dies, waiting and later requests 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
 import queue
@@ -75,6 +77,18 @@ class Job:
             self.done.add(s.index)
 
 
+def _malloc_trim():
+    """glibc's malloc_trim, or None elsewhere. A burst of large requests leaves freed memory in glibc's
+    arenas (one per thread that allocated: the engine's, the event loop's, asyncio.to_thread's), and RSS
+    stayed 1.6x its start (measured: benchmarks/serve_limits.py); trimming when the engine goes idle
+    returns it to the OS."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 class EngineWorker:
     """Owns `llm.engine` on one thread; handlers talk to it only through `submit` and `abort`."""
 
@@ -86,6 +100,7 @@ class EngineWorker:
         self.error_status = 500
         self.stats = {"requests": 0, "finished": 0, "aborted": 0, "failed": 0}
         self.thread: threading.Thread | None = None
+        self._trim = _malloc_trim()
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
@@ -132,7 +147,14 @@ class EngineWorker:
 
     def _loop(self) -> None:
         eng = self.llm.engine
+        busy = False
         while True:
+            if busy and not eng.has_work():
+                busy = False
+                import gc
+                gc.collect()              # the finished requests' cycles (jobs <-> streams), then the arenas
+                if self._trim is not None:
+                    self._trim(0)
             try:                          # block only when there is nothing to step
                 item = self.inbox.get(block=not eng.has_work())
                 while True:
@@ -143,6 +165,7 @@ class EngineWorker:
             except queue.Empty:
                 pass
             if eng.has_work():
+                busy = True
                 self._step()
 
     def _handle(self, op: str, arg) -> None:
