@@ -44,12 +44,11 @@ from pathlib import Path
 
 from ..common import UserError
 
-from .openai_api import (Parsed, field, is_token_ids, longest_token_chars, parse_chat, parse_completion,
-                         prompt_logprobs, _byte_symbols, Choice, sse)
+from .openai_api import (Parsed, ResponseBuilder, field, is_token_ids, longest_token_chars, parse_chat,
+                         parse_completion, prompt_logprobs, _byte_symbols, sse)
 from .schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Health, ModelCard,
                       ModelList, add_request_schemas, request_body, responses)
 from .stream import ReasoningSplitter, TextStream  # noqa: F401  (re-exported for tests)
-from .tools import ToolCallStream, parse_tool_calls
 from .worker import ApiError, EngineWorker, Job, next_event
 
 
@@ -317,6 +316,7 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
         return await measured("completions", handle)
 
     async def respond(request, p: Parsed, chat: bool):
+        """Run a parsed request's jobs on the engine thread; the ResponseBuilder shapes what comes back."""
         worker.check_alive()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         loop, events, n = asyncio.get_running_loop(), asyncio.Queue(), p.params.n
@@ -326,32 +326,22 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
         if p.echo and p.params.logprobs is not None:
             async with scoring:               # one prompt-scoring forward at a time, in the engine's precision
                 echoed = await asyncio.to_thread(scored, p.prompts, p.params.logprobs)
-        choices = [Choice(llm.tokenizer, byte_of) for _ in range(n * len(p.prompts))]
-        if not p.generate:                     # echo with max_tokens 0: the prompt's log-probs only
-            for c in choices:
-                c.finish_reason = "length"
-        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": model_name}
-        want_logprobs = p.params.logprobs is not None
-
-        def usage() -> dict:
-            prompt, completion = sum(map(len, p.prompts)), sum(len(c.token_ids) for c in choices)
-            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        out = ResponseBuilder(p, chat, rid, model_name, llm.tokenizer, byte_of, echoed)
 
         def abort_unfinished() -> None:
-            if any(c.finish_reason is None for c in choices):
+            if not out.finished:
                 worker.abort([job.rid for job in jobs])       # one message: O(this request's own jobs)
 
         async def run(request=None):
-            """Submit the jobs, yield Deltas until every choice has finished. With `request` (not
-            streaming: nothing notices a hang-up for us), also check about every second that the
-            client is still there."""
+            """Submit the jobs, yield Deltas (added to `out`) until every choice has finished. With
+            `request` (not streaming: nothing notices a hang-up for us), also check about every second
+            that the client is still there."""
             for job in jobs:
                 worker.submit(job)
             checked = time.monotonic()
-            while any(c.finish_reason is None for c in choices):
+            while not out.finished:
                 ev = await next_event(events, worker, request)
-                choices[ev.index].add(ev)
+                out.add(ev)
                 yield ev
                 if request is not None and time.monotonic() - checked > 1.0:
                     checked = time.monotonic()
@@ -364,79 +354,17 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
                     pass
             finally:
                 abort_unfinished()
-            out = []
-            for i, c in enumerate(choices):
-                if chat:
-                    splitter = ReasoningSplitter(p.in_reasoning)
-                    reasoning, content = splitter.split(c.text)
-                    message, finish = {"role": "assistant", "content": content}, c.finish_reason
-                    if p.tools:
-                        content, calls = parse_tool_calls(content)
-                        if calls:
-                            message = {"role": "assistant", "content": content or None, "tool_calls": calls}
-                            finish = "tool_calls" if finish == "stop" else finish
-                    if splitter.saw_reasoning:
-                        message["reasoning_content"] = reasoning
-                    out.append({"index": i, "message": message, "finish_reason": finish,
-                                "logprobs": c.chat_logprobs(c.whole()) if want_logprobs else None})
-                else:
-                    text, lps = c.text, None
-                    if p.echo:                             # the prompt first: its text and log-probs
-                        ids = p.prompts[i // n]
-                        text = "".join(c.token(t)[0] for t in ids) + text
-                        if want_logprobs:
-                            lps = c.echo_logprobs(ids, *echoed[i // n])
-                    if want_logprobs:
-                        gen = c.completion_logprobs(c.whole())
-                        lps = gen if lps is None else {
-                            k: None if lps[k] is None and gen[k] is None else (lps[k] or []) + (gen[k] or [])
-                            for k in lps}
-                    out.append({"index": i, "text": text, "finish_reason": c.finish_reason, "logprobs": lps})
-            metrics.add_tokens(usage())
-            return JSONResponse({**head, "choices": out, "usage": usage()})
-
-        head["object"] = "chat.completion.chunk" if chat else "text_completion"
-        extra = {"usage": None} if p.include_usage else {}
-        splitters = [ReasoningSplitter(p.in_reasoning) for _ in choices]
-        tool_streams = [ToolCallStream() for _ in choices] if p.tools else None
-
-        def chunk(i: int, body: dict, logprobs=None, finish_reason=None) -> str:
-            return sse({**head, "choices": [{"index": i, **body, "logprobs": logprobs,
-                                             "finish_reason": finish_reason}], **extra})
+            metrics.add_tokens(out.usage())
+            return JSONResponse(out.to_json())
 
         async def stream():
             try:
-                role_sent = not chat
                 async for ev in run():
-                    if not role_sent:         # with the first event, so a stream's first chunk marks its first token
-                        role_sent = True
-                        for i in range(len(choices)):
-                            yield chunk(i, {"delta": {"role": "assistant", "content": ""}})
-                    c, final = choices[ev.index], ev.finish_reason is not None
-                    if chat:
-                        reasoning, content = splitters[ev.index].feed(ev.text, final)
-                        calls, finish = [], ev.finish_reason
-                        if tool_streams is not None:      # content up to the tool-call markup streams
-                            content = tool_streams[ev.index].feed(content)
-                            if final:
-                                rest, calls = tool_streams[ev.index].finish()
-                                content += rest
-                                finish = "tool_calls" if calls and finish == "stop" else finish
-                        delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
-                        lp = c.chat_logprobs(ev) if want_logprobs and ev.token_ids else None
-                        if delta or lp:
-                            yield chunk(ev.index, {"delta": delta}, lp)
-                        if calls:
-                            yield chunk(ev.index, {"delta": {"tool_calls": [{"index": k, **call}
-                                                                            for k, call in enumerate(calls)]}})
-                        if final:
-                            yield chunk(ev.index, {"delta": {}}, None, finish)
-                    elif ev.text or final or want_logprobs:
-                        lp = c.completion_logprobs(ev) if want_logprobs else None
-                        yield chunk(ev.index, {"text": ev.text}, lp, ev.finish_reason)
-                metrics.add_tokens(usage())
-                if p.include_usage:
-                    yield sse({**head, "choices": [], "usage": usage()})
+                    for line in out.chunks(ev):
+                        yield line
+                metrics.add_tokens(out.usage())
+                for line in out.tail():
+                    yield line
             except ApiError as e:             # headers are sent: report in-band, as OpenAI does
                 yield sse(e.body())
             finally:
