@@ -30,9 +30,10 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start(model_dir: str) -> tuple[subprocess.Popen, str]:
-    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", model_dir, "--port", "0", "--no-compile",
-                          "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start(model_dir: str, compiled: bool = False) -> tuple[subprocess.Popen, str]:
+    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", model_dir, "--port", "0", "--log-level", "warning",
+                          *([] if compiled else ["--no-compile"])],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in p.stdout:
         if " at http://" in line:
             url = line.split(" at ", 1)[1].strip().removesuffix("/v1")
@@ -141,8 +142,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
     ap.add_argument("--out", default="benchmarks/results/serve_limits.json")
+    ap.add_argument("--compiled", action="store_true", help="serve with the default compiled decode (warm-up "
+                    "compiles every batch bucket at start-up) instead of eager")
     args = ap.parse_args()
-    proc, url = start(args.model_dir)
+    proc, url = start(args.model_dir, args.compiled)
     try:
         context = httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"]
         httpx.post(url + "/v1/completions", json={"prompt": "1+1=", "max_tokens": 4}, timeout=60)
@@ -158,7 +161,7 @@ def main():
         proc.wait(30)
     res["cpu"] = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                       "?")
-    res["command"] = f"python benchmarks/serve_limits.py {args.model_dir}"
+    res["command"] = f"python benchmarks/serve_limits.py {args.model_dir}" + (" --compiled" if args.compiled else "")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     print("wrote", args.out)
