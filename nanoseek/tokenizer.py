@@ -478,6 +478,12 @@ class HFChatTokenizer:
     def pad_id(self) -> int:
         return self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id
 
+    @property
+    def think_end_id(self) -> int | None:
+        """The id of `</think>` when the vocabulary has it as one token (R1-style templates), else None."""
+        ids = self.hf.encode(THINK_END, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             thinking: bool = False, tools: list[dict] | None = None) -> str:
         _check_messages(messages)

@@ -243,6 +243,9 @@ def test_abort_costs_only_the_aborted_requests(model):
             if s.finish_reason:
                 done[s.request_id] = s.out_ids
     assert set(done) == {"other0", "other1", "last"}
+    eng.add_request([1, 2], params, "gone")
+    eng.abort("gone")                                          # nothing left queued: the queue is emptied
+    assert not eng.waiting and not eng.has_work()
     alone = llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)[0].outputs[0].token_ids
     assert done["last"] == alone
     eng.add_request([1], params, "x")

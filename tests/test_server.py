@@ -700,6 +700,12 @@ def test_response_format_json_schema_and_object(served_long):
     c = r.choices[0]
     assert c.finish_reason == "stop" and c.message.reasoning_content is not None
     Answer.model_validate_json(c.message.content)
+    # a schema's own "x-guidance" of the wrong type is the user's mistake or ignored, never a 500
+    odd = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "x-guidance": "x"}}}
+    for thinking in (False, True):
+        r = httpx.post(served_long + "/v1/chat/completions", json={"messages": MSGS, "response_format": odd,
+                                                                   "thinking": thinking, "max_tokens": 20})
+        assert r.status_code in (200, 400), r.text
 
 
 def test_langchain_with_structured_output(served_long):
@@ -762,6 +768,11 @@ def test_tool_call_parsing_and_stream_holdback():
     assert parse_tool_calls("plain text") == ("plain text", [])
     cut = text[: text.index("```json") + 9]                        # cut off by max_tokens: stays text
     assert parse_tool_calls(cut) == (cut, [])
+    from nanoseek.tokenizer import TOOL_CALL_BEGIN, TOOL_CALLS_END
+    half = text[: text.rindex(TOOL_CALL_BEGIN) + 30] + TOOL_CALLS_END    # a malformed second call: all stays text
+    assert parse_tool_calls(half) == (half, [])
+    after = text + TOOL_CALL_BEGIN + "function<｜tool▁sep｜>x\n```json\n{}\n```<｜tool▁call▁end｜>"
+    assert [c["function"]["name"] for c in parse_tool_calls(after)[1]] == ["now", "get_weather"]    # not past the end
     for size in (1, 3, 7, 50):                                     # any chunking streams the same content
         ts, sent = ToolCallStream(), ""
         for i in range(0, len(text), size):

@@ -17,6 +17,7 @@ Greedy requests can use MTP speculative decoding (speculative.py) when the model
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections import deque
 
 import torch
@@ -120,7 +121,9 @@ class Engine:
         for rid in ids:
             r = self.queued.pop(rid, None)
             if r is not None:
-                r.aborted = True
+                r.aborted, r.matcher = True, None
+        if not self.queued:
+            self.waiting.clear()
         for s in self.running:
             if s.request_id in ids:
                 s.finish_reason = "abort"
@@ -144,7 +147,8 @@ class Engine:
         if head is not None and head.params.n <= self.max_batch - len(self.running):
             out = self._prefill()
         elif self.speculative and 0 < len(self.running) <= SPEC_MAX_ROWS and \
-                all(s.params.greedy and not s.params.processed and s.matcher is None for s in self.running):
+                all(s.params.greedy and not s.params.processed and s.matcher is None and not s.params.logprobs
+                    and len(s.out_ids) >= s.params.min_tokens for s in self.running):
             out = speculative_step(self)
         else:
             out = self._decode()
@@ -285,8 +289,6 @@ class Engine:
             self._append(s, tokens[i], logps[i], top)
 
     def _append(self, s: Sequence, tok: int, logp: float, top: dict | None = None) -> None:
-        if s.matcher is not None:
-            s.matcher.consume_token(tok)
         s.out_ids.append(tok)
         s.logprobs.append(logp)
         if top is not None:
@@ -295,6 +297,10 @@ class Engine:
         p = s.params
         if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             s.finish_reason = "stop"
+        elif s.matcher is not None and not s.matcher.consume_token(tok):
+            # the grammar engine gave up (a resource limit): end here, truncated, rather than sample blind
+            warnings.warn(f"structured output stopped early: {s.matcher.get_error()[:300]}")
+            s.finish_reason = "length"
         elif len(s.out_ids) >= p.max_tokens or s.length + 1 >= self.max_len:
             s.finish_reason = "length"
         self.stats["decode_tokens"] += 1

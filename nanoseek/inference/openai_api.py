@@ -125,7 +125,8 @@ def parse_common(body: dict, engine, chat: bool, after_token: int | None = None,
             and isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
         require(ok, "logit_bias", {k: v}, "token ids of this model mapped to numbers in [-100, 100]")
         logit_bias[int(k)] = float(v)
-    grammar = grammar or parse_response_format(body, engine, after_token)
+    response_grammar = parse_response_format(body, engine, after_token)       # checked even when a tool call is forced
+    grammar = grammar or response_grammar
     stream = field(body, "stream", bool, False)
     options = field(body, "stream_options", dict, {})
     include_usage = field(options, "include_usage", bool, False, "stream_options.include_usage")
@@ -166,7 +167,7 @@ def parse_response_format(body: dict, engine, after_token: int | None = None) ->
             schema = {**schema, "additionalProperties": False}     # OpenAI's strict mode: no extra keys
         try:
             grammar = json_schema_grammar(schema, after_token)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise ApiError(400, f"Invalid schema for 'response_format': {e}", param, "invalid_value") from None
     else:
         raise ApiError(400, f"Invalid value for 'response_format.type': {kind!r}. Supported values are: 'text', "
@@ -328,6 +329,8 @@ def parse_chat(body: dict, llm, max_chars: int | None = None) -> Parsed:
     after = getattr(llm.tokenizer, "think_end_id", None) if in_reasoning else None
     params, stream, include_usage, _, _ = parse_common(body, llm.engine, chat=True, after_token=after,
                                                        grammar=tools.grammar(llm.engine, after))
+    if params.grammar is not None and in_reasoning and after is None:
+        in_reasoning = False          # no single </think> token to wait for: the constrained reply is the content
     return Parsed([ids], params, stream, include_usage, in_reasoning, "messages", tools=tools.parse)
 
 

@@ -44,7 +44,8 @@ def json_schema_grammar(schema: dict, after_token: int | None = None) -> str:
     optional newline and the document."""
     if after_token is None:
         return _llg().LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
-    schema = {**schema, "x-guidance": {**schema.get("x-guidance", {}), **JSON_OPTIONS}}
+    own = schema.get("x-guidance")
+    schema = {**schema, "x-guidance": {**(own if isinstance(own, dict) else {}), **JSON_OPTIONS}}
     # the reasoning cannot contain the token itself: llguidance spells added tokens with bytes no text has
     return lark_grammar(f'start: REASONING <[{after_token}]> "\\n"? data\nREASONING: /(?s:.*)/\n'
                         f"data: %json {json.dumps(schema)}\n")
@@ -110,10 +111,3 @@ class Grammars:
         shifts = torch.arange(32, dtype=torch.int32)
         allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(B, -1)[:, :V].bool()     # bit t%32 of word t//32
         return logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
-
-    @staticmethod
-    def advance(matcher, token: int) -> bool:
-        """Feed the sampled token; False when the grammar is now complete (only EOS could follow)."""
-        matcher.consume_token(token)
-        return not (matcher.is_stopped() or matcher.is_error())
-

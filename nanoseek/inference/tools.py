@@ -50,16 +50,18 @@ def tool_call_grammar(tools: list[dict], name: str | None = None, parallel: bool
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     """A reply's text -> (content before the markup, calls in OpenAI's shape). Markup that does not parse
-    (a cut-off or malformed call) is left in the content with no calls."""
+    whole (a call cut off by max_tokens, a malformed one, no closing marker) is left in the content with
+    no calls."""
     start = text.find(TOOL_CALLS_BEGIN)
-    if start < 0:
+    end = text.find(TOOL_CALLS_END, start + 1)
+    if start < 0 or end < 0:
         return text, []
-    calls = []
-    for _kind, name, args in _CALL.findall(text, start):
-        calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                      "function": {"name": name.strip(), "arguments": args}})
-    if not calls:
+    block = text[start + len(TOOL_CALLS_BEGIN): end]
+    found = _CALL.findall(block)
+    if not found or len(found) != block.count(TOOL_CALL_BEGIN):
         return text, []
+    calls = [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+              "function": {"name": name.strip(), "arguments": args}} for _kind, name, args in found]
     return text[:start], calls
 
 

@@ -145,28 +145,43 @@ class EngineWorker:
             job.send(ApiError(self.error_status, self.error))
         self.jobs.clear()
 
+    IDLE_TIDY_S = 1.0   # after work, give memory back once the inbox has been quiet this long
+
     def _loop(self) -> None:
         eng = self.llm.engine
-        busy = False
+        untidy = False                    # work has run since memory was last given back
         while True:
-            if busy and not eng.has_work():
-                busy = False
-                import gc
-                gc.collect()              # the finished requests' cycles (jobs <-> streams), then the arenas
-                if self._trim is not None:
-                    self._trim(0)
-            try:                          # block only when there is nothing to step
-                item = self.inbox.get(block=not eng.has_work())
-                while True:
-                    if item is None:
-                        return
-                    self._handle(*item)
-                    item = self.inbox.get_nowait()
-            except queue.Empty:
-                pass
+            item = False                  # False: nothing arrived
             if eng.has_work():
-                busy = True
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    pass
+            else:                         # idle: block (with a deadline once there is tidying to do)
+                try:
+                    item = self.inbox.get(timeout=self.IDLE_TIDY_S) if untidy else self.inbox.get()
+                except queue.Empty:
+                    self._tidy()          # quiet for a second: no request waits on the GIL meanwhile
+                    untidy = False
+                    continue
+            while item is not False:      # drain the inbox before stepping
+                if item is None:
+                    return
+                self._handle(*item)
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    item = False
+            if eng.has_work():
+                untidy = True
                 self._step()
+
+    def _tidy(self) -> None:
+        """The finished requests' cycles (jobs <-> streams), then glibc's free arenas, back to the OS."""
+        import gc
+        gc.collect()
+        if self._trim is not None:
+            self._trim(0)
 
     def _handle(self, op: str, arg) -> None:
         eng = self.llm.engine
