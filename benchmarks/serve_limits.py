@@ -3,6 +3,7 @@
     python benchmarks/serve_limits.py MODEL_DIR [--out benchmarks/results/serve_limits.json]
 
 Starts the real server as a subprocess (eager decode, so start-up is quick) and measures:
+  - the median latency of /health, a 400 and a 1-token completion on a keep-alive connection;
   - each limit 100x over: the time to its refusal, and /health's slowest answer meanwhile;
   - resident memory (RSS) at rest, at the peak of a burst of large requests (concurrent 2048-prompt
     completions and long chats), and at rest again: the issue's bar is "back within 10% of the start";
@@ -129,6 +130,26 @@ def burst(url: str, pid: int) -> dict:
             "after_vs_rest": round(after / rest, 3)}
 
 
+def latency(url: str, reps: int = 30) -> dict:
+    """Median milliseconds of a keep-alive client's /health, a 400 and a 1-token completion (each response
+    used to wait ~40 ms for the client's delayed ACK: no TCP_NODELAY on served connections)."""
+    import statistics
+    calls = {"health": lambda c: c.get(url + "/health"),
+             "400": lambda c: c.post(url + "/v1/completions", json={"prompt": "hi", "temperature": 9}),
+             "1-token completion": lambda c: c.post(url + "/v1/completions", json={"prompt": "1+1=", "max_tokens": 1})}
+    out = {}
+    with httpx.Client(timeout=30) as c:
+        for name, call in calls.items():
+            call(c)
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                call(c)
+                times.append(time.perf_counter() - t)
+            out[name] = round(statistics.median(times) * 1e3, 2)
+    return out
+
+
 def abort_cost(url: str, prompts: int) -> float:
     body = {"prompt": [f"{i}+1=" for i in range(prompts)], "max_tokens": 64, "stream": True}
     with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/completions", json=body) as r:
@@ -149,7 +170,9 @@ def main():
     try:
         context = httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"]
         httpx.post(url + "/v1/completions", json={"prompt": "1+1=", "max_tokens": 4}, timeout=60)
-        res = {"limits": limits(url, context)}
+        res = {"latency_ms": latency(url)}
+        print(json.dumps(res["latency_ms"]), flush=True)
+        res["limits"] = limits(url, context)
         res["burst"] = burst(url, proc.pid)
         print(json.dumps(res["burst"]), flush=True)
         res["burst_again"] = burst(url, proc.pid)           # a second burst: is the growth a one-off?
