@@ -799,3 +799,28 @@ def test_no_delayed_ack_stall(url):
             h.get(url + "/health")
             times.append(time.perf_counter() - t)
     assert statistics.median(times) < 0.02, times
+
+
+def test_prompt_logprobs_batched_equal_one_forward_each(ref):
+    """Prompts of mixed lengths grouped into padded forwards, the head run a few rows at a time, equal
+    one unpadded forward per prompt (which is what the model says about each prompt alone)."""
+    import torch
+
+    from nanoseek.inference.openai_api import prompt_logprobs
+    g = torch.Generator().manual_seed(0)
+    V = ref.model.cfg.vocab_size
+    prompts = [torch.randint(2, V, (n,), generator=g).tolist() for n in (7, 1, 30, 2, 12, 30, 5)]
+    got = prompt_logprobs(ref.model, prompts, top=3, max_tokens=40, head_rows=5)
+    for ids, (lps, tops) in zip(prompts, got):
+        assert len(lps) == len(ids) and lps[0] is None
+        if len(ids) < 2:
+            continue
+        with torch.no_grad():
+            lp = torch.log_softmax(ref.model(torch.tensor([ids]))[0, :-1].float(), dim=-1)
+        want = lp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+        assert torch.allclose(torch.tensor(lps[1:]), want, atol=1e-5)
+        assert len(tops) == len(ids) and tops[0] is None
+        best = lp.topk(3, dim=-1)
+        for t, (v, i) in enumerate(zip(best.values, best.indices)):
+            assert set(tops[t + 1]) == set(i.tolist())
+            assert max(abs(tops[t + 1][k] - x) for k, x in zip(i.tolist(), v.tolist())) < 1e-5
