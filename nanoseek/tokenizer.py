@@ -90,8 +90,6 @@ TOOL_CALL_BEGIN, TOOL_SEP, TOOL_CALL_END = "<｜tool▁call▁begin｜>", "<｜t
 TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
 TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
 TOOLS_HEADER = "## Tools\nYou have access to the following tools:"
-TOOLS_FOOTER = ("\n\nTo call tools, answer with:\n" + TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "function" + TOOL_SEP
-                + "NAME\n```json\nARGUMENTS\n```" + TOOL_CALL_END + TOOL_CALLS_END)
 MODEL_MAX_LENGTH = 131072                          # DeepSeek-V3's tokenizer_config value
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -124,7 +122,6 @@ CHAT_TEMPLATE = r"""
         {%- set ns.system = ns.system + '\n\n### ' + f['name'] + '\nDescription: ' + (f['description'] or '')
             + '\nParameters: ' + (params | tojson) %}
     {%- endfor %}
-    {%- set ns.system = ns.system + TOOLS_FOOTER %}
 {%- endif %}
 {{- '<｜begin▁of▁sentence｜>' + ns.system }}
 {%- for message in messages %}
@@ -162,8 +159,7 @@ CHAT_TEMPLATE = r"""
     {{- '<｜Assistant｜>' }}
     {%- if thinking %}{{- '<think>\n' }}{%- endif %}
 {%- endif %}""".strip()
-CHAT_TEMPLATE = CHAT_TEMPLATE.replace("TOOLS_HEADER", json.dumps(TOOLS_HEADER, ensure_ascii=False)).replace(
-    "TOOLS_FOOTER", json.dumps(TOOLS_FOOTER, ensure_ascii=False))
+CHAT_TEMPLATE = CHAT_TEMPLATE.replace("TOOLS_HEADER", json.dumps(TOOLS_HEADER, ensure_ascii=False))
 
 
 class Tokenizer:
@@ -363,7 +359,9 @@ def _check_messages(messages: list[dict]) -> None:
 
 
 def _tools_text(tools: list[dict]) -> str:
-    """The tool definitions as the system prompt's last part (DeepSeek-V3.1's layout)."""
+    """The tool definitions as the system prompt's last part (DeepSeek-V3.1's layout, without its
+    format instructions: a model trained on tool calls knows the markup, and `tool_choice` required or
+    named constrains decoding to it; on small vocabularies the instructions alone cost ~200 tokens)."""
     parts = [TOOLS_HEADER]
     for i, t in enumerate(tools):
         f = t.get("function", t) if isinstance(t, dict) else None
@@ -372,7 +370,7 @@ def _tools_text(tools: list[dict]) -> str:
                              "'description': ..., 'parameters': <JSON Schema>}}}}")
         parts.append(f"\n\n### {f['name']}\nDescription: {f.get('description') or ''}\nParameters: "
                      + json.dumps(f.get("parameters", {}), ensure_ascii=False))
-    return "".join(parts) + TOOLS_FOOTER
+    return "".join(parts)
 
 
 def tool_calls_text(calls: list[dict]) -> str:

@@ -654,8 +654,8 @@ def test_chat_page_in_a_real_browser(url):
 
 
 # ------------------------------------------------------------------------------------------------
-# structured output and tools: a longer context (the tools prompt alone is ~550 tokens of this 300-token
-# vocabulary: the markup characters are 3 UTF-8 bytes each)
+# structured output and tools: a longer context (tool definitions and the call markup take hundreds of
+# tokens of this 300-token vocabulary: the markup characters are 3 UTF-8 bytes each)
 
 class Answer(BaseModel):
     """Bounded fields and no extra keys, so every path through its grammar ends well within max_tokens."""

@@ -188,8 +188,7 @@ def test_chat_template_tools(tok):
     want = (f"{BOS}Be brief.\n\n## Tools\nYou have access to the following tools:\n\n### get_weather\n"
             'Description: Weather in a city.\nParameters: {"type": "object", "properties": {"city": {"type": '
             '"string"}}, "required": ["city"]}\n\n### now\nDescription: \nParameters: {"type": "object", '
-            '"properties": {}}\n\nTo call tools, answer with:\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function'
-            "<｜tool▁sep｜>NAME\n```json\nARGUMENTS\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+            '"properties": {}}'
             f"{USER}Weather in Paris and Rome?"
             f"{ASSISTANT}<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
             '{"city": "Paris"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n'
