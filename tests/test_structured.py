@@ -72,3 +72,14 @@ def test_lark_grammar_and_bad_grammar(llm):
     assert out[0].outputs[0].text in ("yes!", "no!")
     with pytest.raises(UserError, match="grammar"):
         llm.generate(["x"], SamplingParams(grammar=json_schema_grammar({"type": "nonsense"})))
+
+
+def test_a_tiny_temperature_is_greedy_and_keeps_to_the_grammar(llm):
+    """temperature 1e-38 (schemathesis sends such floats): logits / T overflowed, every allowed logit of a row could
+    become -inf and argmax picked token 0 against the grammar. Below 1e-5 sampling is greedy (vLLM's rule)."""
+    grammar = json_object_grammar()
+    tiny = llm.generate(["x"], SamplingParams(temperature=1e-38, max_tokens=12, grammar=grammar, logprobs=2))
+    greedy = llm.generate(["x"], SamplingParams(temperature=0, max_tokens=12, grammar=grammar, logprobs=2))
+    assert tiny[0].outputs[0].token_ids == greedy[0].outputs[0].token_ids
+    assert tiny[0].outputs[0].text.startswith("{")
+    assert tiny[0].outputs[0].top_logprobs == greedy[0].outputs[0].top_logprobs

@@ -2,7 +2,8 @@
 
 `SamplingParams` mirrors vLLM's so code and benchmarks can switch engines. Contracts kept:
 temperature 0 means greedy; `seed` makes one request's samples reproducible whatever else is in the
-batch; the returned log-prob of a token is log softmax(logits / T) at that token (T = 1 for greedy) -
+batch; the returned log-prob of a token is log softmax(logits / T) at that token (T = 1 for greedy,
+which is any T below GREEDY_EPS) -
 the probability it was sampled with before top-k/top-p truncation, which is also what the GRPO
 trainer recomputes for the importance ratio.
 
@@ -17,6 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..common import UserError
+
+# temperatures below this sample greedily (vLLM's rule): logits / 1e-300 overflow to +-inf, and a row whose
+# allowed logits are all negative would become all -inf, where argmax returns token 0
+GREEDY_EPS = 1e-5
 
 
 @dataclass
@@ -69,7 +74,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_EPS
 
 
 def process_logits(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
@@ -109,7 +114,7 @@ def sample(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor | Non
     if all_greedy:   # fast path: no noise, no sorting (max(dim) ~1.6x faster than argmax on CPU; same ties)
         best, tokens = logits.max(dim=-1)
         return tokens, best - torch.logsumexp(logits, dim=-1)
-    greedy = temps == 0
+    greedy = temps < GREEDY_EPS
     t = torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(1)
     scaled = logits / t
     masked = scaled
@@ -142,7 +147,7 @@ def sample(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor | Non
 
 def logprobs_topk(logits: torch.Tensor, temps: torch.Tensor, k: int):
     """Top-k log-probs of softmax(logits / T) for one row (OpenAI `top_logprobs`)."""
-    t = temps.clamp(min=1e-6) if float(temps) > 0 else torch.ones_like(temps)
+    t = temps if float(temps) >= GREEDY_EPS else torch.ones_like(temps)
     lp = torch.log_softmax(logits.float() / t, dim=-1)
     top = lp.topk(k)
     return dict(zip(top.indices.tolist(), top.values.tolist()))

@@ -39,6 +39,8 @@ import socket
 import sys
 import time
 import uuid
+
+import torch
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -392,6 +394,20 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def profile_run(llm) -> None:
+    """A full batch before serving (as vLLM's profile run): the first full prefill and decode steps build
+    state that then stays - the runner's derived weights for the largest batch, the kernels of its shapes
+    - so the footprint a server reaches under load is its footprint at start-up."""
+    from .sampling import SamplingParams
+    eng = llm.engine
+    T = max(2, min(eng.max_len // 4, 8192 // eng.max_batch))
+    g = torch.Generator().manual_seed(0)
+    prompts = [{"prompt_token_ids": torch.randint(2, llm.model.cfg.vocab_size, (T,), generator=g).tolist()}
+               for _ in range(eng.max_batch)]
+    llm.generate(prompts, SamplingParams(temperature=1.0, max_tokens=min(16, eng.max_len - T - 1), ignore_eos=True,
+                                         seed=0), use_tqdm=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="nanoseek serve", description="OpenAI-compatible HTTP server: "
                                  "/v1/chat/completions, /v1/completions, /v1/models, /health.")
@@ -431,6 +447,7 @@ def main(argv: list[str] | None = None) -> None:
             from .speculative import SPEC_MAX_ROWS
             llm.engine.runner.warmup([b for b in (1, 2, 4) if b <= SPEC_MAX_ROWS], spec=True,
                                      desc="compiling speculative decode")
+    profile_run(llm)
     name = args.model_name or Path(args.model_dir).resolve().name
     if args.max_body_mb <= 0 or args.max_request_tokens < 1:
         raise UserError("--max-body-mb and --max-request-tokens must be positive")
