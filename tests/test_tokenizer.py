@@ -293,3 +293,22 @@ def test_saved_config_is_what_hf_needs(saved):
     specials = {t["content"]: t["special"] for t in tokenizer_json["added_tokens"]}
     assert specials == {BOS: True, EOS: True, USER: True, ASSISTANT: True,
                         THINK: False, THINK_END: False, ANSWER: False, ANSWER_END: False}
+
+
+def test_hf_chat_tokenizer_think_end_id(tok, saved):
+    """An HF tokenizer exposes </think>'s id when its vocabulary has it as one token (the server's
+    structured output waits for it after R1-style reasoning), else None."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers, trainers
+
+    from nanoseek.tokenizer import HFChatTokenizer
+    hf = transformers.AutoTokenizer.from_pretrained(str(saved))
+    assert HFChatTokenizer(hf).think_end_id == tok.think_end_id
+    raw = RawTokenizer(models.BPE(unk_token="[UNK]"))          # a vocabulary without the tag as a token
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator(["plain text </think> here " * 20], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["[UNK]", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_raw = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>")
+    hf_raw.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}<think>\n"
+    assert len(hf_raw.encode("</think>", add_special_tokens=False)) > 1
+    assert HFChatTokenizer(hf_raw).think_end_id is None
