@@ -18,9 +18,7 @@ import os
 import random
 import sys
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -68,27 +66,6 @@ def write_task(root: Path, n_docs: int, seed: int = 0) -> Path:
     return root
 
 
-@contextmanager
-def serving(model_dir: str, name: str):
-    import uvicorn
-
-    from nanoseek.inference import LLM
-    from nanoseek.inference.server import build_app, listen
-    llm = LLM(model_dir, max_batch=8, compile=False)
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(build_app(llm, name), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", llm
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
-
-
 def split_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's split of a causal LM request: trailing spaces move to the continuation, the whole text is
     encoded once and the continuation is what follows the context's tokens."""
@@ -114,7 +91,10 @@ def run(model_dir: str, n_docs: int = 200, workdir: str | None = None) -> dict:
     root = write_task(Path(workdir or tempfile.mkdtemp()) / "task", n_docs)
     name = "nanoseek-model"
     t0 = time.perf_counter()
-    with serving(model_dir, name) as (url, llm):
+    from nanoseek.inference import LLM
+    from nanoseek.inference.server import build_app, serve_in_thread
+    llm = LLM(model_dir, max_batch=8, compile=False)
+    with serve_in_thread(build_app(llm, name)) as url:
         out = lm_eval.simple_evaluate(
             model="local-completions", tasks=[TASK], task_manager=TaskManager(include_path=str(root)),
             model_args={"model": name, "base_url": url + "/v1/completions", "tokenizer_backend": "huggingface",
@@ -145,7 +125,8 @@ def main():
     ap.add_argument("--docs", type=int, default=200)
     ap.add_argument("--out", default="benchmarks/results/lm_eval_local.json")
     args = ap.parse_args()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    from nanoseek.calibrate import cpu_name
+    cpu = cpu_name()
     results = []
     for d in args.model_dir:
         r = run(d, args.docs)

@@ -183,8 +183,9 @@ def main():
     finally:
         proc.terminate()
         proc.wait(30)
-    res["cpu"] = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                      "?")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from nanoseek.calibrate import cpu_name
+    res["cpu"] = cpu_name()
     res["command"] = f"python benchmarks/serve_limits.py {args.model_dir}" + (" --compiled" if args.compiled else "")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")

@@ -83,7 +83,7 @@ def bench_outlines(tok: Tokenizer, schema: dict, ids: list[int]) -> dict:
     from outlines_core.json_schema import build_regex_from_schema
     t0 = time.perf_counter()
     # outlines-core wants each token's bytes; a byte-level BPE stores them as stand-in characters
-    from nanoseek.inference.openai_api import _byte_symbols
+    from nanoseek.inference.responses import _byte_symbols
     byte_of = _byte_symbols()
     vocab: dict = {}
     for i in range(tok.vocab_size):
@@ -129,7 +129,8 @@ def main():
                 r = {"vocab": name, "grammar": gname, "library": lib, **fn(tok, schema, ids)}
                 print(json.dumps(r), flush=True)
                 results.append(r)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    from nanoseek.calibrate import cpu_name
+    cpu = cpu_name()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"cpu": cpu, "results": results}, f, indent=1)

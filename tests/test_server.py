@@ -11,18 +11,15 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
-
 from typing import Literal
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from pydantic import BaseModel, ConfigDict, Field
 
 from nanoseek.inference import LLM, SamplingParams
-from nanoseek.inference.server import ReasoningSplitter, TextStream, build_app, listen
+from nanoseek.inference.server import ReasoningSplitter, TextStream, build_app, listen, serve_in_thread
 
 KEY = "sk-test"
 MAX_LEN = 96
@@ -34,22 +31,7 @@ def ref(model_dir):
     return LLM(str(model_dir), max_len=MAX_LEN, max_batch=8)
 
 
-@contextmanager
-def running(app):
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+running = serve_in_thread          # the server on a background thread, yielding its URL
 
 
 @pytest.fixture(scope="module")
@@ -489,7 +471,6 @@ def test_serve_subprocess(model_dir):
 
 def test_requests_far_over_a_limit_are_refused_fast_and_health_stays_up(url):
     """Each limit, 100x over, answers in < 1 s with its error, while /health keeps answering in < 100 ms."""
-    import threading
     big_chars = MAX_LEN * 100 * 8                                # ~100x the context, in characters
     cases = [
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "7" * big_chars}]}, 400, "messages"),
@@ -806,11 +787,10 @@ def test_prompt_logprobs_batched_equal_one_forward_each(ref):
     one unpadded forward per prompt (which is what the model says about each prompt alone)."""
     import torch
 
-    from nanoseek.inference.openai_api import prompt_logprobs
     g = torch.Generator().manual_seed(0)
     V = ref.model.cfg.vocab_size
     prompts = [torch.randint(2, V, (n,), generator=g).tolist() for n in (7, 1, 30, 2, 12, 30, 5)]
-    got = prompt_logprobs(ref.model, prompts, top=3, max_tokens=40, head_rows=5)
+    got = ref.prompt_logprobs(prompts, top=3, max_tokens=40, head_rows=5)
     for ids, (lps, tops) in zip(prompts, got):
         assert len(lps) == len(ids) and lps[0] is None
         if len(ids) < 2:

@@ -12,8 +12,7 @@ import httpx
 import pytest
 
 from nanoseek.inference import LLM
-from nanoseek.inference.server import Limits, build_app
-from test_server import running
+from nanoseek.inference.server import Limits, build_app, serve_in_thread
 
 KEY = "sk-fuzz"
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -29,7 +28,7 @@ CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,r
 def fuzz_url(model_dir):
     llm = LLM(str(model_dir), max_len=96, max_batch=8, compile=False)
     # a small generation budget keeps schemathesis' largest valid requests quick on 2 cores
-    with running(build_app(llm, "tiny", api_key=KEY, limits=Limits(max_request_tokens=4096))) as url:
+    with serve_in_thread(build_app(llm, "tiny", api_key=KEY, limits=Limits(max_request_tokens=4096))) as url:
         yield url
 
 

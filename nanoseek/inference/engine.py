@@ -206,7 +206,7 @@ class Engine:
                 gen = None
                 if r.params.seed is not None:
                     gen = torch.Generator(device=self.device).manual_seed(r.params.seed + j)
-                matcher = None if r.matcher is None else r.matcher if j == 0 else r.matcher.deep_copy()
+                matcher = r.matcher if j == 0 or r.matcher is None else r.matcher.deep_copy()   # one per sample
                 seqs.append(Sequence(r.request_id, j, r.prompt_ids, r.params, gen, slot=slot,
                                      length=len(r.prompt_ids), matcher=matcher,
                                      routing=None if routes is None else [routes[:, i, : len(r.prompt_ids)]]))

@@ -128,6 +128,63 @@ class LLM:
         bar.close()
         return [reqs[r] for r in order]
 
+    @torch.no_grad()
+    def prompt_logprobs(self, prompts: list[list[int]], top: int | None = None, max_tokens: int = 8192,
+                        head_rows: int = 512) -> list[tuple[list, list]]:
+        """Each prompt's token log-probs under the model (temperature 1): None for the first token, then
+        log p(t_i | t_<i); with `top`, the `top` most likely tokens at each position too (None first), as
+        lm-eval's loglikelihood requests need (`echo` + `logprobs`).
+
+        Batched: prompts of similar length share a forward (right-padded; causal attention keeps padding from
+        touching real positions), up to `max_tokens` tokens a forward. The output head and log-softmax run
+        `head_rows` positions at a time, so memory is (head_rows, V), never (T, V) for a long prompt. In the
+        engine's compute precision (what the server's `echo` returns)."""
+        model = self.model
+        out: list = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        groups, group = [], []
+        for i in order:
+            if group and (len(group) + 1) * len(prompts[i]) > max_tokens:
+                groups.append(group)
+                group = []
+            group.append(i)
+        groups += [group] if group else []
+        for group in groups:
+            lens = [len(prompts[i]) for i in group]
+            T = max(lens)
+            if T < 2:                          # nothing precedes the first token
+                for i in group:
+                    out[i] = ([None] * len(prompts[i]), [None] * len(prompts[i]))
+                continue
+            x = torch.zeros(len(group), T, dtype=torch.long)
+            for b, i in enumerate(group):
+                x[b, : lens[b]] = torch.tensor(prompts[i])
+            x = x.to(model.device)
+            with self.engine._autocast():
+                h = model.hidden(x[:, :-1])                                        # (B, T-1, D)
+            valid = torch.arange(T - 1, device=x.device) < (torch.tensor(lens, device=x.device) - 1).unsqueeze(1)
+            hv, targets = h[valid], x[:, 1:][valid]                                # (N, D), (N,) in prompt order
+            token_lp, top_v, top_i = [], [], []
+            for k in range(0, hv.shape[0], head_rows):
+                with self.engine._autocast():
+                    logits = model.logits(hv[k: k + head_rows]).float()
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                token_lp.append((logits.gather(1, targets[k: k + head_rows].unsqueeze(1)) - lse).squeeze(1))
+                if top:
+                    v, idx = logits.topk(top, dim=-1)
+                    top_v.append(v - lse)
+                    top_i.append(idx)
+            token_lp = torch.cat(token_lp).tolist()
+            if top:
+                top_v, top_i = torch.cat(top_v).tolist(), torch.cat(top_i).tolist()
+            k = 0
+            for b, i in enumerate(group):
+                n = lens[b] - 1
+                tops = [None] + ([dict(zip(top_i[j], top_v[j])) for j in range(k, k + n)] if top else [])
+                out[i] = ([None] + token_lp[k: k + n], tops)
+                k += n
+        return out
+
     def check_stop_strings(self, s: Sequence) -> bool:
         """Finish `s` if its text now contains a stop string (the text is cut there by to_output)."""
         if s.params.stop and not s.finish_reason and self.tokenizer is not None:

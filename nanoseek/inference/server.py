@@ -15,8 +15,9 @@ itself; an exception in `step()` fails the requests of that batch (it cannot tel
 was) and the worker goes on; if the worker dies anyway, every waiting handler and every later
 request gets a 500 naming the cause, and /health turns 503.
 
-Text is produced in the worker (worker.py) by the streaming pieces in stream.py; request parsing and
-response shapes live in openai_api.py. This file is the HTTP layer.
+Text is produced in the worker (worker.py) by the streaming pieces in stream.py; requests are parsed in
+openai_api.py, responses shaped in responses.py, and documented for /openapi.json in schemas.py. This
+file is the HTTP layer.
 
 `/` serves a chat page (chat.html, shipped in the package, no CDN): it streams from
 /v1/chat/completions, shows the reasoning in a collapsible block and keeps the conversation.
@@ -39,15 +40,16 @@ import socket
 import sys
 import time
 import uuid
-
-import torch
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..common import UserError
 
-from .openai_api import (Parsed, ResponseBuilder, field, is_token_ids, longest_token_chars, parse_chat,
-                         parse_completion, prompt_logprobs, _byte_symbols, sse)
+from .openai_api import Parsed, field, is_token_ids, longest_token_chars, parse_chat, parse_completion
+from .responses import ResponseBuilder, _byte_symbols, sse
 from .schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Health, ModelCard,
                       ModelList, add_request_schemas, request_body, responses)
 from .stream import ReasoningSplitter, TextStream  # noqa: F401  (re-exported for tests)
@@ -234,10 +236,6 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
 
     scoring = asyncio.Semaphore(1)
 
-    def scored(prompts, top):
-        with llm.engine._autocast():
-            return prompt_logprobs(llm.model, prompts, top)
-
     async def measured(endpoint: str, handle):
         """Run a request handler, counting its status and the time to its response's start - for a stream,
         its first chunk. (Not an HTTP middleware: Starlette's would hide a client's disconnect from the
@@ -327,7 +325,7 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
         echoed = None
         if p.echo and p.params.logprobs is not None:
             async with scoring:               # one prompt-scoring forward at a time, in the engine's precision
-                echoed = await asyncio.to_thread(scored, p.prompts, p.params.logprobs)
+                echoed = await asyncio.to_thread(llm.prompt_logprobs, p.prompts, p.params.logprobs)
         out = ResponseBuilder(p, chat, rid, model_name, llm.tokenizer, byte_of, echoed)
 
         def abort_unfinished() -> None:
@@ -392,6 +390,30 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
+
+
+@contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
+    """Serve `app` with uvicorn on a background thread (tests, benchmarks, notebooks); yields its base URL
+    and stops the server on exit."""
+    import threading
+
+    import uvicorn
+    sock = listen(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
 
 
 def profile_run(llm) -> None:

@@ -38,17 +38,29 @@ def _llg():
     return llguidance
 
 
+def with_json_options(schema: dict) -> dict:
+    """A schema whose documents llguidance writes compact (JSON_OPTIONS), whatever its own x-guidance."""
+    own = schema.get("x-guidance")
+    return {**schema, "x-guidance": {**(own if isinstance(own, dict) else {}), **JSON_OPTIONS}}
+
+
+def after_reasoning(start: str, rules: list[str], after_token: int | None) -> str:
+    """llguidance grammar text from a Lark `start` right-hand side and its rules. With `after_token` (an R1
+    model's `</think>` id, when the prompt opened `<think>`): free reasoning text first, then that token
+    and an optional newline. The reasoning cannot contain the token itself: llguidance spells added
+    tokens with bytes no text has."""
+    if after_token is not None:
+        start = f'REASONING <[{after_token}]> "\\n"? {start}'
+        rules = [*rules, "REASONING: /(?s:.*)/"]
+    return lark_grammar("\n".join([f"start: {start}", *rules]) + "\n")
+
+
 def json_schema_grammar(schema: dict, after_token: int | None = None) -> str:
-    """llguidance grammar text for documents valid under a JSON Schema. With `after_token` (an R1 model's
-    `</think>` id, when the prompt opened `<think>`): free reasoning text first, then that token, an
-    optional newline and the document."""
+    """llguidance grammar text for documents valid under a JSON Schema (after the reasoning, with
+    `after_token`: see after_reasoning)."""
     if after_token is None:
         return _llg().LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
-    own = schema.get("x-guidance")
-    schema = {**schema, "x-guidance": {**(own if isinstance(own, dict) else {}), **JSON_OPTIONS}}
-    # the reasoning cannot contain the token itself: llguidance spells added tokens with bytes no text has
-    return lark_grammar(f'start: REASONING <[{after_token}]> "\\n"? data\nREASONING: /(?s:.*)/\n'
-                        f"data: %json {json.dumps(schema)}\n")
+    return after_reasoning("data", [f"data: %json {json.dumps(with_json_options(schema))}"], after_token)
 
 
 def json_object_grammar(after_token: int | None = None) -> str:

@@ -16,7 +16,7 @@ import re
 import uuid
 
 from ..tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
-from .structured import JSON_OPTIONS, lark_grammar
+from .structured import after_reasoning, with_json_options
 
 _CALL = re.compile(re.escape(TOOL_CALL_BEGIN) + r"(\w+)" + re.escape(TOOL_SEP) + r"([^\n]+)\n```json\n(.*?)\n```"
                    + re.escape(TOOL_CALL_END), re.S)
@@ -33,19 +33,14 @@ def tool_call_grammar(tools: list[dict], name: str | None = None, parallel: bool
     fns = [t.get("function", t) for t in tools]
     if name is not None:
         fns = [f for f in fns if f["name"] == name]
-    rules = []
+    rules = [f"call: {_lit(TOOL_CALL_BEGIN + 'function' + TOOL_SEP)} ({' | '.join(f'fn{k}' for k in range(len(fns)))})"
+             f" {_lit(TOOL_CALL_END)}"]
     for k, f in enumerate(fns):
-        schema = {**(f.get("parameters") or {"type": "object"}), "x-guidance": JSON_OPTIONS}
-        rules.append(f"fn{k}: {_lit(f['name'] + chr(10) + '```json' + chr(10))} args{k} {_lit(chr(10) + '```')}\n"
-                     f"args{k}: %json {json.dumps(schema)}")
+        schema = with_json_options(f.get("parameters") or {"type": "object"})
+        rules += [f"fn{k}: {_lit(f['name'] + chr(10) + '```json' + chr(10))} args{k} {_lit(chr(10) + '```')}",
+                  f"args{k}: %json {json.dumps(schema)}"]
     more = f' ({_lit(chr(10))} call)*' if parallel and name is None else ""
-    head = f'REASONING <[{after_token}]> "\\n"? ' if after_token is not None else ""
-    lines = [f"start: {head}{_lit(TOOL_CALLS_BEGIN)} call{more} {_lit(TOOL_CALLS_END)}",
-             f"call: {_lit(TOOL_CALL_BEGIN + 'function' + TOOL_SEP)} ({' | '.join(f'fn{k}' for k in range(len(fns)))})"
-             f" {_lit(TOOL_CALL_END)}", *rules]
-    if after_token is not None:
-        lines.append("REASONING: /(?s:.*)/")
-    return lark_grammar("\n".join(lines) + "\n")
+    return after_reasoning(f"{_lit(TOOL_CALLS_BEGIN)} call{more} {_lit(TOOL_CALLS_END)}", rules, after_token)
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
