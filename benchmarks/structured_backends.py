@@ -83,8 +83,8 @@ def bench_outlines(tok: Tokenizer, schema: dict, ids: list[int]) -> dict:
     from outlines_core.json_schema import build_regex_from_schema
     t0 = time.perf_counter()
     # outlines-core wants each token's bytes; a byte-level BPE stores them as stand-in characters
-    from nanoseek.inference.responses import _byte_symbols
-    byte_of = _byte_symbols()
+    from nanoseek.inference.responses import byte_symbols
+    byte_of = byte_symbols()
     vocab: dict = {}
     for i in range(tok.vocab_size):
         if i == tok.eos_id:

@@ -791,6 +791,9 @@ def test_prompt_logprobs_batched_equal_one_forward_each(ref):
     V = ref.model.cfg.vocab_size
     prompts = [torch.randint(2, V, (n,), generator=g).tolist() for n in (7, 1, 30, 2, 12, 30, 5)]
     got = ref.prompt_logprobs(prompts, top=3, max_tokens=40, head_rows=5)
+    from nanoseek.common import UserError
+    with pytest.raises(UserError, match="prompt 1 must be a non-empty list of token ids"):
+        ref.prompt_logprobs([[1, 2], [5, V]])
     for ids, (lps, tops) in zip(prompts, got):
         assert len(lps) == len(ids) and lps[0] is None
         if len(ids) < 2:

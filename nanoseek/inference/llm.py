@@ -139,7 +139,10 @@ class LLM:
         touching real positions), up to `max_tokens` tokens a forward. The output head and log-softmax run
         `head_rows` positions at a time, so memory is (head_rows, V), never (T, V) for a long prompt. In the
         engine's compute precision (what the server's `echo` returns)."""
-        model = self.model
+        model, V = self.model, self.model.cfg.vocab_size
+        for k, ids in enumerate(prompts):
+            if not ids or any(not 0 <= t < V for t in ids):
+                raise UserError(f"prompt_logprobs: prompt {k} must be a non-empty list of token ids in [0, {V})")
         out: list = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         groups, group = [], []

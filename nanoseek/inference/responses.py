@@ -11,7 +11,7 @@ from .stream import ReasoningSplitter
 from .tools import ToolCallStream, parse_tool_calls
 from .worker import Delta
 
-def _byte_symbols() -> dict[str, int]:
+def byte_symbols() -> dict[str, int]:
     """GPT-2's byte-level alphabet, inverted: the printable stand-in character -> the byte it stands for."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     extra = [b for b in range(256) if b not in keep]

@@ -49,7 +49,7 @@ import torch
 from ..common import UserError
 
 from .openai_api import Parsed, field, is_token_ids, longest_token_chars, parse_chat, parse_completion
-from .responses import ResponseBuilder, _byte_symbols, sse
+from .responses import ResponseBuilder, byte_symbols, sse
 from .schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Health, ModelCard,
                       ModelList, add_request_schemas, request_body, responses)
 from .stream import ReasoningSplitter, TextStream  # noqa: F401  (re-exported for tests)
@@ -126,7 +126,7 @@ def build_app(llm, model_name: str = "nanoseek", api_key: str | None = None, lim
         raise UserError(f"the server needs fastapi and uvicorn ({e}): pip install fastapi uvicorn") from None
 
     worker = EngineWorker(llm)
-    byte_of = _byte_symbols()
+    byte_of = byte_symbols()
     started = int(time.time())
 
     @asynccontextmanager
