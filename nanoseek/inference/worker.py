@@ -78,10 +78,10 @@ class Job:
 
 
 def _malloc_trim():
-    """glibc's malloc_trim, or None elsewhere. A burst of large requests leaves freed memory in glibc's
-    arenas (one per thread that allocated: the engine's, the event loop's, asyncio.to_thread's), and RSS
-    stayed 1.6x its start (measured: benchmarks/serve_limits.py); trimming when the engine goes idle
-    returns it to the OS."""
+    """glibc's malloc_trim, or None elsewhere: gives the free memory in glibc's arenas (one per thread
+    that allocated) back to the OS. After a burst of large requests it returned ~30 MB of 626
+    (benchmarks/serve_limits.py); most of a first burst's growth was state that stays (see serve's
+    profile run)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return libc.malloc_trim
@@ -151,30 +151,30 @@ class EngineWorker:
         eng = self.llm.engine
         untidy = False                    # work has run since memory was last given back
         while True:
-            item = False                  # False: nothing arrived
-            if eng.has_work():
-                try:
-                    item = self.inbox.get_nowait()
-                except queue.Empty:
-                    pass
-            else:                         # idle: block (with a deadline once there is tidying to do)
-                try:
-                    item = self.inbox.get(timeout=self.IDLE_TIDY_S) if untidy else self.inbox.get()
-                except queue.Empty:
-                    self._tidy()          # quiet for a second: no request waits on the GIL meanwhile
+            try:                          # idle: block, with a deadline once there is tidying to do
+                item = self.inbox.get_nowait() if eng.has_work() else \
+                    self.inbox.get(timeout=self.IDLE_TIDY_S if untidy else None)
+            except queue.Empty:
+                if not eng.has_work():    # quiet for a second: no request waits on the GIL meanwhile
+                    self._tidy()
                     untidy = False
                     continue
-            while item is not False:      # drain the inbox before stepping
-                if item is None:
+            else:
+                if not self._drain(item):
                     return
-                self._handle(*item)
-                try:
-                    item = self.inbox.get_nowait()
-                except queue.Empty:
-                    item = False
             if eng.has_work():
                 untidy = True
                 self._step()
+
+    def _drain(self, item) -> bool:
+        """Handle `item` and all else waiting in the inbox, before the next step; False on shutdown."""
+        while item is not None:
+            self._handle(*item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return True
+        return False
 
     def _tidy(self) -> None:
         """The finished requests' cycles (jobs <-> streams), then glibc's free arenas, back to the OS."""
