@@ -68,8 +68,9 @@ def test_topk_free_routing_equals_route(kw):
                                                     ("capacity", True, True), ("gather", False, False),
                                                     ("capacity", True, False), ("dense", False, False)])
 def test_moe_decode_paths_equal_reference(path, overflow, compiled, monkeypatch):
-    """Every MoE decode path (eager and compiled; capacity with every expert overflowing, so that the
-    torch.cond fallback runs) equals the per-token reference, also after an in-place weight update."""
+    """Every MoE decode path (eager and compiled) equals the per-token reference, also after an in-place
+    weight update. With every expert overflowing the capacity, eager falls back to every expert on every
+    token (exact) and the compiled path, which cannot branch, raises its overflow flag instead."""
     torch._dynamo.reset()
     model = _model()
     i = len(model.layers) - 1
@@ -82,24 +83,41 @@ def test_moe_decode_paths_equal_reference(path, overflow, compiled, monkeypatch)
     if overflow:                      # (after planning: the plan sizes its measurements by the capacity)
         monkeypatch.setattr(rmoe, "capacity", lambda moe, T: 1)
     ran = []
-    if not compiled:      # (a side effect inside torch.cond would not compile)
+    if not compiled:
         real = rmoe.capacity_experts
         monkeypatch.setattr(rmoe, "capacity_experts", lambda *a: ran.append(1) or real(*a))
 
     def f(x, tensors):
-        return rmoe.moe_decode(moe, i, x, _linear(tensors, plan), tensors, plan[f"moe{i}.path"])
+        flags = [] if compiled else None
+        out = rmoe.moe_decode(moe, i, x, _linear(tensors, plan), tensors, plan[f"moe{i}.path"], flags)
+        return out, (torch.stack(flags).any() if flags else torch.tensor(False))
     if compiled:
         f = torch.compile(f, fullgraph=True, dynamic=False)
     x = torch.randn(T, moe.cfg.hidden_size)
     with torch.no_grad():
         for _ in range(2):
             W.sync()
-            assert (f(x, W.tensors(T, plan)) - moe_reference(moe, x)).abs().max() < 1e-5
+            out, flag = f(x, W.tensors(T, plan))
+            assert bool(flag) == (compiled and overflow)
+            err = (out - moe_reference(moe, x)).abs().max()
+            assert err > 1e-2 if flag else err < 1e-5      # capacity 1 drops pairs: the flag is needed
             moe.experts.w2.mul_(-1.5)
             moe.shared.w13.weight.mul_(0.5)
-    # the path under test ran (compiled: with every expert overflowing, capacity 1 would drop pairs and
-    # differ from the reference; without, capacity 16 >= 12 rows cannot overflow)
+    # the path under test ran (without overflow capacity 16 >= 12 rows cannot overflow)
     assert compiled or bool(ran) == (path == "capacity" and not overflow)
+
+
+def test_compiled_step_with_capacity_overflow_reruns_eagerly(monkeypatch):
+    """A compiled step whose capacity path overflowed is redone eagerly: the logits equal the model's."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(rmoe, "DENSE_MAX_TOKENS", 0)
+    model = _model()
+    logits, full, _, _ = _prefill_then_step(model, (torch.float32,), compile=True)
+    assert (logits - full).abs().max() < 1e-4
+    monkeypatch.setattr(rmoe, "capacity", lambda moe, T: 1)
+    logits, full, _, _, runner = _prefill_then_step(model, (torch.float32,), compile=True, with_runner=True)
+    assert (logits - full).abs().max() < 1e-4
+    assert runner.stats["overflow_reruns"] == 1 and runner.stats["compiled_steps"] == 1
 
 
 @pytest.mark.parametrize("path", ["gather", "capacity", "dense"])
@@ -124,19 +142,19 @@ def test_fp8_weight_moe_decode_paths_follow_the_quantized_model(path, monkeypatc
     assert diff < (2e-3 if path == "dense" else 1e-4), diff
 
 
-def _prefill_then_step(model, runner_dtypes, prompt_len=6):
-    """Prefill with the model, then one decode step through the runner's step (eager): its logits and
-    the model's full-recompute logits for the same token."""
+def _prefill_then_step(model, runner_dtypes, prompt_len=6, compile=False, with_runner=False):
+    """Prefill with the model, then one decode step through the runner's step (eager unless `compile`):
+    its logits and the model's full-recompute logits for the same token."""
     cfg = model.cfg
     ids = torch.randint(0, cfg.vocab_size, (3, prompt_len + 1))
-    cache = LatentCache(cfg.num_hidden_layers, 3, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim, torch.float32)
-    runner = DecodeRunner(model, cache, runner_dtypes, compile=False, max_batch=4)
+    cache = LatentCache(cfg.num_hidden_layers, 4, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim, torch.float32)
+    runner = DecodeRunner(model, cache, runner_dtypes, compile=compile, max_batch=4)
     with torch.no_grad():
         cache.begin(torch.zeros(3, dtype=torch.long), prompt_len)
         model.hidden(ids[:, :prompt_len], cache.positions, cache)
         logits, tokens, logps, _ = runner.decode(ids[:, prompt_len].tolist(), [prompt_len] * 3)
         full = model(ids)[:, -1]
-    return logits, full, tokens, logps
+    return (logits, full, tokens, logps) + ((runner,) if with_runner else ())
 
 
 @pytest.mark.parametrize("kw", [{}, dict(q_lora_rank=0), dict(kv_lora_rank=64)])

@@ -83,7 +83,8 @@ class DecodeRunner:
         self._eager_s: dict[tuple[str, int], float] = {}
         self._expected_s: dict[tuple[str, int], float] = {}   # expected compile time, read from disk once
         self._spans: dict[int, torch.Tensor] = {}
-        self.stats = {"compile_s": {}, "eager_steps": 0, "compiled_steps": 0, "syncs": 0}
+        self.stats = {"compile_s": {}, "eager_steps": 0, "compiled_steps": 0, "syncs": 0,
+                      "overflow_reruns": 0}
         if compile:   # graphs per bucket (1, 2, 4, ... max_batch) and step kind, plus room for other runners
             import torch._dynamo as dynamo
             dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 4 * (max_batch.bit_length() + 1))
@@ -127,17 +128,17 @@ class DecodeRunner:
                 self._run(kind, [0] * (T * Bp), [0] * Bp, Bp, T, force=True)
 
     # ---------------------------------------------------------------------------------------------
-    def _decode_step(self, ids, starts, span, W, plan):
+    def _decode_step(self, ids, starts, span, W, plan, flags=None):
         """logits (B, V) fp32, the greedy token and its log-prob fused in, and the hidden state before the
-        final norm (B, D) (a speculative engine's MTP draft reads it)."""
+        final norm (B, D) (a speculative engine's MTP draft reads it). `flags`: see `moe_decode`."""
         self.cache.begin(starts, ids.shape[1], 0, span=None if span is None else span.shape[0])
-        h = decode_hidden(self.model, W, plan, self.cache, self.model.embed(ids).float())[:, -1]
+        h = decode_hidden(self.model, W, plan, self.cache, self.model.embed(ids).float(), flags=flags)[:, -1]
         logits = decode_head(self.model, W, plan, h)
         return (logits, *greedy(logits), h)
 
-    def _spec_step(self, ids, starts, span, W, plan):
+    def _spec_step(self, ids, starts, span, W, plan, flags=None):
         self.cache.begin(starts, ids.shape[1], 0, span=None if span is None else span.shape[0])
-        return speculate(self.model, W, plan, self.cache, ids)
+        return speculate(self.model, W, plan, self.cache, ids, flags)
 
     def _run(self, kind: str, ids: list[int], lengths: list[int], Bp: int, T: int, force: bool = False):
         """Run a step on B = len(lengths) rows of T tokens each (`ids` row-major): compiled (padded to Bp
@@ -153,6 +154,9 @@ class DecodeRunner:
             out = self._run_compiled(key, T, ids, lengths, W, plan)
             if out is not None:
                 return out
+        return self._run_eager(kind, key, ids, lengths, W, plan, T)
+
+    def _run_eager(self, kind, key, ids, lengths, W, plan, T):
         t = time.perf_counter()
         fn = self._decode_step if kind == "decode" else self._spec_step
         with torch.no_grad():
@@ -185,9 +189,10 @@ class DecodeRunner:
         # all), so only the guards that tell graphs apart are evaluated
         stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=key in self._checked)
         t = time.perf_counter()
+        flags: list[torch.Tensor] = []
         try:
             with torch.no_grad(), stance:
-                out = self._graphs[kind](t_ids, starts, span, W, plan)
+                out = self._graphs[kind](t_ids, starts, span, W, plan, flags)
         except Exception as e:          # a bucket torch cannot compile (limits, backend): run eagerly
             warnings.warn(f"compiled {kind} step failed for batch {Bp} ({type(e).__name__}: {str(e)[:200]}); "
                           "running it eagerly")
@@ -201,6 +206,11 @@ class DecodeRunner:
             self._expected_s[key] = took
         self._checked.add(key)
         self.stats["compiled_steps"] += 1
+        if flags and bool(torch.stack(flags).any()):
+            # an expert got more pairs than the capacity path holds: redo the step eagerly, exactly
+            # (it rewrites the same cache positions)
+            self.stats["overflow_reruns"] += 1
+            return self._run_eager(kind, key, ids, lengths, W, plan, T)
         return tuple(o[:B] for o in out)
 
     def _compile_key(self, kind: str, Bp: int) -> str:

@@ -9,8 +9,11 @@ By rows T (E routed experts, K per token):
             rank counting (`top_mask`), which fuses into one kernel under torch.compile.
   capacity  otherwise: each expert gets `capacity(T)` rows (2x the mean load), the pairs are
             scattered into an (E, C, D) buffer and the experts run as two batched matmuls over the
-            stacked weights. If an expert gets more pairs than C (a very unbalanced router),
-            torch.cond switches the layer to every-expert-on-every-token, so the result stays exact.
+            stacked weights. If an expert gets more pairs than C (a very unbalanced router), the eager
+            step runs every expert on every token instead, so the result stays exact; the compiled step
+            reports the overflow (`flags`) and the runner reruns that step eagerly. (A torch.cond
+            inside the graph did the same, but a graph holding one cannot be cached on disk: every
+            process recompiled its batch-64 bucket for ~19 s instead of loading it in ~5.)
 Thresholds measured on the decode benchmark's model (hidden 256, 16 experts top-4, 2 cores): per
 compiled MoE layer dense 701 vs capacity 933 us at 16 rows, even at 32, 1364 vs 1157 at 64; gather
 +15% tokens/s over dense at batch 1.
@@ -62,9 +65,11 @@ def choose_path(moe: MoE, T: int, has_dense: bool) -> str:
     return "dense" if has_dense and T <= DENSE_MAX_TOKENS else "capacity"
 
 
-def moe_decode(moe: MoE, i: int, x_TD: torch.Tensor, linear, W: dict, path: str) -> torch.Tensor:
+def moe_decode(moe: MoE, i: int, x_TD: torch.Tensor, linear, W: dict, path: str, flags: list | None = None):
     """x (T, D) fp32 -> (T, D) fp32 by `path` (see choose_path). `linear(name, x)` runs the runner's GEMM
-    `name`; W holds the expert stacks `moe{i}.w13` (E, 2F, D) and `moe{i}.w2` (E, D, F)."""
+    `name`; W holds the expert stacks `moe{i}.w13` (E, 2F, D) and `moe{i}.w2` (E, D, F). `flags`: None
+    to branch on a capacity overflow here (a host sync), or a list to which the capacity path appends
+    its overflow flag instead (no branch: a compiled graph; the caller must redo the step if one is set)."""
     T, cfg = x_TD.shape[0], moe.cfg
     E = cfg.n_routed_experts
     logits = linear(f"moe{i}.router", x_TD)                                   # T, E fp32
@@ -93,11 +98,13 @@ def moe_decode(moe: MoE, i: int, x_TD: torch.Tensor, linear, W: dict, path: str)
         pos = ((onehot.cumsum(0) - 1) * onehot).sum(1)                        # rank of a pair within its expert
         C = capacity(moe, T)
         overflow = (onehot.sum(0) > C).any()
-        args = (x_TD, weights, idx, w13, w2, pos)
-        if torch.compiler.is_compiling():     # one graph for both outcomes (eager torch.cond would trace)
-            out = torch.cond(overflow, lambda *a: dense_experts(*a[:5]), lambda *a: capacity_experts(*a, C), args)
+        if flags is not None:
+            flags.append(overflow)
+            out = capacity_experts(x_TD, weights, idx, w13, w2, pos, C)
+        elif overflow:
+            out = dense_experts(x_TD, weights, idx, w13, w2)
         else:
-            out = dense_experts(*args[:5]) if overflow else capacity_experts(*args, C)
+            out = capacity_experts(x_TD, weights, idx, w13, w2, pos, C)
     if moe.shared is not None:
         gate, up = linear(f"moe{i}.shared_in", x_TD).chunk(2, dim=-1)
         out = out + linear(f"moe{i}.shared_out", F.silu(gate) * up)

@@ -25,10 +25,11 @@ from . import gemm
 from .moe import moe_decode
 
 
-def decode_hidden(model, W: dict, plan: dict, cache, x: torch.Tensor, blocks=None) -> torch.Tensor:
+def decode_hidden(model, W: dict, plan: dict, cache, x: torch.Tensor, blocks=None,
+                  flags: list | None = None) -> torch.Tensor:
     """Embedded inputs x (B, T, D) at positions `cache.positions` (the caller ran `cache.begin`) ->
     hidden states (B, T, D) fp32 before the final norm. `blocks`: (index, Block) pairs to run instead
-    of the main layers (the MTP module's block)."""
+    of the main layers (the MTP module's block). `flags`: see `moe_decode` (compiled steps pass a list)."""
     rot = model.rope(cache.positions)
     lin = _linear(W, plan)
     for i, layer in blocks if blocks is not None else enumerate(model.layers):
@@ -39,7 +40,8 @@ def decode_hidden(model, W: dict, plan: dict, cache, x: torch.Tensor, blocks=Non
             x = x + layer.attn(h, rot, cache, absorb=True).float()
         h = layer.ffn_norm(x)
         if isinstance(layer.ffn, MoE):
-            x = x + moe_decode(layer.ffn, i, h.reshape(-1, h.shape[-1]), lin, W, plan[f"moe{i}.path"]).view(h.shape)
+            x = x + moe_decode(layer.ffn, i, h.reshape(-1, h.shape[-1]), lin, W, plan[f"moe{i}.path"],
+                               flags).view(h.shape)
         elif isinstance(layer.ffn, MLP):
             gate, up = lin(f"mlp{i}.w13", h).chunk(2, dim=-1)
             x = x + lin(f"mlp{i}.w2", F.silu(gate) * up)
@@ -61,21 +63,21 @@ def greedy(logits: torch.Tensor):
     return token, best.squeeze(-1) - lse
 
 
-def speculate(model, W: dict, plan: dict, cache, ids: torch.Tensor):
+def speculate(model, W: dict, plan: dict, cache, ids: torch.Tensor, flags: list | None = None):
     """One MTP speculative step (speculative.py has the protocol): ids (B, 2) = [pending, draft] at
     positions L, L+1 (the caller ran `cache.begin`). The main model verifies both; the MTP module then
     reads the same two positions (main hidden state, embedding of the token the main model chose next)
     and drafts the token after the last accepted one.
     -> main greedy tokens (B, 2), their log-probs, accepted (B,) bool, next draft (B,)."""
     L = len(model.layers)
-    h = decode_hidden(model, W, plan, cache, model.embed(ids).float())
+    h = decode_hidden(model, W, plan, cache, model.embed(ids).float(), flags=flags)
     logits = decode_head(model, W, plan, h)
     tokens, logp = greedy(logits)
     accepted = tokens[:, 0] == ids[:, 1]
     mtp = model.mtp[0]
     x = torch.cat([mtp.enorm(model.embed(tokens).float()), mtp.hnorm(h)], dim=-1)
     x = _linear(W, plan)("mtp0.eh", x)
-    hm = decode_hidden(model, W, plan, cache, x, blocks=[(L, mtp.block)])
+    hm = decode_hidden(model, W, plan, cache, x, blocks=[(L, mtp.block)], flags=flags)
     last = torch.where(accepted.unsqueeze(-1), hm[:, 1], hm[:, 0])          # the last accepted position
     drafts = greedy(decode_head(model, W, plan, last, norm=mtp.norm))[0]
     return tokens, logp, accepted, drafts
