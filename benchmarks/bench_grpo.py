@@ -117,6 +117,7 @@ def run_nanoseek(model_dir, prompts, answers, steps, G, max_new, compile="auto")
         batch_p = prompts[s * per_step:(s + 1) * per_step]
         batch_a = answers[s * per_step:(s + 1) * per_step]
         ids = [[tok.bos_id] + tok.encode(p) for p in batch_p]
+        sampler.horizon(s, steps + 1)               # as `grpo` does: compile only if the run repays it
         groups = sampler.rollout(ids, sp)
         t_roll = time.perf_counter()
         comps = [c for g in groups for c in g]
@@ -142,7 +143,7 @@ def main():
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--rollout-compile", default="auto", choices=["auto", "warm"],
-                    help="auto: the default policy (compile a batch size once it has run long enough eagerly); "
+                    help="auto: the default policy (compile a batch size if the run's remaining steps repay it); "
                          "warm: compile every rollout batch size before the first step (what long runs reach)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())

@@ -246,3 +246,26 @@ def test_auto_compile_waits_until_it_pays(monkeypatch):
         monkeypatch.setattr(runner, "_expected_compile_s", lambda kind, Bp: 0.0)
         runner.decode([1, 2], [4, 4])
     assert runner._compiled == {("decode", 2)} and runner.stats["compiled_steps"] == 1
+
+
+def test_auto_compile_with_a_known_horizon_weighs_the_steps_left(monkeypatch):
+    """With the job's length known (GRPO's steps), "auto" compiles when the eager time per unit so far,
+    times the units left, times the expected saving, exceeds the compile cost - not before, and not
+    in the job's first unit (nothing measured yet)."""
+    model = _model()
+    cfg = model.cfg
+    cache = LatentCache(cfg.num_hidden_layers, 2, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim, torch.float32)
+    runner = DecodeRunner(model, cache, (torch.float32,), compile="auto", max_batch=2)
+    monkeypatch.setattr(runner, "_expected_compile_s", lambda kind, Bp: 10.0)
+    key = ("decode", 2)
+    runner._eager_s[key] = 4.0                            # ski rental (no horizon): 4 < 10 s, not yet
+    assert not runner._pays(key)
+    runner.horizon = (0, 100)
+    assert not runner._pays(key)
+    runner.horizon = (2, 12)                              # 2 s a unit x 10 left x 0.5 = 10: not more than 10
+    assert not runner._pays(key)
+    runner.horizon = (2, 13)                              # 11 left: 11 s > 10
+    assert runner._pays(key)
+    runner.horizon = None
+    runner._eager_s[key] = 10.0
+    assert runner._pays(key)

@@ -307,6 +307,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
 
     spare: list = list(resumed_spare)   # groups with a signal beyond this step's batch, for the next one
     short_steps, warned_short = resumed_short, False
+    if isinstance(policy, EngineSampler):    # the decode step compiles only if the run is long enough to repay it
+        policy.horizon(0, cfg.steps - start + 1)
     if not evals:
         run_eval(0)
     bar = progress(total=cfg.steps, initial=start - 1, desc="grpo")
@@ -330,6 +332,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
                 break
             probs = next_problems(need if round_ == 0 else max(need, cfg.prompts_per_step // 2))
             prompts = [prompt_ids(tok, p.question) for p in probs]
+            if isinstance(policy, EngineSampler):
+                policy.horizon(step - start, cfg.steps - start + 1)
             groups = policy.rollout(prompts, sp)
             flat = [c for g in groups for c in g]
             texts = [tok.decode(c["ids"]) for c in flat]

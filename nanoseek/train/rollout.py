@@ -98,6 +98,11 @@ class EngineSampler:
     def reseed(self, seed: int) -> None:
         self.engine.gen.manual_seed(seed)
 
+    def horizon(self, done: int, total: int) -> None:
+        """The run is `done` of `total` steps through: the engine compiles its decode step only if the
+        steps left are expected to repay it (DecodeRunner's compile policy)."""
+        self.engine.runner.horizon = (done, total)
+
     def sync_weights(self) -> None:
         """The trainer stepped the model: rebuild the engine's derived decode weights."""
         self.engine.sync_weights()

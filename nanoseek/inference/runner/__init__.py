@@ -25,11 +25,15 @@ the GPU work).
 Compilation. Rows are padded to a power of two (a graph per batch bucket); the attention span (live
 cache length rounded up to 32) is the graph's one dynamic dimension, so sequences grow without
 recompiles. `compile=True` compiles a bucket on first use, `False` never, and "auto" (the default on
-CPU) when it pays: a bucket is compiled once the time spent decoding it eagerly reaches what its
-compilation is expected to cost (the last measured compile time for this model and bucket on this
-host, 20 s before the first). That never spends more than twice the better of the two choices, and
-short jobs (one `generate` call) stay eager. `warmup()` compiles chosen buckets up front (the server
-does, at start-up).
+CPU) when it pays. The expected cost of compiling a bucket is the last measured compile time for this
+model and bucket on this host (COLD_COMPILE_S before the first; graphs load from inductor's disk cache
+in a later process, ~6 s for batch 64 of the benchmark model against ~19 s cold). Without knowing how
+long the job runs, a bucket is compiled once the time spent decoding it eagerly reaches that cost (the
+ski-rental rule: never more than twice the better of the two choices; one `generate` call stays
+eager). A caller that knows (`horizon` = (units done, units in the job): GRPO's steps) gets the
+expected-value rule instead: compile once the eager time per unit so far, times the units left,
+times COMPILED_SAVES, exceeds the cost - so a short run never compiles and a long one compiles after
+its first unit. `warmup()` compiles chosen buckets up front (the server does, at start-up).
 """
 from __future__ import annotations
 
@@ -47,6 +51,9 @@ from .weights import DecodeWeights
 
 SPAN_STEP = 32
 COLD_COMPILE_S = 20.0
+# share of an eager step's time the compiled step saves: 0.51 / 0.61 / 0.71 at batch 64 / 8 / 1
+# (bench_decode.py, benchmark model, 2-core Xeon: 7,677 -> 15,575, 1,915 -> 4,888, 307 -> 1,071 tok/s)
+COMPILED_SAVES = 0.5
 
 
 class DecodeRunner:
@@ -82,6 +89,7 @@ class DecodeRunner:
         self._failed: set[tuple[str, int]] = set()
         self._eager_s: dict[tuple[str, int], float] = {}
         self._expected_s: dict[tuple[str, int], float] = {}   # expected compile time, read from disk once
+        self.horizon: tuple[int, int] | None = None           # (units done, units in the job), if known
         self._spans: dict[int, torch.Tensor] = {}
         self.stats = {"compile_s": {}, "eager_steps": 0, "compiled_steps": 0, "syncs": 0,
                       "overflow_reruns": 0}
@@ -149,8 +157,7 @@ class DecodeRunner:
         W = self.weights.tensors(Bp * T, plan)
         key = (kind, Bp)
         if self._graphs and key not in self._failed and Bp <= self.max_batch and \
-                (force or self.compile is True or key in self._compiled or
-                 self._eager_s.get(key, 0.0) >= self._expected_compile_s(kind, Bp)):
+                (force or self.compile is True or key in self._compiled or self._pays(key)):
             out = self._run_compiled(key, T, ids, lengths, W, plan)
             if out is not None:
                 return out
@@ -212,6 +219,14 @@ class DecodeRunner:
             self.stats["overflow_reruns"] += 1
             return self._run_eager(kind, key, ids, lengths, W, plan, T)
         return tuple(o[:B] for o in out)
+
+    def _pays(self, key: tuple[str, int]) -> bool:
+        """The "auto" policy (module docstring): is compiling bucket `key` now expected to pay?"""
+        spent, cost = self._eager_s.get(key, 0.0), self._expected_compile_s(*key)
+        if self.horizon is None:
+            return spent >= cost
+        done, total = self.horizon
+        return done > 0 and spent / done * (total - done) * COMPILED_SAVES > cost
 
     def _compile_key(self, kind: str, Bp: int) -> str:
         c = self.model.cfg
