@@ -12,6 +12,9 @@
            fraction of the memory roofline: (bytes of the dense weights, of the experts a step's tokens
            use under uniform routing, and of the latent cache) / step time / peak bandwidth. Plus:
            nanoseek's greedy tokens in fp32 == HF's in fp32 (8 prompts).
+3. moe     one MoE layer of the 1.71B model over B8 x T2048 tokens, forward + backward in bf16: the
+           expert GEMMs grouped (torch._grouped_mm, one call per projection) vs every expert padded to
+           the busiest one (batched matmuls). Time each, and their outputs' and gradients' difference.
 --tiny shrinks every shape, runs on CPU, and takes the CPU's "peaks" from a GEMM and a copy it times
 (so MFU and roofline there say little; the point is that the script stays runnable without a GPU).
 Each part is time-boxed by --budget and reports its error instead of stopping the run; the JSON holds
@@ -215,6 +218,41 @@ def train_part(b: Bench) -> dict:
     return out
 
 
+def moe_part(b: Bench) -> dict:
+    from nanoseek.config import ModelConfig
+    from nanoseek.model import Transformer
+    from nanoseek.model.moe import grouped_gemm_ok
+
+    shapes = TINY if b.args.tiny else MID
+    cfg = ModelConfig(**{k: v for k, v in shapes.items() if k != "num_key_value_heads"}, num_nextn_predict_layers=0,
+                      initializer_range=0.02)
+    torch.manual_seed(0)
+    moe = Transformer(cfg).init_weights(0).layers[-1].ffn.to(b.dev)
+    T = 128 if b.args.tiny else 8 * 2048
+    x = torch.randn(T, cfg.hidden_size, device=b.dev)
+    out, res = {"tokens": T}, {}
+    with torch.autocast(b.dev.type, dtype=torch.bfloat16):
+        impls = ["grouped", "padded"] if grouped_gemm_ok(moe.experts.w13) else ["padded"]
+    for impl in impls:
+        moe.impl = impl
+
+        def step():
+            moe.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_()
+            with torch.autocast(b.dev.type, dtype=torch.bfloat16):
+                y = moe(xi)
+            y.float().square().mean().backward()
+            return y.detach().float(), xi.grad.float(), moe.experts.w13.grad.float()
+        res[impl] = step()
+        out[impl] = {"fwd_bwd_ms": round(1000 * b.timed(step, n=5, warm=1), 3), "peak_mem_gb": b.peak_mem_gb()}
+        b.free()
+    if len(res) == 2:
+        out["max_rel_diff"] = {name: float((a - c).abs().max() / c.abs().max().clamp(min=1e-30))
+                               for name, a, c in zip(("out", "dx", "dw13"), res["grouped"], res["padded"])}
+        out["grouped_speedup"] = round(out["padded"]["fwd_bwd_ms"] / out["grouped"]["fwd_bwd_ms"], 2)
+    return out
+
+
 def decode_part(b: Bench, shapes: dict, batches) -> dict:
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -303,6 +341,7 @@ def main(argv=None) -> dict:
     b.res["env"] = environment(b)
     print(f"env: {json.dumps(b.res['env'])}", flush=True)
     b.part("greedy_fp32_vs_hf", lambda: greedy_fp32_part(b))
+    b.part("moe", lambda: moe_part(b))
     b.part("train", lambda: train_part(b))
     from bench_model import hf_config
     small = {k: v for k, v in hf_config().to_dict().items() if k in MID}

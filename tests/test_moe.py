@@ -61,7 +61,11 @@ def test_grouped_bf16_segments_padded_equal_padded_path():
         assert (a - b).abs().max() <= 1e-2 * b.abs().max()
     assert moe.choose_impl(70, grad=True) == "padded"           # forced above; by default on CPU:
     moe.impl = None
-    assert moe.choose_impl(70, grad=True) == "grouped"
+    E = moe.cfg.n_routed_experts
+    assert moe.choose_impl(70, grad=True) == "grouped"         # fp32: grouped at every size
+    few, many = 100 * E // moe.cfg.num_experts_per_tok, 200 * E // moe.cfg.num_experts_per_tok
+    assert moe.choose_impl(few, grad=True, dtype=torch.bfloat16) == "padded"    # bf16, < 128 pairs per expert
+    assert moe.choose_impl(many, grad=True, dtype=torch.bfloat16) == "grouped"
 
 
 def test_bias_changes_selection_not_weights():
