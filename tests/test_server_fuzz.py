@@ -52,7 +52,7 @@ def run_schemathesis(url: str, max_examples: int, max_time: int) -> str:
 
 def test_schemathesis_short(fuzz_url):
     before = server_errors(fuzz_url)
-    out = run_schemathesis(fuzz_url, max_examples=8, max_time=30)
+    out = run_schemathesis(fuzz_url, max_examples=8, max_time=15)
     total, errors = (a - b for a, b in zip(server_errors(fuzz_url), before))
     generated = re.search(r"(\d+) generated", out)
     print(f"schemathesis: {generated.group(1) if generated else '?'} cases, {total} requests, {errors} >= 500")
