@@ -46,6 +46,10 @@ class StepCompiler:
         # between compiled regions), which dynamo would otherwise report as a 20-line warning mid-run
         logging.getLogger("torch._dynamo.variables.tensor").setLevel(logging.ERROR)
         for block in list(self.model.layers) + [m.block for m in self.model.mtp]:
+            # compiled blocks run the experts as padded batched matmuls: under torch.compile (2.13) the
+            # meta kernel of _grouped_mm accepts bf16 only, so an fp32 run would fail to trace
+            if getattr(block.ffn, "impl", False) is None:
+                block.ffn.impl = "padded"
             block.compile()
         self.compiled = True
         self._compiled_at = time.perf_counter()

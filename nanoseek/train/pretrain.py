@@ -62,6 +62,9 @@ class PretrainConfig:
     compile: str = field(default="auto", metadata={"help": "torch.compile the blocks: auto (when the run is long "
                                                             "enough to repay it), on, off (bit-exact reruns)",
                                                     "choices": ["auto", "on", "off"]})
+    recompute: bool = field(default=False, metadata={"help": "activation checkpointing: keep each block's input "
+                                                             "only and recompute the block in backward (less "
+                                                             "memory, ~one more forward of time)"})
     seed: int = field(default=0, metadata={"help": "seed for init, data order and the synthetic corpus"})
     data: str | None = field(default=None, metadata={"help": ".txt/.jsonl/.parquet file or directory (default: synthetic)"})
     task: str = field(default="arithmetic", metadata={"help": "synthetic corpus: arithmetic, countdown, equations or mix"})
@@ -297,6 +300,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
             from ..distributed import checkpoint as dcp_ckpt
             dcp_ckpt.save(out / "checkpoints" / f"step_{at:06d}", model, opt, par, train_state, keep=cfg.keep)
 
+    if cfg.recompute:
+        if par is not None or pipe is not None:
+            raise UserError("--recompute is tested in one process only so far; drop it with --fsdp/--ep/--pp")
+        from .recompute import checkpoint_blocks
+        print0(f"recompute: {checkpoint_blocks(model)} blocks keep only their inputs for backward")
     compile_policy = cfg.compile
     if par is not None and compile_policy != "off":
         compile_policy = "off"
