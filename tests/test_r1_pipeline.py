@@ -61,6 +61,18 @@ def test_grpo_runs_and_logs_everything(base, tmp_path):
     assert (tmp_path / "plots" / "grpo.png").exists() and (tmp_path / "final" / "config.json").exists()
 
 
+def test_grpo_tells_the_engine_how_much_work_is_left(base, tmp_path, monkeypatch):
+    """The decode compile policy's horizon: training rollouts count GRPO steps, evaluations count
+    evaluations (before the first step, every eval_every steps, after the last)."""
+    from nanoseek.train.grpo import grpo
+    from nanoseek.train.rollout import EngineSampler
+    calls = []
+    real = EngineSampler.horizon
+    monkeypatch.setattr(EngineSampler, "horizon", lambda self, d, t: calls.append((d, t)) or real(self, d, t))
+    grpo(small_grpo(base, tmp_path, steps=3, eval_every=2, dynamic_sampling=False))
+    assert calls == [(0, 3), (0, 3), (1, 3), (1, 3), (2, 3), (2, 3)]     # eval 0, step 1, step 2, eval @2, ...
+
+
 def test_grpo_trains_an_hf_causal_lm(base, tmp_path):
     transformers = pytest.importorskip("transformers")
     from nanoseek.tokenizer import Tokenizer

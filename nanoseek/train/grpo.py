@@ -295,7 +295,17 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
                          "config": asdict(cfg)},
                         out / "checkpoints", at, keep=cfg.keep)
 
+    # the engine compiles a decode bucket only if what is left of its kind of work repays it: training
+    # rollouts count GRPO steps, evaluations count evaluations (they run every eval_every steps)
+    n_evals = (0 if evals else 1) + 1 + sum(1 for s in range(start, cfg.steps)
+                                            if cfg.eval_every and s % cfg.eval_every == 0)
+    evals_run = 0
+
     def run_eval(at: int):
+        nonlocal evals_run
+        if isinstance(policy, EngineSampler):
+            policy.horizon(evals_run, n_evals)
+        evals_run += 1
         r = evaluate(policy, tok, held_out, cfg.max_new_tokens, seed=cfg.eval_seed)
         r["step"] = at
         evals.append(r)
@@ -307,8 +317,6 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
 
     spare: list = list(resumed_spare)   # groups with a signal beyond this step's batch, for the next one
     short_steps, warned_short = resumed_short, False
-    if isinstance(policy, EngineSampler):    # the decode step compiles only if the run is long enough to repay it
-        policy.horizon(0, cfg.steps - start + 1)
     if not evals:
         run_eval(0)
     bar = progress(total=cfg.steps, initial=start - 1, desc="grpo")
