@@ -255,8 +255,8 @@ def test_auto_compile_waits_until_it_pays(monkeypatch):
 
 def test_auto_compile_with_a_known_horizon_weighs_the_steps_left(monkeypatch):
     """With the job's length known (GRPO's steps), "auto" compiles when the eager time per unit so far,
-    times the units left, times the expected saving, exceeds the compile cost - not before, and not
-    in the job's first unit (nothing measured yet)."""
+    times the units left, times the expected saving, exceeds twice the compile cost - not before, and
+    not in the job's first unit (nothing measured yet)."""
     model = _model()
     cfg = model.cfg
     cache = LatentCache(cfg.num_hidden_layers, 2, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim, torch.float32)
@@ -267,9 +267,9 @@ def test_auto_compile_with_a_known_horizon_weighs_the_steps_left(monkeypatch):
     assert not runner._pays(key)
     runner.horizon = (0, 100)
     assert not runner._pays(key)
-    runner.horizon = (2, 12)                              # 2 s a unit x 10 left x 0.5 = 10: not more than 10
+    runner.horizon = (2, 22)                              # 2 s a unit x 20 left x 0.5 = 20: not more than 2 x 10
     assert not runner._pays(key)
-    runner.horizon = (2, 13)                              # 11 left: 11 s > 10
+    runner.horizon = (2, 23)                              # 21 left: 21 s > 20
     assert runner._pays(key)
     runner.horizon = None
     runner._eager_s[key] = 10.0
