@@ -231,8 +231,7 @@ def moe_part(b: Bench) -> dict:
     T = 128 if b.args.tiny else 8 * 2048
     x = torch.randn(T, cfg.hidden_size, device=b.dev)
     out, res = {"tokens": T}, {}
-    with torch.autocast(b.dev.type, dtype=torch.bfloat16):
-        impls = ["grouped", "padded"] if grouped_gemm_ok(moe.experts.w13) else ["padded"]
+    impls = ["grouped", "padded"] if grouped_gemm_ok(moe.experts.w13, torch.bfloat16) else ["padded"]
     for impl in impls:
         moe.impl = impl
 

@@ -68,6 +68,19 @@ def test_grouped_bf16_segments_padded_equal_padded_path():
     assert moe.choose_impl(many, grad=True, dtype=torch.bfloat16) == "grouped"
 
 
+@pytest.mark.parametrize("kw,dtype", [(dict(moe_intermediate_size=20), torch.bfloat16), (dict(hidden_size=50), torch.float32)])
+def test_grouped_needs_16_byte_rows_else_padded(kw, dtype):
+    """torch._grouped_mm wants every operand row on a 16-byte boundary: widths that are not (F = 20
+    in bf16, D = 50 in fp32) take the padded path, and training through them works."""
+    moe = _moe(**kw)
+    T = 128 * moe.cfg.n_routed_experts // moe.cfg.num_experts_per_tok
+    assert moe.choose_impl(T, grad=True, dtype=dtype) == "padded"
+    x = torch.randn(T, moe.cfg.hidden_size, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        moe(x).float().square().mean().backward()
+    assert x.grad.isfinite().all()
+
+
 def test_bias_changes_selection_not_weights():
     cfg = random_cfg(n_group=1, topk_group=1, num_experts_per_tok=2)
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0]])

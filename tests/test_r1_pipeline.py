@@ -68,9 +68,11 @@ def test_grpo_tells_the_engine_how_much_work_is_left(base, tmp_path, monkeypatch
     from nanoseek.train.rollout import EngineSampler
     calls = []
     real = EngineSampler.horizon
-    monkeypatch.setattr(EngineSampler, "horizon", lambda self, d, t: calls.append((d, t)) or real(self, d, t))
+    monkeypatch.setattr(EngineSampler, "horizon",
+                        lambda self, d, t, phase="rollout": calls.append((d, t, phase)) or real(self, d, t, phase))
     grpo(small_grpo(base, tmp_path, steps=3, eval_every=2, dynamic_sampling=False))
-    assert calls == [(0, 3), (0, 3), (1, 3), (1, 3), (2, 3), (2, 3)]     # eval 0, step 1, step 2, eval @2, ...
+    assert calls == [(0, 3, "eval"), (0, 3, "rollout"), (1, 3, "rollout"), (1, 3, "eval"), (2, 3, "rollout"),
+                     (2, 3, "eval")]
 
 
 def test_grpo_trains_an_hf_causal_lm(base, tmp_path):

@@ -59,3 +59,21 @@ def test_pretrain_compiled_fp32_with_recompute(tmp_path):
     s = pretrain(PretrainConfig(out=str(tmp_path), preset="tiny", max_steps=4, batch_size=4, seq_len=64, n_docs=400,
                                 compile="on", recompute=True, dtype="float32", eval_every=0))
     assert s["final_loss"] < s["first_loss"]
+
+
+def test_a_copy_recomputes_with_its_own_weights_and_replay_is_refused():
+    torch.manual_seed(0)
+    model = randomize(Transformer(random_cfg()))
+    checkpoint_blocks(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.5)
+    plain = copy.deepcopy(twin)
+    for block in list(plain.layers) + [m.block for m in plain.mtp]:
+        del block.forward                                     # back to the class's forward
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    torch.testing.assert_close(twin.logits(twin.hidden(ids)), plain.logits(plain.hidden(ids)))
+    replay = [torch.zeros(24, model.cfg.num_experts_per_tok, dtype=torch.long)] * len(model.moe_layers())
+    with pytest.raises(ValueError, match="routing replay"):
+        model.hidden(ids, routing=RoutingRecord(replay))

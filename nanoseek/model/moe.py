@@ -304,7 +304,7 @@ class MoE(nn.Module):
             return "gather"
         if pairs <= 2 * E:
             return "dense"
-        if not grouped_gemm_ok(self.experts.w13):
+        if not grouped_gemm_ok(self.experts.w13, dtype):
             return "padded"
         cpu_low = self.experts.w13.device.type == "cpu" and dtype != torch.float32
         return "padded" if cpu_low and pairs < 128 * E else "grouped"
@@ -336,13 +336,17 @@ class MoE(nn.Module):
         return out.view(shape).to(x.dtype)
 
 
-def grouped_gemm_ok(w: torch.Tensor) -> bool:
-    """torch._grouped_mm runs the expert GEMMs of weights w here: on any CPU; on CUDA from Hopper (sm90)
-    on, in bf16 (autocast or bf16 weights)."""
-    if w.device.type == "cpu":
+def grouped_gemm_ok(w13: torch.Tensor, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm can run the expert GEMMs of the stacks w13 (E, 2F, D) in `dtype` here: on any
+    CPU, on CUDA from Hopper (sm90) on in bf16, and only when every row of its operands starts on a
+    16-byte boundary (D and F times the element size; e.g. a hidden size of 50 in fp32 is refused)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    if (w13.shape[-1] * size) % 16 or (w13.shape[-2] // 2 * size) % 16:
+        return False
+    if w13.device.type == "cpu":
         return True
-    return (w.device.type == "cuda" and torch.cuda.get_device_capability(w.device) >= (9, 0)
-            and _compute_dtype(w) == torch.bfloat16)
+    return (w13.device.type == "cuda" and torch.cuda.get_device_capability(w13.device) >= (9, 0)
+            and dtype == torch.bfloat16)
 
 
 def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:

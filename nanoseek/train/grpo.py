@@ -304,7 +304,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
     def run_eval(at: int):
         nonlocal evals_run
         if isinstance(policy, EngineSampler):
-            policy.horizon(evals_run, n_evals)
+            policy.horizon(evals_run, n_evals, "eval")
         evals_run += 1
         r = evaluate(policy, tok, held_out, cfg.max_new_tokens, seed=cfg.eval_seed)
         r["step"] = at
@@ -433,6 +433,8 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
             checkpoint(step)
     bar.close()
     final_eval = run_eval(cfg.steps)
+    if isinstance(policy, EngineSampler):
+        policy.clear_horizon()
     checkpoint(cfg.steps)
     summary = {"accuracy_before": evals[0]["accuracy"], "accuracy_after": final_eval["accuracy"],
                "think_rate_before": evals[0]["think_rate"], "think_rate_after": final_eval["think_rate"],

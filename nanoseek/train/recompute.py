@@ -9,9 +9,13 @@ The model code is untouched: the wrapper replaces each block's `forward` on the 
 The recomputed forward repeats the MoE layers' side effects: `expert_load` counts every token twice
 (the bias update's sign rule and the load ratios are unchanged) and a `RoutingRecord` gets the
 recomputed layers appended after the loss that read it was built. Routing replay reads the record
-while recomputing, so it is refused with checkpointing.
+while recomputing, so it is refused with checkpointing. The wrapper is bound to its block, so a
+deepcopy of the model recomputes with the copy's weights.
 """
 from __future__ import annotations
+
+import inspect
+import types
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -27,16 +31,22 @@ def checkpoint_blocks(model) -> int:
     for block in blocks(model):
         if getattr(block, "_recompute", False):
             continue
-        inner = block.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            if not torch.is_grad_enabled():
-                return _inner(*args, **kwargs)
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-        block.forward = forward
+        # bound to the block (MethodType), so that a deepcopy of the model rebinds it to the copy
+        block.forward = types.MethodType(_checkpointed_forward, block)
         block._recompute = True
         n += 1
     return n
+
+
+def _checkpointed_forward(block, *args, **kwargs):
+    plain = type(block).forward
+    if not torch.is_grad_enabled():
+        return plain(block, *args, **kwargs)
+    routing = inspect.signature(plain).bind(block, *args, **kwargs).arguments.get("routing")
+    if routing is not None and getattr(routing, "replay", None) is not None:
+        raise ValueError("activation checkpointing cannot recompute a forward with routing replay: the "
+                         "recomputed layers would read the wrong layer's replayed experts")
+    return checkpoint(plain, block, *args, use_reentrant=False, **kwargs)
 
 
 def saved_activation_bytes(fn) -> int:

@@ -98,10 +98,15 @@ class EngineSampler:
     def reseed(self, seed: int) -> None:
         self.engine.gen.manual_seed(seed)
 
-    def horizon(self, done: int, total: int) -> None:
-        """The run is `done` of `total` steps through: the engine compiles its decode step only if the
-        steps left are expected to repay it (DecodeRunner's compile policy)."""
-        self.engine.runner.horizon = (done, total)
+    def horizon(self, done: int, total: int, phase: str = "rollout") -> None:
+        """This phase of the run (training rollouts, evaluations) is `done` of `total` units through: the
+        engine compiles its decode step only if the units left are expected to repay it (DecodeRunner's
+        compile policy)."""
+        self.engine.runner.horizon = (done, total, phase)
+
+    def clear_horizon(self) -> None:
+        """Back to the policy for jobs of unknown length (after the run that set a horizon)."""
+        self.engine.runner.horizon = None
 
     def sync_weights(self) -> None:
         """The trainer stepped the model: rebuild the engine's derived decode weights."""

@@ -30,7 +30,7 @@ model and bucket on this host (COLD_COMPILE_S before the first; graphs load from
 in a later process, ~6 s for batch 64 of the benchmark model against ~19 s cold). Without knowing how
 long the job runs, a bucket is compiled once the time spent decoding it eagerly reaches that cost (the
 ski-rental rule: never more than twice the better of the two choices; one `generate` call stays
-eager). A caller that knows (`horizon` = (units done, units in the job): GRPO's steps) gets
+eager). A caller that knows (`horizon` = (units done, units in the job, phase): GRPO's steps) gets
 another rule instead: compile once the eager time per unit so far, times the units left, times
 COMPILED_SAVES, exceeds twice the cost (the margin the training-step compiler uses: the saving is an
 estimate, and a job's batches shrink into other buckets as sequences finish). A short run never
@@ -91,7 +91,10 @@ class DecodeRunner:
         self._failed: set[tuple[str, int]] = set()
         self._eager_s: dict[tuple[str, int], float] = {}
         self._expected_s: dict[tuple[str, int], float] = {}   # expected compile time, read from disk once
-        self.horizon: tuple[int, int] | None = None           # (units done, units in the job), if known
+        # (units done, units in the job, phase), if the caller knows: eager time is kept per phase too,
+        # so that e.g. GRPO's evaluations and training rollouts each judge their own future
+        self.horizon: tuple[int, int, str] | None = None
+        self._phase_s: dict[tuple[str, str, int], float] = {}
         self._spans: dict[int, torch.Tensor] = {}
         self.stats = {"compile_s": {}, "eager_steps": 0, "compiled_steps": 0, "syncs": 0,
                       "overflow_reruns": 0}
@@ -172,7 +175,11 @@ class DecodeRunner:
             out = fn(torch.tensor(ids, device=self.device).view(-1, T), torch.tensor(lengths, device=self.device),
                      None, W, plan)
         self.stats["eager_steps"] += 1
-        self._eager_s[key] = self._eager_s.get(key, 0.0) + time.perf_counter() - t
+        took = time.perf_counter() - t
+        self._eager_s[key] = self._eager_s.get(key, 0.0) + took
+        if self.horizon is not None:
+            pkey = (self.horizon[2], *key)
+            self._phase_s[pkey] = self._phase_s.get(pkey, 0.0) + took
         return out
 
     def _run_compiled(self, key: tuple[str, int], T: int, ids: list[int], lengths: list[int], W, plan):
@@ -224,10 +231,11 @@ class DecodeRunner:
 
     def _pays(self, key: tuple[str, int]) -> bool:
         """The "auto" policy (module docstring): is compiling bucket `key` now expected to pay?"""
-        spent, cost = self._eager_s.get(key, 0.0), self._expected_compile_s(*key)
+        cost = self._expected_compile_s(*key)
         if self.horizon is None:
-            return spent >= cost
-        done, total = self.horizon
+            return self._eager_s.get(key, 0.0) >= cost
+        done, total, phase = self.horizon
+        spent = self._phase_s.get((phase, *key), 0.0)
         return done > 0 and spent / done * (total - done) * COMPILED_SAVES > 2 * cost
 
     def _compile_key(self, kind: str, Bp: int) -> str:
