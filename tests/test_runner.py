@@ -263,16 +263,16 @@ def test_auto_compile_with_a_known_horizon_weighs_the_steps_left(monkeypatch):
     runner = DecodeRunner(model, cache, (torch.float32,), compile="auto", max_batch=2)
     monkeypatch.setattr(runner, "_expected_compile_s", lambda kind, Bp: 10.0)
     key = ("decode", 2)
-    runner._eager_s[key] = 4.0                            # ski rental (no horizon): 4 < 10 s, not yet
+    runner._eager_s[(None, *key)] = 4.0                   # ski rental (no horizon): 4 < 10 s, not yet
     assert not runner._pays(key)
     runner.horizon = (0, 100, "rollout")
     assert not runner._pays(key)
-    runner._phase_s[("rollout", *key)] = 4.0
-    runner._phase_s[("eval", *key)] = 40.0                # another phase's time does not count
+    runner._eager_s[("rollout", *key)] = 4.0
+    runner._eager_s[("eval", *key)] = 40.0                # another phase's time does not count
     runner.horizon = (2, 22, "rollout")                   # 2 s a unit x 20 left x 0.5 = 20: not more than 2 x 10
     assert not runner._pays(key)
     runner.horizon = (2, 23, "rollout")                   # 21 left: 21 s > 20
     assert runner._pays(key)
     runner.horizon = None
-    runner._eager_s[key] = 10.0
+    runner._eager_s[(None, *key)] = 10.0
     assert runner._pays(key)

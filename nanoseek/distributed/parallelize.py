@@ -32,8 +32,7 @@ from .mesh import Dist, all_reduce
 
 
 def _fsdp_blocks(model: nn.Module) -> list[nn.Module]:
-    blocks = [b for b in model.layers if not isinstance(b, nn.Identity)]
-    return blocks + [m.block for m in model.mtp]
+    return [b for b in model.blocks() if not isinstance(b, nn.Identity)]
 
 
 def apply_fsdp(model: nn.Module, d: Dist, param_dtype: torch.dtype | None, zero2: bool = False) -> None:

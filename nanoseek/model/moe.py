@@ -170,7 +170,7 @@ class GroupedLinear(torch.autograd.Function):
         return dx, dw, None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would run a matmul of x in (x's own outside autocast)."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -206,7 +206,7 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None):
     # accumulating index_put, which sorts (measured 5 ms per call on a `small` training step)
     xs = x_TD.index_select(0, token)
     if impl == "grouped":
-        dt = _compute_dtype(x_TD)
+        dt = matmul_dtype(x_TD)
         align = 1 if dt == torch.float32 and x_TD.device.type == "cpu" else 32
         sizes = (counts + align - 1) // align * align
         ends = sizes.cumsum(0)
@@ -329,7 +329,7 @@ class MoE(nn.Module):
             self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel())
         if routing is not None:
             routing.add(scores, idx)
-        impl = self.choose_impl(x_TD.shape[0], torch.is_grad_enabled() and x.requires_grad, _compute_dtype(x_TD))
+        impl = self.choose_impl(x_TD.shape[0], torch.is_grad_enabled() and x.requires_grad, matmul_dtype(x_TD))
         out = self.experts(x_TD, weights, idx, impl)
         if self.shared is not None:
             out = out + self.shared(x_TD)

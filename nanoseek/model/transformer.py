@@ -115,6 +115,10 @@ class Transformer(nn.Module):
         return self.head(self.mtp[k - 1].norm(h_k))
 
     # ------------------------------------------------------------------------------------------
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks, main then MTP: what compilation, recomputation, FP8 and FSDP wrap."""
+        return list(self.layers) + [m.block for m in self.mtp]
+
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 

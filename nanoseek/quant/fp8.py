@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common import UserError, print0
-from ..model.moe import Experts, sorted_experts
+from ..model.moe import Experts, matmul_dtype, sorted_experts
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -308,15 +308,10 @@ class _FP8Matmul(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
 def fp8_matmul(x: torch.Tensor, w: torch.Tensor, recipe: Recipe = Recipe()) -> torch.Tensor:
     """x (..., M, K) @ w(..., N, K)^T on FP8 operands (fprop, dgrad, wgrad). The output takes the
     autocast dtype when autocast is on, else x's dtype."""
-    return _FP8Matmul.apply(x, w, recipe, _out_dtype(x))
+    return _FP8Matmul.apply(x, w, recipe, matmul_dtype(x))
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, recipe: Recipe = Recipe()) -> torch.Tensor:
@@ -370,9 +365,8 @@ class FP8Experts(Experts):
 def _swap_block_modules(model: nn.Module, replace) -> int:
     """Replace, in every transformer block (main and MTP), each child for which `replace(child)` returns
     a module; returns how many. Embedding, head, final norm and the MTP projection are outside blocks."""
-    blocks = list(model.layers) + [m.block for m in getattr(model, "mtp", [])]
     n = 0
-    for block in blocks:
+    for block in model.blocks():
         for parent in block.modules():
             for name, child in list(parent.named_children()):
                 new = replace(child)
@@ -444,7 +438,7 @@ class FP8WeightLinear(nn.Module):
         return _held(self, "weight", self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = _out_dtype(x)
+        dt = matmul_dtype(x)
         return F.linear(x.to(dt), _held(self, "weight", dt))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

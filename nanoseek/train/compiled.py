@@ -45,7 +45,7 @@ class StepCompiler:
         # the expert layout reads its capacity with .item(): a graph break by design (routing stays eager
         # between compiled regions), which dynamo would otherwise report as a 20-line warning mid-run
         logging.getLogger("torch._dynamo.variables.tensor").setLevel(logging.ERROR)
-        for block in list(self.model.layers) + [m.block for m in self.model.mtp]:
+        for block in self.model.blocks():
             # compiled blocks run the experts as padded batched matmuls: under torch.compile (2.13) the
             # meta kernel of _grouped_mm accepts bf16 only, so an fp32 run would fail to trace
             if getattr(block.ffn, "impl", False) is None:

@@ -303,8 +303,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
 
     def run_eval(at: int):
         nonlocal evals_run
-        if isinstance(policy, EngineSampler):
-            policy.horizon(evals_run, n_evals, "eval")
+        policy.horizon(evals_run, n_evals, "eval")
         evals_run += 1
         r = evaluate(policy, tok, held_out, cfg.max_new_tokens, seed=cfg.eval_seed)
         r["step"] = at
@@ -340,8 +339,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
                 break
             probs = next_problems(need if round_ == 0 else max(need, cfg.prompts_per_step // 2))
             prompts = [prompt_ids(tok, p.question) for p in probs]
-            if isinstance(policy, EngineSampler):
-                policy.horizon(step - start, cfg.steps - start + 1)
+            policy.horizon(step - start, cfg.steps - start + 1)
             groups = policy.rollout(prompts, sp)
             flat = [c for g in groups for c in g]
             texts = [tok.decode(c["ids"]) for c in flat]
@@ -433,8 +431,7 @@ def grpo(cfg: GRPOConfig, policy=None, tok=None, rewards=None) -> dict:
             checkpoint(step)
     bar.close()
     final_eval = run_eval(cfg.steps)
-    if isinstance(policy, EngineSampler):
-        policy.clear_horizon()
+    policy.clear_horizon()
     checkpoint(cfg.steps)
     summary = {"accuracy_before": evals[0]["accuracy"], "accuracy_after": final_eval["accuracy"],
                "think_rate_before": evals[0]["think_rate"], "think_rate_after": final_eval["think_rate"],

@@ -21,14 +21,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def blocks(model) -> list:
-    return list(model.layers) + [m.block for m in getattr(model, "mtp", [])]
-
-
 def checkpoint_blocks(model) -> int:
     """Wrap every block's forward in a non-reentrant checkpoint; returns how many blocks."""
     n = 0
-    for block in blocks(model):
+    for block in model.blocks():
         if getattr(block, "_recompute", False):
             continue
         # bound to the block (MethodType), so that a deepcopy of the model rebinds it to the copy

@@ -143,6 +143,12 @@ class HFSampler:
                                 max_new_tokens=params.max_tokens, pad_token_id=self.tok.pad_id, eos_token_id=eos,
                                 num_beams=1)
 
+    def horizon(self, done: int, total: int, phase: str = "rollout") -> None:
+        """`generate` compiles nothing: there is no compile decision to inform."""
+
+    def clear_horizon(self) -> None:
+        pass
+
     def rollout(self, prompts, params: SamplingParams, max_rows: int = 256):
         """All prompts x n samples in as few `generate` calls as fit `max_rows`, prompts left-padded
         (the attention mask hides the padding; transformers derives positions from it)."""

@@ -35,7 +35,8 @@ another rule instead: compile once the eager time per unit so far, times the uni
 COMPILED_SAVES, exceeds twice the cost (the margin the training-step compiler uses: the saving is an
 estimate, and a job's batches shrink into other buckets as sequences finish). A short run never
 compiles; a long one compiles after its first units. (Without the margin, the main job's 40 GRPO
-steps compiled their rollout buckets cold at step 2 and its RL phase took 121 instead of 72 s.) `warmup()` compiles chosen buckets up front (the server does, at start-up).
+steps compiled their rollout buckets cold at step 2 and its RL phase took 121 instead of 72 s.)
+`warmup()` compiles chosen buckets up front (the server does, at start-up).
 """
 from __future__ import annotations
 
@@ -89,12 +90,12 @@ class DecodeRunner:
         self._compiled: set[tuple[str, int]] = set()
         self._checked: set[tuple[str, int]] = set()     # graphs whose guards passed since the last sync
         self._failed: set[tuple[str, int]] = set()
-        self._eager_s: dict[tuple[str, int], float] = {}
         self._expected_s: dict[tuple[str, int], float] = {}   # expected compile time, read from disk once
-        # (units done, units in the job, phase), if the caller knows: eager time is kept per phase too,
-        # so that e.g. GRPO's evaluations and training rollouts each judge their own future
+        # (units done, units in the job, phase), if the caller knows. Eager seconds are kept per
+        # (phase, kind, bucket), phase None without a horizon, so that e.g. GRPO's evaluations and
+        # training rollouts each judge their own future
         self.horizon: tuple[int, int, str] | None = None
-        self._phase_s: dict[tuple[str, str, int], float] = {}
+        self._eager_s: dict[tuple[str | None, str, int], float] = {}
         self._spans: dict[int, torch.Tensor] = {}
         self.stats = {"compile_s": {}, "eager_steps": 0, "compiled_steps": 0, "syncs": 0,
                       "overflow_reruns": 0}
@@ -166,20 +167,17 @@ class DecodeRunner:
             out = self._run_compiled(key, T, ids, lengths, W, plan)
             if out is not None:
                 return out
-        return self._run_eager(kind, key, ids, lengths, W, plan, T)
+        return self._run_eager(key, ids, lengths, W, plan, T)
 
-    def _run_eager(self, kind, key, ids, lengths, W, plan, T):
+    def _run_eager(self, key: tuple[str, int], ids, lengths, W, plan, T: int):
         t = time.perf_counter()
-        fn = self._decode_step if kind == "decode" else self._spec_step
+        fn = self._decode_step if key[0] == "decode" else self._spec_step
         with torch.no_grad():
             out = fn(torch.tensor(ids, device=self.device).view(-1, T), torch.tensor(lengths, device=self.device),
                      None, W, plan)
         self.stats["eager_steps"] += 1
-        took = time.perf_counter() - t
-        self._eager_s[key] = self._eager_s.get(key, 0.0) + took
-        if self.horizon is not None:
-            pkey = (self.horizon[2], *key)
-            self._phase_s[pkey] = self._phase_s.get(pkey, 0.0) + took
+        ekey = (self.horizon[2] if self.horizon else None, *key)
+        self._eager_s[ekey] = self._eager_s.get(ekey, 0.0) + time.perf_counter() - t
         return out
 
     def _run_compiled(self, key: tuple[str, int], T: int, ids: list[int], lengths: list[int], W, plan):
@@ -226,16 +224,16 @@ class DecodeRunner:
             # an expert got more pairs than the capacity path holds: redo the step eagerly, exactly
             # (it rewrites the same cache positions)
             self.stats["overflow_reruns"] += 1
-            return self._run_eager(kind, key, ids, lengths, W, plan, T)
+            return self._run_eager(key, ids, lengths, W, plan, T)
         return tuple(o[:B] for o in out)
 
     def _pays(self, key: tuple[str, int]) -> bool:
         """The "auto" policy (module docstring): is compiling bucket `key` now expected to pay?"""
         cost = self._expected_compile_s(*key)
         if self.horizon is None:
-            return self._eager_s.get(key, 0.0) >= cost
+            return self._eager_s.get((None, *key), 0.0) >= cost
         done, total, phase = self.horizon
-        spent = self._phase_s.get((phase, *key), 0.0)
+        spent = self._eager_s.get((phase, *key), 0.0)
         return done > 0 and spent / done * (total - done) * COMPILED_SAVES > 2 * cost
 
     def _compile_key(self, kind: str, Bp: int) -> str:
