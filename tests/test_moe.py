@@ -63,8 +63,8 @@ def test_grouped_bf16_segments_padded_equal_padded_path():
     moe.impl = None
     E = moe.cfg.n_routed_experts
     assert moe.choose_impl(70, grad=True) == "grouped"         # fp32: grouped at every size
-    few, many = 100 * E // moe.cfg.num_experts_per_tok, 200 * E // moe.cfg.num_experts_per_tok
-    assert moe.choose_impl(few, grad=True, dtype=torch.bfloat16) == "padded"    # bf16, < 128 pairs per expert
+    few, many = 1000 * E // moe.cfg.num_experts_per_tok, 1100 * E // moe.cfg.num_experts_per_tok
+    assert moe.choose_impl(few, grad=True, dtype=torch.bfloat16) == "padded"    # bf16, < 1024 pairs per expert
     assert moe.choose_impl(many, grad=True, dtype=torch.bfloat16) == "grouped"
 
 
@@ -73,7 +73,7 @@ def test_grouped_needs_16_byte_rows_else_padded(kw, dtype):
     """torch._grouped_mm wants every operand row on a 16-byte boundary: widths that are not (F = 20
     in bf16, D = 50 in fp32) take the padded path, and training through them works."""
     moe = _moe(**kw)
-    T = 128 * moe.cfg.n_routed_experts // moe.cfg.num_experts_per_tok
+    T = 1100 * moe.cfg.n_routed_experts // moe.cfg.num_experts_per_tok
     assert moe.choose_impl(T, grad=True, dtype=dtype) == "padded"
     x = torch.randn(T, moe.cfg.hidden_size, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):

@@ -182,8 +182,9 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None):
               fp32 on CPU each segment is padded to a multiple of 32 rows: bf16 GEMMs on CPU (oneDNN)
               JIT a kernel per new shape, so segment lengths must recur (measured with routes changing
               every call: 26 ms per call unpadded vs 2 ms with recurring shapes), and grouped GEMMs on
-              GPUs want aligned groups. Measured on a 2-core CPU, bf16, one layer fwd+bwd over 5,120
-              tokens: 1.37x faster than "padded" with balanced routes, 1.6x with skewed ones.
+              GPUs want aligned groups. Against "padded", one layer fwd+bwd, 5,120 tokens, 2 cores
+              (`bench_train_kernels.py`): the same speed in bf16 with balanced routes, 1.5x faster with
+              skewed ones; 1.2x / 1.8x faster in fp32.
     "padded"  every segment zero-padded to the longest one: two batched matmuls, autograd through them
               and the index ops (exact: the padding is as long as the busiest expert needs). The
               padded length is rounded up to a multiple of 32 (recurring shapes, as above). Falls back
@@ -293,10 +294,11 @@ class MoE(nn.Module):
 
     def choose_impl(self, n_tokens: int, grad: bool, dtype: torch.dtype = torch.float32) -> str:
         """The expert path for n_tokens tokens whose expert GEMMs run in `dtype`. On CPU in bf16 the
-        grouped GEMM pays one oneDNN call per expert, which loses to the padded batch while experts get
-        few pairs: measured (16 experts top-4, hidden 256, skewed routes, 2 cores) grouped/padded time
-        1.7-2.2x at 64 tokens, 1.2-1.4x at 256, 0.6-0.97x from 1,024; in fp32 grouped wins at every size
-        (0.24-0.87x)."""
+        grouped GEMM pays one oneDNN call (and a JIT per new segment length) per expert, which loses to
+        the padded batch until experts get ~1,000 pairs each. Measured (`bench_train_kernels.py`: 16
+        experts top-4, hidden 256, fresh routes every call, forward + backward, 2 cores), grouped/padded
+        time in bf16: 1.5x at 64 tokens, 1.2-1.4x at 256, 0.9-1.3x at 1,024, 0.7-1.0x at 5,120; in fp32
+        grouped wins at every size (0.5-0.9x)."""
         if self.impl:
             return self.impl
         pairs, E = n_tokens * self.cfg.num_experts_per_tok, self.cfg.n_routed_experts
@@ -307,7 +309,7 @@ class MoE(nn.Module):
         if not grouped_gemm_ok(self.experts.w13, dtype):
             return "padded"
         cpu_low = self.experts.w13.device.type == "cpu" and dtype != torch.float32
-        return "padded" if cpu_low and pairs < 128 * E else "grouped"
+        return "padded" if cpu_low and pairs < 1024 * E else "grouped"
 
     def forward(self, x: torch.Tensor, routing: RoutingRecord | None = None) -> torch.Tensor:
         """`routing`: the caller's record; this layer adds its scores and expert ids to it (and takes
