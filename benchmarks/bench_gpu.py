@@ -7,8 +7,12 @@
            q_lora 768, kv_lora 512), B8 x T2048, bf16 autocast, AdamW: nanoseek eager, nanoseek with its
            blocks compiled (`train/compiled.py`), HF `DeepseekV3ForCausalLM`. Step time, tokens/s, MFU
            (6 x activated params x tokens + causal attention, over the GPU's dense bf16 peak), peak memory.
+           Document masking on (pretrain's default): attention is SDPA with the mask on a GPU; eager_cudnn
+           is the eager step with SDPA's cuDNN kernel tried first.
 2. decode  the 8.5M benchmark model and the 1.71B model, 128 new tokens after 32-token prompts, greedy,
-           batch 1 / 8 / 64: nanoseek `LLM` (bf16) vs HF `generate` (bf16). Tokens/s, and the achieved
+           batch 1 / 8 / 64: nanoseek `LLM` (bf16) eager and with its step compiled into CUDA graphs (the
+           first run per batch, which compiles and captures, is reported apart) vs HF `generate` (bf16),
+           and how many of the graphs' greedy tokens equal the eager step's. Tokens/s, and the achieved
            fraction of the memory roofline: (bytes of the dense weights, of the experts a step's tokens
            use under uniform routing, and of the latent cache) / step time / peak bandwidth. Plus:
            nanoseek's greedy tokens in fp32 == HF's in fp32 (8 prompts).
@@ -170,30 +174,41 @@ def train_part(b: Bench) -> dict:
                      "mfu": round(flops / seconds / peak, 4) if peak else None, "peak_mem_gb": b.peak_mem_gb(),
                      **(extra or {})}
 
-    pc = PretrainConfig(mtp_lambda=0.0)
-    for mode in ("eager", "compiled"):
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    pc = PretrainConfig(mtp_lambda=0.0)       # document masking on (pretrain's default)
+    for mode in ("eager", "eager_cudnn", "compiled"):
         if b.left() < 60:
             out[f"nanoseek_{mode}"] = {"skipped": "out of time"}
             continue
-        torch.manual_seed(0)
-        model = Transformer(cfg).init_weights(0).to(b.dev).train()
-        opt = build_optimizer(model, 1e-4)
-        t_compile = time.perf_counter()
-        if mode == "compiled":
-            StepCompiler(model, "on")
+        try:                      # one contender's failure is reported; the others still run
+            torch.manual_seed(0)
+            model = Transformer(cfg).init_weights(0).to(b.dev).train()
+            opt = build_optimizer(model, 1e-4)
+            t_compile = time.perf_counter()
+            if mode == "compiled":
+                StepCompiler(model, "on")
 
-        def step():
-            with torch.autocast(b.dev.type, dtype=torch.bfloat16):
-                loss = forward_losses(model, batch, pc)["total"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            for moe in model.moe_layers():
-                update_bias(moe, 1e-3)
-        step()
-        b.sync()
-        first = time.perf_counter() - t_compile
-        record(f"nanoseek_{mode}", b.timed(step, n=3, warm=1), {"first_step_s": round(first, 1)})
+            # eager_cudnn: SDPA tries its cuDNN kernel first (the default order tries memory-efficient first)
+            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+            prefer = (lambda: sdpa_kernel(order, set_priority=True)) if mode == "eager_cudnn" else nullcontext
+
+            def step():
+                with torch.autocast(b.dev.type, dtype=torch.bfloat16), prefer():
+                    loss = forward_losses(model, batch, pc)["total"]
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                for moe in model.moe_layers():
+                    update_bias(moe, 1e-3)
+            step()
+            b.sync()
+            first = time.perf_counter() - t_compile
+            record(f"nanoseek_{mode}", b.timed(step, n=3, warm=1), {"first_step_s": round(first, 1)})
+        except Exception as e:    # noqa: BLE001 - a measurement script reports, it does not stop
+            out[f"nanoseek_{mode}"] = {"error": f"{type(e).__name__}: {e}"[:500],
+                                       "trace": traceback.format_exc()[-1200:]}
         model = opt = None
         b.free()
     if b.left() < 60:
@@ -212,7 +227,7 @@ def train_part(b: Bench) -> dict:
     record("hf", b.timed(hf_step, n=3, warm=1))
     hf = hopt = None
     b.free()
-    for mode in ("eager", "compiled"):
+    for mode in ("eager", "eager_cudnn", "compiled"):
         if "step_s" in out.get(f"nanoseek_{mode}", {}):
             out[f"nanoseek_{mode}"]["speedup_vs_hf"] = round(out["hf"]["step_s"] / out[f"nanoseek_{mode}"]["step_s"], 2)
     return out
@@ -252,7 +267,8 @@ def moe_part(b: Bench) -> dict:
     return out
 
 
-def decode_part(b: Bench, shapes: dict, batches) -> dict:
+def decode_part(b: Bench, shapes: dict, batches, graph_batches=None) -> dict:
+    """graph_batches: the batches the CUDA-graph contender runs (default: all; each costs a compile)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     from nanoseek.inference import LLM, SamplingParams
@@ -263,9 +279,12 @@ def decode_part(b: Bench, shapes: dict, batches) -> dict:
     DeepseekV3ForCausalLM(hf_cfg).save_pretrained(d)
     hf = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to(b.dev).eval()
     n_new, n_prompt = (16, 8) if b.args.tiny else (128, 32)
-    # bf16 weights as HF runs them; the decode step compiled in the warm-up run on a GPU (not mid-measurement)
-    llm = LLM(d, dtype="bfloat16", device=b.dev.type, max_batch=max(batches), max_len=n_prompt + n_new + 8,
-              compile=not b.args.tiny)
+    # bf16 weights as HF runs them. Two nanoseek contenders: the eager step, and (on a GPU) the step
+    # compiled with its CUDA graphs (compiled and captured in each batch's warm-up run, not mid-measurement)
+    mk = lambda compile: LLM(d, dtype="bfloat16", device=b.dev.type, max_batch=max(batches),  # noqa: E731
+                             max_len=n_prompt + n_new + 8, compile=compile)
+    llm = mk(False)
+    graphs = None if b.args.tiny else mk(True)
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     E, K = shapes["n_routed_experts"], shapes["num_experts_per_tok"]
     expert_bytes = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if ".mlp.experts." in n)
@@ -288,18 +307,39 @@ def decode_part(b: Bench, shapes: dict, batches) -> dict:
             with torch.no_grad():
                 hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
                             do_sample=False, eos_token_id=None)
-        t_ns = b.timed(lambda: llm.generate(reqs, sp), n=2, warm=1)
         t_hf = b.timed(hf_gen, n=2, warm=1)
-        step_s = t_ns / n_new
         # a step reads the dense weights and, per MoE layer, the experts its B tokens use: with uniform
         # routing E (1 - (1 - K/E)^B) of the E experts (~K at batch 1, all of them at large batches)
         used = 1 - (1 - K / E) ** B
         read = weight_bytes - expert_bytes * (1 - used) + B * (n_prompt + n_new / 2) * cache_per_token
-        out[f"b{B}"] = {"nanoseek_tok_s": round(B * n_new / t_ns, 1), "hf_tok_s": round(B * n_new / t_hf, 1),
-                        "ratio": round(t_hf / t_ns, 2),
-                        "roofline_fraction": round(read / step_s / bw, 4) if bw else None,
-                        "hf_roofline_fraction": round(read / (t_hf / n_new) / bw, 4) if bw else None}
-    hf = llm = None
+        row = {"hf_tok_s": round(B * n_new / t_hf, 1),
+               "hf_roofline_fraction": round(read / (t_hf / n_new) / bw, 4) if bw else None}
+        for name, engine in (("eager", llm), ("graphs", graphs)):
+            if engine is None or b.left() < 20 or (name == "graphs" and B not in (graph_batches or batches)):
+                continue
+            t0 = time.perf_counter()
+            first = engine.generate(reqs, sp)                  # warm-up: compiles and captures this bucket
+            warm_s = time.perf_counter() - t0
+            t_ns = b.timed(lambda: engine.generate(reqs, sp), n=2, warm=0)
+            row[f"{name}_tok_s"] = round(B * n_new / t_ns, 1)
+            row[f"{name}_ratio"] = round(t_hf / t_ns, 2)
+            row[f"{name}_roofline_fraction"] = round(read / (t_ns / n_new) / bw, 4) if bw else None
+            row[f"{name}_first_run_s"] = round(warm_s, 1)
+            if name == "eager":
+                ref = [o.outputs[0].token_ids for o in first]
+            else:
+                row["graphs_tokens_equal_eager"] = sum(o.outputs[0].token_ids == r for o, r in zip(first, ref))
+                row["graphs_stats"] = {k: v for k, v in engine.engine.runner.stats.items() if k != "syncs"}
+        best = max(("graphs", "eager"), key=lambda n: row.get(f"{n}_tok_s", 0))
+        row["nanoseek_tok_s"], row["ratio"] = row[f"{best}_tok_s"], row[f"{best}_ratio"]
+        row["roofline_fraction"] = row[f"{best}_roofline_fraction"]
+        out[f"b{B}"] = row
+    try:
+        from torch._dynamo.utils import counters
+        out["cudagraph_skips"] = dict(counters["inductor"]).get("cudagraph_skips", 0)
+    except Exception:            # noqa: BLE001 - a diagnostic only
+        pass
+    hf = llm = graphs = None
     b.free()
     return out
 
@@ -329,7 +369,7 @@ def greedy_fp32_part(b: Bench) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="toy shapes on CPU (keeps the script alive without a GPU)")
-    ap.add_argument("--budget", type=float, default=280.0, help="seconds for the whole run; parts past it are skipped")
+    ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run; parts past it are skipped")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for bench_gpu.json")
     args = ap.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
@@ -346,7 +386,7 @@ def main(argv=None) -> dict:
     small = {k: v for k, v in hf_config().to_dict().items() if k in MID}
     b.part("decode_small", lambda: decode_part(b, TINY if args.tiny else small, (1, 8) if args.tiny else (1, 8, 64)))
     if not args.tiny:
-        b.part("decode_mid", lambda: decode_part(b, MID, (1, 8, 64)))
+        b.part("decode_mid", lambda: decode_part(b, MID, (1, 8, 64), graph_batches=(1, 64)))
     return b.res
 
 

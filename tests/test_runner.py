@@ -276,3 +276,29 @@ def test_auto_compile_with_a_known_horizon_weighs_the_steps_left(monkeypatch):
     runner.horizon = None
     runner._eager_s[(None, *key)] = 10.0
     assert runner._pays(key)
+
+
+def test_in_place_sync_keeps_addresses_and_follows_the_model():
+    """CUDA graphs read the derived weights at fixed addresses: with in_place, sync writes the new values
+    into the tensors it made (same data_ptr, new values) and never into the model's own parameters."""
+    model = _model()
+    dw = DecodeWeights(model, CPU, ["fp32", "bf16"], in_place=True)
+    plan = dw.plan(8)
+    before = {k: (t.data_ptr(), t.clone()) for k, t in dw.tensors(8, plan).items()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    dw.sync()
+    after = dw.tensors(8, plan)
+    moved = [k for k, t in after.items() if t.data_ptr() != before[k][0]]
+    assert not moved
+    changed = [k for k, t in after.items() if not torch.equal(t, before[k][1])]
+    assert len(changed) == len(after)                       # every derived tensor follows the update
+    for n, p in model.named_parameters():                   # and the parameters hold exactly the update
+        assert torch.equal(p, params[n] * 1.5), n
+    other = DecodeWeights(model, CPU, ["fp32", "bf16"])
+    assert other.plan(8) == plan
+    fresh = other.tensors(8, plan)
+    for k, t in after.items():
+        assert torch.equal(t, fresh[k]), k

@@ -109,18 +109,10 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe.to(q_nope.dtype)], dim=-1).transpose(1, 2)                 # B,H,T,N+R
         k = torch.cat([k_nope, pe.to(k_nope.dtype).unsqueeze(2).expand(B, S, H, self.rope_dim)], dim=-1)
         k, v = k.transpose(1, 2), v.transpose(1, 2)                                               # B,H,S,*
-        if mask is None and q.device.type != "cpu":     # plain causal on a GPU: SDPA's fused kernels
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
+        if q.device.type != "cpu":      # a GPU: SDPA's fused kernels (cuDNN / memory-efficient take v's width)
+            o = fused_attention(q, k, v, mask, self.scale)
         else:
-            # On CPU SDPA has no fused kernel when v's head dim differs from q/k's (always, in MLA) and
-            # falls back to its math path, which this beats 1.6x forward + backward and ~3x forward alone
-            # (B64 x H8 x T80, fp32 and bf16, 2 cores); with a mask SDPA's CPU path is slower still.
-            # The bias (causal or `mask`) is added by the GEMM; the softmax runs in fp32.
-            bias = additive_mask(mask, T, S, q.device).to(q.dtype)                               # (B|1),1,T,S
-            bias = bias.expand(B, H, T, S).reshape(B * H, T, S)
-            scores = torch.baddbmm(bias, q.reshape(B * H, T, -1), k.reshape(B * H, S, -1).transpose(1, 2),
-                                   alpha=self.scale)
-            o = torch.bmm(scores.float().softmax(dim=-1).to(v.dtype), v.reshape(B * H, S, -1)).view(B, H, T, -1)
+            o = manual_attention(q, k, v, mask, self.scale)
         return o.transpose(1, 2).reshape(B, T, H * self.v_dim)
 
     def attend_absorbed(self, q_nope, q_pe, kvpe, mask):
@@ -147,6 +139,30 @@ class MLA(nn.Module):
         scores = torch.baddbmm(bias.expand(B, T * H, S) if bias.shape[0] == 1 else bias, q,
                                k.transpose(1, 2), alpha=self.scale)
         return torch.bmm(scores.float().softmax(dim=-1).to(k.dtype), k[..., : self.kv_rank])
+
+
+def fused_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """q, k (B,H,T|S,N+R), v (B,H,S,V) -> (B,H,T,V) by SDPA: causal, or `mask` (B,1,T,S) bool or additive
+    (document masking) passed on, which SDPA's memory-efficient and cuDNN kernels take."""
+    T = q.shape[2]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if mask.dtype == torch.bool else mask.to(q.dtype),
+                                          scale=scale)
+
+
+def manual_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """The same as `fused_attention` in two batched GEMMs with an fp32 softmax. On CPU SDPA has no fused
+    kernel when v's head dim differs from q/k's (always, in MLA) and falls back to its math path,
+    which this beats 1.6x forward + backward and ~3x forward alone (B64 x H8 x T80, fp32 and bf16,
+    2 cores); with a mask SDPA's CPU path is slower still. The bias (causal or `mask`) is added by
+    the first GEMM."""
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    bias = additive_mask(mask, T, S, q.device).to(q.dtype)                                       # (B|1),1,T,S
+    bias = bias.expand(B, H, T, S).reshape(B * H, T, S)
+    scores = torch.baddbmm(bias, q.reshape(B * H, T, -1), k.reshape(B * H, S, -1).transpose(1, 2), alpha=scale)
+    return torch.bmm(scores.float().softmax(dim=-1).to(v.dtype), v.reshape(B * H, S, -1)).view(B, H, T, -1)
 
 
 def additive_mask(mask: torch.Tensor | None, T: int, S: int, device) -> torch.Tensor:

@@ -46,9 +46,10 @@ class StepCompiler:
         # between compiled regions), which dynamo would otherwise report as a 20-line warning mid-run
         logging.getLogger("torch._dynamo.variables.tensor").setLevel(logging.ERROR)
         for block in self.model.blocks():
-            # compiled blocks run the experts as padded batched matmuls: under torch.compile (2.13) the
-            # meta kernel of _grouped_mm accepts bf16 only, so an fp32 run would fail to trace
-            if getattr(block.ffn, "impl", False) is None:
+            # compiled blocks on CPU run the experts as padded batched matmuls: under torch.compile (2.13)
+            # the meta kernel of _grouped_mm accepts bf16 only, so an fp32 run would fail to trace (on
+            # CUDA grouped GEMMs run in bf16 only, `grouped_gemm_ok`, and stay)
+            if getattr(block.ffn, "impl", False) is None and block.ffn.experts.w13.device.type == "cpu":
                 block.ffn.impl = "padded"
             block.compile()
         self.compiled = True

@@ -19,8 +19,11 @@ from outside:
     gemm.py     the GEMM kernels (fp32, MKL-packed fp32, bf16, oneDNN-packed bf16), chosen per GEMM
                 shape by measurement (`nanoseek.calibrate`, cached per host); packed_linear.cpp
 
-On CUDA the same step runs eagerly in bf16 (plain GEMMs; compiling it and CUDA graphs belong to
-the GPU work).
+On CUDA the step compiles the same way and each bucket's graph is captured as CUDA graphs (inductor's
+cudagraph trees, one capture per attention span): a decode step is then one graph launch instead
+of ~1,000 kernel launches from Python. The derived weights and the cache are marked as static
+inputs (graphs read them in place; `sync_weights` writes new values into the same tensors), and
+the runner hands out copies of a graph's outputs, which its next replay overwrites.
 
 Compilation. Rows are padded to a power of two (a graph per batch bucket); the attention span (live
 cache length rounded up to 32) is the graph's one dynamic dimension, so sequences grow without
@@ -68,9 +71,10 @@ class DecodeRunner:
         self.device = model.device
         fp8_weights = holds_fp8_weights(model)
         self.kinds = ["fp8"] if fp8_weights else gemm.available(self.device, dtypes)
-        self.weights = DecodeWeights(model, self.device, self.kinds)
-        if compile == "auto" and self.device.type != "cpu":
-            compile = False          # GPU decode is not compiled yet (CUDA graphs belong to the GPU work)
+        if compile == "auto" and self.device.type not in ("cpu", "cuda"):
+            compile = False
+        self.cuda_graphs = bool(compile) and self.device.type == "cuda" and not fp8_weights
+        self.weights = DecodeWeights(model, self.device, self.kinds, in_place=self.cuda_graphs)
         if fp8_weights:
             # inductor (torch 2.13, CPU) miscompiles the block-scale dequantization inside the step:
             # measured wrong values (up to 1e35) in every column block after the first of a (48, 216)
@@ -83,7 +87,8 @@ class DecodeRunner:
         # cpp_wrapper: inductor writes the code that calls the step's ~100 kernels in C++ rather than
         # Python (measured +9% tokens/s at batch 8, +5% at 64), the packed GEMMs then in C++ too
         steps = {"decode": self._decode_step, "spec": self._spec_step}
-        self._graphs = {k: torch.compile(f, fullgraph=True, dynamic=None, options={"cpp_wrapper": cpp_wrapper})
+        options = {"triton.cudagraphs": True} if self.cuda_graphs else {"cpp_wrapper": cpp_wrapper}
+        self._graphs = {k: torch.compile(f, fullgraph=True, dynamic=None, options=options)
                         for k, f in steps.items()} if compile else {}
         if compile and any(k in gemm.PACKED for k in self.kinds):
             gemm.load_native()
@@ -202,6 +207,9 @@ class DecodeRunner:
         # passed them since the last sync, every input is the same kind of tensor (the runner makes them
         # all), so only the guards that tell graphs apart are evaluated
         stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=key in self._checked)
+        if self.cuda_graphs:
+            self._mark_static(W)
+            torch.compiler.cudagraph_mark_step_begin()
         t = time.perf_counter()
         flags: list[torch.Tensor] = []
         try:
@@ -225,7 +233,15 @@ class DecodeRunner:
             # (it rewrites the same cache positions)
             self.stats["overflow_reruns"] += 1
             return self._run_eager(key, ids, lengths, W, plan, T)
-        return tuple(o[:B] for o in out)
+        # a CUDA graph's outputs live in its memory pool and its next replay overwrites them
+        return tuple(o[:B].clone() if self.cuda_graphs else o[:B] for o in out)
+
+    def _mark_static(self, W: dict) -> None:
+        """Tell dynamo the weights and the cache stay at their addresses (CUDA graphs read them in
+        place instead of copying them into the graph's own inputs at every replay)."""
+        for t in [*W.values(), self.cache.data] + ([self.cache.scale] if self.cache.scale is not None else []):
+            if getattr(t, "_dynamo_static_input_type", None) is None:
+                torch._dynamo.mark_static_address(t, guard=False)
 
     def _pays(self, key: tuple[str, int]) -> bool:
         """The "auto" policy (module docstring): is compiling bucket `key` now expected to pay?"""

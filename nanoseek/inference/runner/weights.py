@@ -58,8 +58,10 @@ def folding_pays(attn) -> bool:
 
 class DecodeWeights:
     def __init__(self, model: Transformer, device: torch.device, kinds: list[str],
-                 dense_moe_max_bytes: int = 256 << 20):
-        self.model, self.device, self.kinds = model, device, kinds
+                 dense_moe_max_bytes: int = 256 << 20, in_place: bool = False):
+        """in_place: `sync()` writes new values into the derived tensors it made before (same shapes)
+        rather than making new ones, so their addresses stay fixed (CUDA graphs read them there)."""
+        self.model, self.device, self.kinds, self.in_place = model, device, kinds, in_place
         self.gemms: dict[str, Gemm] = {}
         self.stacks: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}   # MoE layer, dtype
         L = len(model.layers)
@@ -207,6 +209,14 @@ class DecodeWeights:
         full = not only_missing or self.stale()
         key = self._version()
         self._tensors = {}
+        own = {p.untyped_storage().data_ptr() for p in list(self.model.parameters()) + list(self.model.buffers())}
+
+        def keep(old, new):
+            """new, or (in_place) its values written into `old`, a tensor this object made earlier."""
+            if (self.in_place and old is not None and old is not new and old.shape == new.shape and
+                    old.dtype == new.dtype and not old.is_mkldnn and old.untyped_storage().data_ptr() not in own):
+                return old.copy_(new)
+            return new
         with torch.autocast(self.device.type, enabled=False):
             for g in self.gemms.values():
                 dtypes = {gemm.storage(k) for k in g.kinds.values()}
@@ -217,7 +227,8 @@ class DecodeWeights:
                     continue
                 w32 = g.source().to(self.device)
                 for dt in dtypes:
-                    g.weights[dt], *scale = _derive(w32, dt)
+                    w, *scale = _derive(w32, dt)
+                    g.weights[dt] = keep(g.weights.get(dt), w)
                     if scale:                                      # fp8: the block scales are its "pack"
                         g.packs[("fp8", 0)] = scale[0]
                 # one pack per key: per row count for MKL, one for all row counts for oneDNN (made for the
@@ -233,7 +244,9 @@ class DecodeWeights:
             for (i, dt), old in self.stacks.items():
                 if full or old is None:
                     ex = blocks[i].ffn.experts
-                    self.stacks[(i, dt)] = (_derive(ex.w13.detach(), dt), _derive(ex.w2.detach(), dt))
+                    new = (_derive(ex.w13.detach(), dt), _derive(ex.w2.detach(), dt))
+                    self.stacks[(i, dt)] = new if old is None else tuple(
+                        tuple(keep(o, n) for o, n in zip(od, nd)) for od, nd in zip(old, new))
         self._key = key
 
 
@@ -250,9 +263,9 @@ def _derive(src: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
 
 
 def _cast(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """src in `dtype`: the parameter itself where it already is (live, no copy), else a copy. Derived
-    tensors are always assigned afresh, never written into: the step receives them as inputs on
-    every call, so nothing holds on to the old ones."""
+    """src in `dtype`: the parameter itself where it already is (live, no copy), else a copy. On CPU
+    derived tensors are assigned afresh at every sync (the step receives them as inputs on every call,
+    so nothing holds on to the old ones); for CUDA graphs `sync` writes into them (`in_place`)."""
     return src if src.dtype == dtype and src.is_contiguous() else src.to(dtype).contiguous()
 
 
