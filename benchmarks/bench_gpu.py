@@ -361,15 +361,69 @@ def greedy_fp32_part(b: Bench) -> dict:
     with torch.no_grad():
         ref = hf.generate(p.to(b.dev), attention_mask=torch.ones_like(p).to(b.dev), max_new_tokens=24,
                           do_sample=False, eos_token_id=None)[:, 16:].tolist()
-    outs = llm.generate([{"prompt_token_ids": r.tolist()} for r in p],
-                        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
-    return {"identical": sum(o.outputs[0].token_ids == r for o, r in zip(outs, ref)), "of": 8}
+    reqs = [{"prompt_token_ids": r.tolist()} for r in p]
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    out = {"identical": sum(o.outputs[0].token_ids == r for o, r in zip(llm.generate(reqs, sp), ref)), "of": 8}
+    if b.dev.type == "cuda":          # the step compiled into CUDA graphs, fp32: the same tokens
+        graphs = LLM(d, device=b.dev.type, autocast_dtype="float32", max_batch=8, max_len=64, compile=True)
+        outs = graphs.generate(reqs, sp)
+        out["graphs_identical"] = sum(o.outputs[0].token_ids == r for o, r in zip(outs, ref))
+        out["graphs_compiled_steps"] = graphs.engine.runner.stats["compiled_steps"]
+    return out
+
+
+def profile_part(b: Bench) -> dict:
+    """Where an eager training step's GPU time goes (the 1.71B model, B8 x T2048, bf16 autocast): the
+    top CUDA kernels of one profiled step, grouped by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanoseek.config import ModelConfig
+    from nanoseek.model import Transformer
+    from nanoseek.train.losses import forward_losses
+    from nanoseek.train.optim import build_optimizer
+    from nanoseek.train.pretrain import PretrainConfig
+
+    shapes = TINY if b.args.tiny else MID
+    cfg = ModelConfig(**{k: v for k, v in shapes.items() if k != "num_key_value_heads"}, num_nextn_predict_layers=0,
+                      initializer_range=0.02)
+    B, T = (2, 64) if b.args.tiny else (8, 2048)
+    torch.manual_seed(0)
+    model = Transformer(cfg).init_weights(0).to(b.dev).train()
+    opt = build_optimizer(model, 1e-4)
+    batch = torch.randint(0, cfg.vocab_size, (B, T + 1), device=b.dev)
+    pc = PretrainConfig(mtp_lambda=0.0)
+
+    def step():
+        with torch.autocast(b.dev.type, dtype=torch.bfloat16):
+            loss = forward_losses(model, batch, pc)["total"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(2):
+        step()
+    b.sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        b.sync()
+    attr = "device_time_total" if b.dev.type == "cuda" else "cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    if b.dev.type == "cuda":          # kernels only: the CUDA time of aten ops counts their kernels again
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA] or events
+    events.sort(key=lambda e: -getattr(e, attr))
+    total = sum(getattr(e, attr) for e in events)
+    model = opt = None
+    b.free()
+    return {"total_ms": round(total / 1e3, 1),
+            "top": [{"name": e.key[:90], "ms": round(getattr(e, attr) / 1e3, 2), "calls": e.count} for e in events[:25]]}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="toy shapes on CPU (keeps the script alive without a GPU)")
     ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run; parts past it are skipped")
+    ap.add_argument("--parts", default="", help="comma-separated parts to run (default: all but profile): "
+                    "greedy_fp32_vs_hf, moe, train, decode_small, decode_mid, profile")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for bench_gpu.json")
     args = ap.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
@@ -377,6 +431,9 @@ def main(argv=None) -> dict:
         raise SystemExit(2)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     b = Bench(args)
+    want = set(args.parts.split(",")) if args.parts else None
+    part = b.part
+    b.part = lambda name, fn: part(name, fn) if want is None or name in want else None
     b.res["env"] = environment(b)
     print(f"env: {json.dumps(b.res['env'])}", flush=True)
     b.part("greedy_fp32_vs_hf", lambda: greedy_fp32_part(b))
@@ -387,6 +444,8 @@ def main(argv=None) -> dict:
     b.part("decode_small", lambda: decode_part(b, TINY if args.tiny else small, (1, 8) if args.tiny else (1, 8, 64)))
     if not args.tiny:
         b.part("decode_mid", lambda: decode_part(b, MID, (1, 8, 64), graph_batches=(1, 64)))
+    if "profile" in (want or ()):
+        b.part("profile", lambda: profile_part(b))
     return b.res
 
 

@@ -1,7 +1,7 @@
 #!/bin/bash
 # One GPU lease, one command: issue 12's FP8 measurements, then issue 11's (bench_gpu.py), then
 # optionally the main job on the GPU. Each step is time-boxed so the whole fits SESSION_S seconds.
-#   PYTHONPATH=. bash benchmarks/gpu_session.sh [fp8] [bench] [r1]     # default: fp8 bench
+#   PYTHONPATH=. [PARTS=train,decode_mid] bash benchmarks/gpu_session.sh [fp8] [bench] [r1]   # default: fp8 bench
 # Everything lands in $OUT: gpu_fp8.json, bench_gpu.json, r1-zero's report.json/.md, and one log per step.
 set -u
 OUT=${OUT:-.}; mkdir -p "$OUT"
@@ -16,7 +16,7 @@ git rev-parse --short HEAD >> "$OUT/env.log" 2>/dev/null
 for s in $steps; do
   case $s in
     fp8)   GPU_FP8_BUDGET_S=50 timeout 110 python3 benchmarks/gpu_fp8.py > "$OUT/fp8.log" 2>&1 ;;
-    bench) b=$(( $(left) - 30 )); timeout $(( b + 25 )) python3 benchmarks/bench_gpu.py --budget $b > "$OUT/bench.log" 2>&1 ;;
+    bench) b=${BENCH_S:-$(( $(left) - 30 ))}; timeout $(( b + 25 )) python3 benchmarks/bench_gpu.py --budget $b --parts "${PARTS:-}" > "$OUT/bench.log" 2>&1 ;;
     r1)    timeout $(( $(left) - 5 )) python3 -m nanoseek r1-zero --out /tmp/r1 > "$OUT/r1.log" 2>&1
            cp /tmp/r1/report.json /tmp/r1/report.md "$OUT/" 2>/dev/null ;;
   esac

@@ -375,3 +375,17 @@ def test_gpu_fp8_script_runs_dry_on_cpu(tmp_path):
     for part in ("gemm", "quantize", "train_step"):
         assert "error" not in res[part], res[part]
     assert all(g["calc_diff_vs_bf16_unquantized"] < 2e-3 for g in res["gemm"])
+
+
+@pytest.mark.parametrize("M,N,K", [(8192, 36864, 7168), (100, 300, 768), (64, 2048, 1000)])
+@pytest.mark.parametrize("b_block", [fp8.WEIGHT, fp8.ACT])
+def test_blockwise_scaled_mm_layout_passes_torch_checks(M, N, K, b_block):
+    """The blockwise CUDA call's operand and scale layouts, checked by torch's own meta kernel of
+    F.scaled_mm on meta tensors (no GPU needed). The first H200 run rejected the 128x128 weight scales
+    laid out (N/128, K/128): torch wants (K/128 rounded up to 4, N/128), K-major."""
+    from nanoseek.quant.fp8 import QTensor, _blockwise
+    meta = dict(device="meta")
+    a = QTensor(torch.empty(M, K, dtype=torch.float8_e4m3fn, **meta), torch.empty(M, -(-K // 128), **meta), fp8.ACT)
+    rows = -(-N // 128) if b_block == fp8.WEIGHT else N
+    b = QTensor(torch.empty(N, K, dtype=torch.float8_e4m3fn, **meta), torch.empty(rows, -(-K // 128), **meta), b_block)
+    assert _blockwise(a, b, torch.bfloat16).shape == (M, N)

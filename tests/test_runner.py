@@ -152,7 +152,8 @@ def _prefill_then_step(model, runner_dtypes, prompt_len=6, compile=False, with_r
     its logits and the model's full-recompute logits for the same token."""
     cfg = model.cfg
     ids = torch.randint(0, cfg.vocab_size, (3, prompt_len + 1))
-    cache = LatentCache(cfg.num_hidden_layers, 4, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim, torch.float32)
+    cache = LatentCache(cfg.num_hidden_layers, 4, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                        model.head.weight.dtype)
     runner = DecodeRunner(model, cache, runner_dtypes, compile=compile, max_batch=4)
     with torch.no_grad():
         cache.begin(torch.zeros(3, dtype=torch.long), prompt_len)
@@ -302,3 +303,13 @@ def test_in_place_sync_keeps_addresses_and_follows_the_model():
     fresh = other.tensors(8, plan)
     for k, t in after.items():
         assert torch.equal(t, fresh[k]), k
+
+
+def test_bf16_model_with_unfolded_attention_decodes():
+    """A bf16 model whose attention does not fold (large kv_lora_rank, as V3's) runs the model's own
+    absorbed attention in bf16 inside the step (the fp32 residual stream is cast at its input): it
+    failed with a dtype error on the first decode step. Close to the model's own forward."""
+    model = _model(kv_lora_rank=64).to(torch.bfloat16)
+    logits, full, _, _ = _prefill_then_step(model, (torch.bfloat16,))
+    full = full.float()
+    assert (logits - full).abs().max() < 0.05 * full.abs().max()

@@ -256,10 +256,16 @@ def _blockwise(a: QTensor, b: QTensor, out_dtype) -> torch.Tensor:
     Mp, Kp = _round(M, 16), _round(K, TILE)
     Np = _round(N, TILE if b.block == WEIGHT else 16)
     sa = F.pad(a.scale, (0, Kp // TILE - a.scale.shape[1], 0, Mp - M), value=1.0)
-    sb = F.pad(b.scale, (0, Kp // TILE - b.scale.shape[1], 0, Np // b.block[0] - b.scale.shape[0]), value=1.0)
+    if b.block == WEIGHT:
+        # 128x128 blocks: the scales in b^T's orientation, (K/128 rounded up to 4, N/128), K-major
+        # (measured on an H200, torch 2.11: "scale_b must have shape 56 x 288" for N 36864, K 7168)
+        L4 = _round(Kp // TILE, 4)
+        sb = F.pad(b.scale, (0, L4 - b.scale.shape[1], 0, Np // TILE - b.scale.shape[0]), value=1.0).contiguous().t()
+    else:             # 1x128 tiles: (N, K/128), N-major, like a's
+        sb = F.pad(b.scale, (0, Kp // TILE - b.scale.shape[1], 0, Np - b.scale.shape[0]), value=1.0).t().contiguous().t()
     y = F.scaled_mm(_pad_q(a.q, Mp, Kp), _pad_q(b.q, Np, Kp).t(),
                     sa.t().contiguous().t(), st.BlockWise1x128,
-                    sb.t().contiguous().t(), st.BlockWise128x128 if b.block == WEIGHT else st.BlockWise1x128,
+                    sb, st.BlockWise128x128 if b.block == WEIGHT else st.BlockWise1x128,
                     swizzle_a=F.SwizzleType.NO_SWIZZLE, swizzle_b=F.SwizzleType.NO_SWIZZLE, output_dtype=out_dtype)
     return y[:M, :N]
 

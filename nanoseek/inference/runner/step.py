@@ -37,7 +37,8 @@ def decode_hidden(model, W: dict, plan: dict, cache, x: torch.Tensor, blocks=Non
         if f"attn{i}.q" in plan:
             x = x + folded_attention(layer.attn, i, lin, cache, h, rot)
         else:
-            x = x + layer.attn(h, rot, cache, absorb=True).float()
+            # the model's own absorbed attention, in the model's dtype (bf16 weights: bf16 in)
+            x = x + layer.attn(h.to(layer.attn.wkv_a.weight.dtype), rot, cache, absorb=True).float()
         h = layer.ffn_norm(x)
         if isinstance(layer.ffn, MoE):
             x = x + moe_decode(layer.ffn, i, h.reshape(-1, h.shape[-1]), lin, W, plan[f"moe{i}.path"],
