@@ -27,8 +27,8 @@ the runner hands out copies of a graph's outputs, which its next replay overwrit
 
 Compilation. Rows are padded to a power of two (a graph per batch bucket); the attention span (live
 cache length rounded up to 32) is the graph's one dynamic dimension, so sequences grow without
-recompiles. `compile=True` compiles a bucket on first use, `False` never, and "auto" (the default on
-CPU) when it pays. The expected cost of compiling a bucket is the last measured compile time for this
+recompiles. `compile=True` compiles a bucket on first use, `False` never, and "auto" (the default, on
+CPU and CUDA) when it pays. The expected cost of compiling a bucket is the last measured compile time for this
 model and bucket on this host (COLD_COMPILE_S before the first; graphs load from inductor's disk cache
 in a later process, ~6 s for batch 64 of the benchmark model against ~19 s cold). Without knowing how
 long the job runs, a bucket is compiled once the time spent decoding it eagerly reaches that cost (the
@@ -58,7 +58,9 @@ from .weights import DecodeWeights
 SPAN_STEP = 32
 COLD_COMPILE_S = 20.0
 # share of an eager step's time the compiled step saves: 0.51 / 0.61 / 0.71 at batch 64 / 8 / 1
-# (bench_decode.py, benchmark model, 2-core Xeon: 7,677 -> 15,575, 1,915 -> 4,888, 307 -> 1,071 tok/s)
+# (bench_decode.py, benchmark model, 2-core Xeon: 7,677 -> 15,575, 1,915 -> 4,888, 307 -> 1,071 tok/s).
+# On an H200 the CUDA graphs saved more, 0.85-0.9 (bench_gpu.py, benchmark model); the policy keeps the
+# conservative CPU figure, so GPU rollouts compile later than they could.
 COMPILED_SAVES = 0.5
 
 
