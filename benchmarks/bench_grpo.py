@@ -146,6 +146,10 @@ def main():
                     help="auto: the default policy (compile a batch size if the run's remaining steps repay it); "
                          "warm: compile every rollout batch size before the first step (what long runs reach)")
     args = ap.parse_args()
+    from nanoseek.common import tune_cpu_allocator
+    # what `nanoseek grpo` does at start-up; TRL shares this process and so this allocator
+    # (NANOSEEK_MALLOC=system measures glibc's defaults)
+    allocator = "tuned" if tune_cpu_allocator() else "system"
     torch.set_num_threads(torch.get_num_threads())
     n = args.prompts * (args.steps + 1)
     pairs = [(10 + i, 20 + 3 * i) for i in range(n)]
@@ -157,8 +161,9 @@ def main():
     trl, trl_times, trl_split = run_trl(model_dir, prompts, answers, args.steps, args.G, args.max_new)
     import trl as trl_mod
     from bench_decode import cpu_model
-    report("bench_grpo" + ("" if args.rollout_compile == "auto" else "_" + args.rollout_compile), {
-        "host": cpu_model(), "rollout_compile": args.rollout_compile,
+    report("bench_grpo" + ("" if args.rollout_compile == "auto" else "_" + args.rollout_compile) +
+           ("" if allocator == "tuned" else "_system_malloc"), {
+        "host": cpu_model(), "rollout_compile": args.rollout_compile, "allocator": allocator,
         "completion_tokens_per_s": {"nanoseek": round(ours, 1), "trl": round(trl, 1)},
         "speedup": round(ours / trl, 2), "trl_version": trl_mod.__version__, "nanoseek_mean_split_s": our_split,
         "trl_mean_split_s": trl_split,

@@ -30,7 +30,7 @@ def main():
 
     from bench_decode import cpu_model
 
-    from nanoseek.common import compute_dtype
+    from nanoseek.common import compute_dtype, tune_cpu_allocator
     from nanoseek.config import load_preset
     from nanoseek.model import Transformer
     from nanoseek.model.moe import update_bias
@@ -39,6 +39,9 @@ def main():
     from nanoseek.train.losses import forward_losses
     from nanoseek.train.pretrain import PretrainConfig
 
+    # what `nanoseek pretrain` does at start-up; both contenders share this process and so this allocator
+    # (NANOSEEK_MALLOC=system measures glibc's defaults)
+    allocator = "tuned" if tune_cpu_allocator() else "system"
     cfg = load_preset(args.preset)
     hf_cfg = DeepseekV3Config(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
     hf = DeepseekV3ForCausalLM(hf_cfg).train()
@@ -100,8 +103,9 @@ def main():
            "default_dtype": str(default).removeprefix("torch."), "compile_s": round(compile_s, 1),
            "tokens_per_s": tok_s,
            "speedup_vs_hf_fp32": {k: round(v / tok_s["hf_fp32"], 2) for k, v in tok_s.items()},
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "host": cpu_model()}
-    report("bench_train", res)
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "host": cpu_model(),
+           "allocator": allocator}
+    report("bench_train" if allocator == "tuned" else "bench_train_system_malloc", res)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .common import UserError
+from .common import UserError, tune_cpu_allocator
 from .config import ConfigError
 
 VERBS = {
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"nanoseek: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    tune_cpu_allocator()
     module = importlib.import_module(VERBS[verb][0])
     entry = getattr(module, "main_" + verb.replace("-", "_"), None) or module.main
     try:
