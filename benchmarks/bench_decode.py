@@ -55,6 +55,9 @@ def main():
     ap.add_argument("--llama-cpp", default=None, help="llama.cpp checkout with a llama-batched-bench build "
                     "(default: $LLAMA_CPP_DIR; none: skip)")
     args = ap.parse_args()
+    from nanoseek.common import tune_cpu_allocator
+    # what `nanoseek serve/generate` do at start-up; HF shares this process and so this allocator
+    allocator = "tuned" if tune_cpu_allocator() else "system"
     import llama_cpp_bench as llama_cpp
     from bench_model import hf_config
     from transformers import DeepseekV3ForCausalLM
@@ -69,7 +72,7 @@ def main():
     d = tempfile.mkdtemp()
     hf["hf_fp32"].save_pretrained(d)
     hf["hf_bf16"] = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
-    res = {"host": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    res = {"host": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "allocator": allocator,
            "transformers": hf_version, "params": sum(p.numel() for p in hf["hf_fp32"].parameters()),
            "new_tokens": args.new, "prompt": args.prompt, "decode_tok_s": {}, "prefill_tok_s": {},
            "greedy_identical_fp32_vs_hf_fp32": {}, "compile_s": {}, "plan": {}}
@@ -148,7 +151,7 @@ def main():
             best_lc = max(lc[dt][B]["gen_tok_s"] for dt in lc)
             res["decode_tok_s"][B]["llama_cpp_best"] = best_lc
             res["decode_tok_s"][B]["vs_llama_cpp"] = round(res["decode_tok_s"][B]["nanoseek"] / best_lc, 2)
-    report("bench_decode", res)
+    report("bench_decode" if allocator == "tuned" else "bench_decode_system_malloc", res)
 
 
 if __name__ == "__main__":
