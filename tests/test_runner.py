@@ -81,7 +81,7 @@ def test_moe_decode_paths_equal_reference(path, overflow, compiled, monkeypatch)
     plan = W.plan(T)
     assert plan[f"moe{i}.path"] == path
     if overflow:                      # (after planning: the plan sizes its measurements by the capacity)
-        monkeypatch.setattr(rmoe, "capacity", lambda moe, T: 1)
+        monkeypatch.setattr(rmoe, "capacity", lambda moe, T, device_type="cpu": 1)
     ran = []
     if not compiled:
         real = rmoe.capacity_experts
@@ -119,7 +119,7 @@ def test_compiled_step_with_capacity_overflow_reruns_eagerly(monkeypatch):
     logits, full, _, _ = _prefill_then_step(model, (torch.float32,), compile=True)
     assert (logits - full).abs().max() < 1e-4
     assert "fxgraph_cache_bypass" not in counters["inductor"], dict(counters["inductor"])
-    monkeypatch.setattr(rmoe, "capacity", lambda moe, T: 1)
+    monkeypatch.setattr(rmoe, "capacity", lambda moe, T, device_type="cpu": 1)
     logits, full, _, _, runner = _prefill_then_step(model, (torch.float32,), compile=True, with_runner=True)
     assert (logits - full).abs().max() < 1e-4
     assert runner.stats["overflow_reruns"] == 1 and runner.stats["compiled_steps"] == 1
@@ -313,3 +313,13 @@ def test_bf16_model_with_unfolded_attention_decodes():
     logits, full, _, _ = _prefill_then_step(model, (torch.bfloat16,))
     full = full.float()
     assert (logits - full).abs().max() < 0.05 * full.abs().max()
+
+
+def test_capacity_is_larger_on_cuda():
+    """The capacity path gives each expert 2x its mean load on CPU and 4x on CUDA (where padded rows
+    are nearly free and overflow reruns are not); never fewer than 8 rows."""
+    moe = _model().layers[1].ffn
+    E, K = moe.cfg.n_routed_experts, moe.cfg.num_experts_per_tok
+    T = 16 * E // K                                  # a mean load of 16 pairs per expert
+    assert rmoe.capacity(moe, T) == 32 and rmoe.capacity(moe, T, "cuda") == 64
+    assert rmoe.capacity(moe, 1) == rmoe.capacity(moe, 1, "cuda") == 8

@@ -133,7 +133,7 @@ class DecodeWeights:
                 continue
             used += [f"moe{i}.shared_in", f"moe{i}.shared_out"] if moe.shared is not None else []
             E, F2, D = moe.experts.w13.shape
-            proxy = 1 if path == "gather" else E * capacity(moe, rows)
+            proxy = 1 if path == "gather" else E * capacity(moe, rows, self.device.type)
             kind = gemm.fastest(self.device, proxy, D, F2, plain, measured)
             plan[f"moe{i}.experts"] = kind
             self.stacks.setdefault((i, gemm.storage(kind)), None)       # built by sync()
