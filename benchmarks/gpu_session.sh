@@ -8,7 +8,7 @@ OUT=${OUT:-.}; mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1 NANOSEEK_NO_PROGRESS=1 NANOSEEK_CACHE_DIR=/tmp/nscache
 SESSION_S=${SESSION_S:-450}
 T0=$(date +%s)
-left() { echo $(( SESSION_S - ($(date +%s) - T0) )); }
+left() { l=$(( SESSION_S - ($(date +%s) - T0) )); echo $(( l > 1 ? l : 1 )); }
 steps=${*:-fp8 bench}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$OUT/env.log" 2>&1
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" >> "$OUT/env.log" 2>&1
@@ -16,8 +16,8 @@ git rev-parse --short HEAD >> "$OUT/env.log" 2>/dev/null
 for s in $steps; do
   case $s in
     fp8)   GPU_FP8_BUDGET_S=50 timeout 110 python3 benchmarks/gpu_fp8.py > "$OUT/fp8.log" 2>&1 ;;
-    bench) b=${BENCH_S:-$(( $(left) - 30 ))}; timeout $(( b + 25 )) python3 benchmarks/bench_gpu.py --budget $b --parts "${PARTS:-}" > "$OUT/bench.log" 2>&1 ;;
-    r1)    timeout $(( $(left) - 5 )) python3 -m nanoseek r1-zero --out /tmp/r1 > "$OUT/r1.log" 2>&1
+    bench) b=${BENCH_S:-$(( $(left) > 60 ? $(left) - 30 : 30 ))}; timeout $(( b + 25 )) python3 benchmarks/bench_gpu.py --budget $b --parts "${PARTS:-}" > "$OUT/bench.log" 2>&1 ;;
+    r1)    timeout $(( $(left) > 10 ? $(left) - 5 : 5 )) python3 -m nanoseek r1-zero --out /tmp/r1 > "$OUT/r1.log" 2>&1
            cp /tmp/r1/report.json /tmp/r1/report.md "$OUT/" 2>/dev/null ;;
   esac
   echo "$s done at $(( $(date +%s) - T0 )) s" >> "$OUT/env.log"

@@ -78,7 +78,8 @@ def test_document_mask_equals_separate_sequences():
 
 def test_fused_attention_equals_manual_with_masks():
     """The GPU's SDPA path (fused_attention) and the CPU's two-GEMM path agree, forward and backward, on
-    MLA's shapes (v narrower than q/k): causal, a document mask (bool), and an additive cache mask."""
+    MLA's shapes (v narrower than q/k): causal (also over more keys than queries: aligned to the last
+    key), a document mask (bool), and an additive cache mask."""
     from nanoseek.data.loader import document_mask
     from nanoseek.model.mla import additive_mask, fused_attention, manual_attention
 
@@ -88,7 +89,7 @@ def test_fused_attention_equals_manual_with_masks():
     ids[0, 5] = ids[1, 0] = ids[1, 7] = 1                       # documents start at bos (id 1)
     doc = document_mask(ids, 1)[1]
     cache = additive_mask(torch.ones(T, T + 4, dtype=torch.bool).tril(4)[None, None], T, T + 4, "cpu")
-    for mask, S in ((None, T), (doc, T), (cache, T + 4)):
+    for mask, S in ((None, T), (None, T + 4), (doc, T), (cache, T + 4)):
         q, k, v = (torch.randn(B, H, n, d, requires_grad=True) for n, d in ((T, QK), (S, QK), (S, V)))
         outs = []
         for fn in (fused_attention, manual_attention):

@@ -323,3 +323,20 @@ def test_capacity_is_larger_on_cuda():
     T = 16 * E // K                                  # a mean load of 16 pairs per expert
     assert rmoe.capacity(moe, T) == 32 and rmoe.capacity(moe, T, "cuda") == 64
     assert rmoe.capacity(moe, 1) == rmoe.capacity(moe, 1, "cuda") == 8
+
+
+def test_in_place_sync_never_writes_into_a_replaced_parameter():
+    """Where a derived tensor is a parameter itself (an fp32 weight read as it is) and the model swaps
+    that parameter for a new one, sync takes the new one and leaves the old one alone (something else,
+    an optimizer say, may still hold it)."""
+    model = _model()
+    dw = DecodeWeights(model, CPU, ["fp32"], in_place=True)
+    plan = dw.plan(8)
+    gate = model.layers[1].ffn.gate
+    old = gate.weight
+    assert dw.tensors(8, plan)["moe1.router"] is old          # the live parameter, borrowed
+    before = old.detach().clone()
+    gate.weight = torch.nn.Parameter(torch.randn_like(old))
+    dw.sync()
+    assert dw.tensors(8, plan)["moe1.router"] is gate.weight
+    assert torch.equal(old, before)

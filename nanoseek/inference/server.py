@@ -463,7 +463,10 @@ def main(argv: list[str] | None = None) -> None:
     llm = load_llm(args.model_dir, need_tokenizer=False, max_batch=args.max_batch, max_len=args.max_len,
                    kv_cache_dtype=args.kv_cache_dtype, speculative=args.speculative, dtype=args.dtype,
                    device=args.device, compile=False if args.no_compile else "auto", weights=args.weights)
-    if not args.no_compile:             # as vLLM captures its graphs: every batch bucket, before serving (CPU)
+    # as vLLM captures its graphs: every batch bucket, before serving. On CPU only: inductor keeps its CUDA
+    # graphs per thread, and requests decode on the engine worker's thread, so on CUDA the buckets are
+    # compiled and captured there, by the compile policy, on first use
+    if not args.no_compile and llm.engine.runner.device.type == "cpu":
         llm.engine.runner.warmup()
         if llm.engine.speculative:
             from .speculative import SPEC_MAX_ROWS

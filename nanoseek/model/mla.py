@@ -144,9 +144,11 @@ class MLA(nn.Module):
 def fused_attention(q, k, v, mask, scale: float) -> torch.Tensor:
     """q, k (B,H,T|S,N+R), v (B,H,S,V) -> (B,H,T,V) by SDPA: causal, or `mask` (B,1,T,S) bool or additive
     (document masking) passed on, which SDPA's memory-efficient and cuDNN kernels take."""
-    T = q.shape[2]
-    if mask is None:
+    T, S = q.shape[2], k.shape[2]
+    if mask is None and T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale)
+    if mask is None:                # causal aligned to the last key (SDPA's is_causal aligns to the first)
+        mask = additive_mask(None, T, S, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if mask.dtype == torch.bool else mask.to(q.dtype),
                                           scale=scale)
 

@@ -83,6 +83,9 @@ class DecodeRunner:
             # weight, while the same function compiled alone is exact. The fp8 step runs eagerly.
             compile = False
         self.compile = compile
+        if self.cuda_graphs:     # the cache stays where it is (the weights: DecodeWeights.tensors marks them)
+            for t in [cache.data] + ([cache.scale] if cache.scale is not None else []):
+                torch._dynamo.mark_static_address(t, guard=False)
         self.check_versions = True   # the safety net behind sync_weights()
         self._plans: dict[tuple[int, bool], dict[str, str]] = {}
         # one compiled function per kind of step; inside each, one graph per batch bucket.
@@ -210,7 +213,6 @@ class DecodeRunner:
         # all), so only the guards that tell graphs apart are evaluated
         stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=key in self._checked)
         if self.cuda_graphs:
-            self._mark_static(W)
             torch.compiler.cudagraph_mark_step_begin()
         t = time.perf_counter()
         flags: list[torch.Tensor] = []
@@ -237,13 +239,6 @@ class DecodeRunner:
             return self._run_eager(key, ids, lengths, W, plan, T)
         # a CUDA graph's outputs live in its memory pool and its next replay overwrites them
         return tuple(o[:B].clone() if self.cuda_graphs else o[:B] for o in out)
-
-    def _mark_static(self, W: dict) -> None:
-        """Tell dynamo the weights and the cache stay at their addresses (CUDA graphs read them in
-        place instead of copying them into the graph's own inputs at every replay)."""
-        for t in [*W.values(), self.cache.data] + ([self.cache.scale] if self.cache.scale is not None else []):
-            if getattr(t, "_dynamo_static_input_type", None) is None:
-                torch._dynamo.mark_static_address(t, guard=False)
 
     def _pays(self, key: tuple[str, int]) -> bool:
         """The "auto" policy (module docstring): is compiling bucket `key` now expected to pay?"""

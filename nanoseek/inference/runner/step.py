@@ -38,7 +38,7 @@ def decode_hidden(model, W: dict, plan: dict, cache, x: torch.Tensor, blocks=Non
             x = x + folded_attention(layer.attn, i, lin, cache, h, rot)
         else:
             # the model's own absorbed attention, in the model's dtype (bf16 weights: bf16 in)
-            x = x + layer.attn(h.to(layer.attn.wkv_a.weight.dtype), rot, cache, absorb=True).float()
+            x = x + layer.attn(h.to(_dtype(layer.attn.wkv_a)), rot, cache, absorb=True).float()
         h = layer.ffn_norm(x)
         if isinstance(layer.ffn, MoE):
             x = x + moe_decode(layer.ffn, i, h.reshape(-1, h.shape[-1]), lin, W, plan[f"moe{i}.path"],
@@ -100,6 +100,11 @@ def folded_attention(attn, i: int, lin, cache, x: torch.Tensor, rot: torch.Tenso
     kvpe, mask = cache.update(attn.layer_id, attn.kv_norm(a[..., :C]), apply_rope(a[..., C:], rot))
     o_lat = attn._latent_attention(q, kvpe, mask)                  # B,T*H,C
     return lin(f"attn{i}.out", o_lat.reshape(B, T, H * C))
+
+
+def _dtype(linear) -> torch.dtype:
+    """A linear's compute dtype, without touching `.weight` (an fp8-weight linear dequantizes it)."""
+    return getattr(linear, "dtype", None) or linear.weight.dtype
 
 
 def _linear(W: dict, plan: dict):

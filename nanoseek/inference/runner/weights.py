@@ -71,6 +71,7 @@ class DecodeWeights:
         self.folded = {i: folding_pays(layer.attn) for i, layer in self.blocks}
         self._key = None
         self._tensors: dict[tuple, dict] = {}
+        self._owned: dict[int, torch.Tensor] = {}    # in_place: the derived tensors made here, by id
         # weight-only fp8 keeps the output head and the MTP projection in bf16 (as DeepSeek's FP8 release does)
         high = "bf16" if "fp8" in kinds else None
         for k, m in enumerate(model.mtp):
@@ -177,6 +178,10 @@ class DecodeWeights:
             pk = g.packs.get(_pack_key(kind, rows))
             if pk is not None:
                 out[name + ".pack"] = pk
+        if self.in_place:     # CUDA graphs read these where they are instead of copying them in per replay
+            for t in out.values():
+                if getattr(t, "_dynamo_static_input_type", None) is None:
+                    torch._dynamo.mark_static_address(t, guard=False)
         return out
 
     def derived_bytes(self) -> int:
@@ -209,14 +214,22 @@ class DecodeWeights:
         full = not only_missing or self.stale()
         key = self._version()
         self._tensors = {}
-        own = {p.untyped_storage().data_ptr() for p in list(self.model.parameters()) + list(self.model.buffers())}
-
         def keep(old, new):
-            """new, or (in_place) its values written into `old`, a tensor this object made earlier."""
-            if (self.in_place and old is not None and old is not new and old.shape == new.shape and
-                    old.dtype == new.dtype and not old.is_mkldnn and old.untyped_storage().data_ptr() not in own):
+            """new, or (in_place) its values written into `old`, a tensor this object made earlier (never
+            into a tensor it only borrowed: a parameter, or a view of one, that the model may since
+            have replaced). Returns what the derived weights hold from now on."""
+            if not self.in_place:
+                return new
+            if old is not None and old is not new and self._owned.get(id(old)) is old and \
+                    old.shape == new.shape and old.dtype == new.dtype:
                 return old.copy_(new)
+            if old is not None:
+                self._owned.pop(id(old), None)
+            if not new.is_mkldnn and new.untyped_storage().data_ptr() not in own:
+                self._owned[id(new)] = new
             return new
+
+        own = {p.untyped_storage().data_ptr() for p in list(self.model.parameters()) + list(self.model.buffers())}
         with torch.autocast(self.device.type, enabled=False):
             for g in self.gemms.values():
                 dtypes = {gemm.storage(k) for k in g.kinds.values()}
