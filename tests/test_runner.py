@@ -340,3 +340,21 @@ def test_in_place_sync_never_writes_into_a_replaced_parameter():
     dw.sync()
     assert dw.tensors(8, plan)["moe1.router"] is gate.weight
     assert torch.equal(old, before)
+
+
+def test_expected_compile_time_is_keyed_by_the_traced_code(tmp_path, monkeypatch):
+    """A compile time measured for one version of the step's code says nothing about another (the new
+    code misses inductor's cache): after a code change the runner expects a cold compile again."""
+    import nanoseek.inference.runner as runner_mod
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    assert len(runner_mod.traced_code_version()) == 12
+    model = _model()
+    cfg = model.cfg
+    cache = LatentCache(cfg.num_hidden_layers, 2, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim, torch.float32)
+    runner = DecodeRunner(model, cache, (torch.float32,), compile=False, max_batch=2)
+    from nanoseek import calibrate
+    calibrate.store(CPU, runner._compile_key("decode", 2), 1.5)
+    assert runner._expected_compile_s("decode", 2) == 1.5
+    monkeypatch.setattr(runner_mod, "traced_code_version", lambda: "edited")
+    fresh = DecodeRunner(model, cache, (torch.float32,), compile=False, max_batch=2)
+    assert fresh._expected_compile_s("decode", 2) == runner_mod.COLD_COMPILE_S

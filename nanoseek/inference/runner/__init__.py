@@ -43,8 +43,11 @@ steps compiled their rollout buckets cold at step 2 and its RL phase took 121 in
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -62,6 +65,18 @@ COLD_COMPILE_S = 20.0
 # On an H200 the CUDA graphs saved more, 0.85-0.9 (bench_gpu.py, benchmark model); the policy keeps the
 # conservative CPU figure, so GPU rollouts compile later than they could.
 COMPILED_SAVES = 0.5
+
+
+@functools.cache
+def traced_code_version() -> str:
+    """A hash of the source the compiled step traces (the runner, the cache, the model, FP8)."""
+    root = Path(__file__).resolve().parents[2]
+    files = sorted([*root.glob("inference/runner/*.py"), root / "inference/cache.py", *root.glob("model/*.py"),
+                    root / "quant/fp8.py"])
+    h = hashlib.sha1()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 class DecodeRunner:
@@ -250,8 +265,13 @@ class DecodeRunner:
         return done > 0 and spent / done * (total - done) * COMPILED_SAVES > 2 * cost
 
     def _compile_key(self, kind: str, Bp: int) -> str:
+        """Per model shape, kernels, bucket and version of the traced code: a measured compile time
+        is mostly inductor loading its cached graph, which a code change invalidates (once, a 12-step
+        GRPO benchmark compiled its batch-64 bucket on the strength of a ~2 s cached compile, paid
+        ~25 s cold after an edit to the MoE code, and ran at a third of its usual speed)."""
         c = self.model.cfg
-        return f"{kind}-compile|{c.hidden_size}x{c.num_hidden_layers}x{c.n_routed_experts}|{','.join(self.kinds)}|B{Bp}"
+        return (f"{kind}-compile|{c.hidden_size}x{c.num_hidden_layers}x{c.n_routed_experts}|"
+                f"{','.join(self.kinds)}|B{Bp}|{traced_code_version()}")
 
     def _expected_compile_s(self, kind: str, Bp: int) -> float:
         """The last measured compile time of this graph on this host (COLD_COMPILE_S before the first),
