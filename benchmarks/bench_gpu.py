@@ -58,11 +58,15 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermedi
             tie_word_embeddings=False)
 
 
+PARTS = ("greedy_fp32_vs_hf", "moe", "train", "decode_small", "decode_mid", "profile")
+
+
 class Bench:
     def __init__(self, args):
         self.args, self.t0, self.res = args, time.time(), {}
         self.dev = torch.device("cpu" if args.tiny else "cuda")
         self.path = Path(args.out) / "bench_gpu.json"
+        self.want = set(args.parts.split(",")) if args.parts else None     # None: every part but profile
 
     def left(self) -> float:
         return self.args.budget - (time.time() - self.t0)
@@ -84,6 +88,8 @@ class Bench:
         return best
 
     def part(self, name: str, fn) -> None:
+        if self.want is not None and name not in self.want:
+            return
         t = time.time()
         if self.left() < 10:
             self.res[name] = {"skipped": f"out of time (--budget {self.args.budget:.0f} s)"}
@@ -108,7 +114,7 @@ class Bench:
 def environment(b: Bench) -> dict:
     import transformers
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
@@ -281,10 +287,11 @@ def decode_part(b: Bench, shapes: dict, batches, graph_batches=None) -> dict:
     n_new, n_prompt = (16, 8) if b.args.tiny else (128, 32)
     # bf16 weights as HF runs them. Two nanoseek contenders: the eager step, and (on a GPU) the step
     # compiled with its CUDA graphs (compiled and captured in each batch's warm-up run, not mid-measurement)
-    mk = lambda compile: LLM(d, dtype="bfloat16", device=b.dev.type, max_batch=max(batches),  # noqa: E731
-                             max_len=n_prompt + n_new + 8, compile=compile)
-    llm = mk(False)
-    graphs = None if b.args.tiny else mk(True)
+    def make_llm(compile: bool):
+        return LLM(d, dtype="bfloat16", device=b.dev.type, max_batch=max(batches), max_len=n_prompt + n_new + 8,
+                   compile=compile)
+    llm = make_llm(False)
+    graphs = None if b.args.tiny else make_llm(True)
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     E, K = shapes["n_routed_experts"], shapes["num_experts_per_tok"]
     expert_bytes = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if ".mlp.experts." in n)
@@ -423,17 +430,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="toy shapes on CPU (keeps the script alive without a GPU)")
     ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run; parts past it are skipped")
     ap.add_argument("--parts", default="", help="comma-separated parts to run (default: all but profile): "
-                    "greedy_fp32_vs_hf, moe, train, decode_small, decode_mid, profile")
+                    + ", ".join(PARTS))
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for bench_gpu.json")
     args = ap.parse_args(argv)
+    unknown = set(args.parts.split(",")) - set(PARTS) if args.parts else set()
+    if unknown:
+        ap.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     if not args.tiny and not torch.cuda.is_available():
         print("bench_gpu.py: no CUDA device here; run with --tiny for the CPU toy version", file=sys.stderr)
         raise SystemExit(2)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     b = Bench(args)
-    want = set(args.parts.split(",")) if args.parts else None
-    part = b.part
-    b.part = lambda name, fn: part(name, fn) if want is None or name in want else None
     b.res["env"] = environment(b)
     print(f"env: {json.dumps(b.res['env'])}", flush=True)
     b.part("greedy_fp32_vs_hf", lambda: greedy_fp32_part(b))
@@ -444,7 +451,7 @@ def main(argv=None) -> dict:
     b.part("decode_small", lambda: decode_part(b, TINY if args.tiny else small, (1, 8) if args.tiny else (1, 8, 64)))
     if not args.tiny:
         b.part("decode_mid", lambda: decode_part(b, MID, (1, 8, 64), graph_batches=(1, 64)))
-    if "profile" in (want or ()):
+    if b.want is not None and "profile" in b.want:
         b.part("profile", lambda: profile_part(b))
     return b.res
 

@@ -10,9 +10,12 @@ SESSION_S=${SESSION_S:-450}
 T0=$(date +%s)
 left() { l=$(( SESSION_S - ($(date +%s) - T0) )); echo $(( l > 1 ? l : 1 )); }
 steps=${*:-fp8 bench}
+for s in $steps; do
+  case $s in fp8|bench|r1) ;; *) echo "gpu_session.sh: unknown step '$s' (steps: fp8 bench r1)" >&2; exit 2 ;; esac
+done
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$OUT/env.log" 2>&1
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" >> "$OUT/env.log" 2>&1
-git rev-parse --short HEAD >> "$OUT/env.log" 2>/dev/null
+git describe --always --dirty >> "$OUT/env.log" 2>/dev/null   # -dirty: the tree differs from that commit
 for s in $steps; do
   case $s in
     fp8)   GPU_FP8_BUDGET_S=50 timeout 110 python3 benchmarks/gpu_fp8.py > "$OUT/fp8.log" 2>&1 ;;
