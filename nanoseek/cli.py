@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"nanoseek: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    tune_cpu_allocator()
-    module = importlib.import_module(VERBS[verb][0])
-    entry = getattr(module, "main_" + verb.replace("-", "_"), None) or module.main
     try:
+        tune_cpu_allocator()
+        module = importlib.import_module(VERBS[verb][0])
+        entry = getattr(module, "main_" + verb.replace("-", "_"), None) or module.main
         entry(rest)
     except (UserError, ConfigError) as e:
         print(f"nanoseek {verb}: error: {e}", file=sys.stderr)

@@ -141,17 +141,22 @@ def timer(store: dict, key: str):
         store[key] = store.get(key, 0.0) + time.perf_counter() - t0
 
 
+MALLOC_CHOICES = ("tuned", "system")
+
+
 def tune_cpu_allocator() -> bool:
-    """Keep freed memory for reuse instead of handing it back to the OS, in large pages (the process's
+    """Keep freed memory for reuse instead of handing it back to the OS, in huge pages (the process's
     entry points call this: `nanoseek ...`, the benchmarks). PyTorch's CPU tensors come from glibc
     malloc, which serves large blocks with fresh mmaps and unmaps them on free, so every step of a
-    training loop page-faults its activations in again, 4 KB at a time: casting 2048 x 4096 bf16
-    logits to fp32 took 12.5 ms, 1.3 ms with this (Intel Xeon, 2 cores), and a `small` training step
-    ran 1.2-1.3x faster (~10% more peak memory). Two knobs: glibc's mallopt (no mmaps, trim the heap
-    only past 512 MB free) and PyTorch's THP_MEM_ALLOC_ENABLE (2 MB-aligned large blocks, which the
-    kernel backs with huge pages where transparent huge pages are on). NANOSEEK_MALLOC=system opts
-    out. Returns whether the glibc part applied (False elsewhere, e.g. macOS or musl)."""
-    if os.environ.get("NANOSEEK_MALLOC", "").lower() in ("system", "off", "0"):
+    training loop page-faults its activations in again, 4 KB at a time. Two knobs: glibc's mallopt
+    (no mmaps, trim the heap only past 512 MB free) and PyTorch's THP_MEM_ALLOC_ENABLE (large blocks
+    advised to use transparent huge pages where the kernel offers them). Measured by
+    `benchmarks/bench_allocator.py` (README, "CPU memory"). NANOSEEK_MALLOC=system opts out. Returns
+    whether the glibc part applied (False when opted out or off glibc, e.g. macOS or musl)."""
+    choice = os.environ.get("NANOSEEK_MALLOC", "").lower() or "tuned"
+    if choice not in MALLOC_CHOICES:
+        raise UserError(f"NANOSEEK_MALLOC={choice!r}: choose one of {', '.join(MALLOC_CHOICES)} (or leave it unset)")
+    if choice == "system":
         return False
     if not os.environ.get("THP_MEM_ALLOC_ENABLE"):          # unset or empty; an explicit 0 stays
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"

@@ -97,3 +97,10 @@ def test_cpu_allocator_tuning_applies_in_a_fresh_process():
     assert plain[0] == "False"
     if "[madvise]" in thp.read_text():           # huge pages only where asked for: here, not asked
         assert plain[1] == "False"
+
+
+def test_unknown_allocator_choice_is_a_clear_error(monkeypatch):
+    from nanoseek.common import tune_cpu_allocator
+    monkeypatch.setenv("NANOSEEK_MALLOC", "jemalloc")
+    with pytest.raises(UserError, match="NANOSEEK_MALLOC='jemalloc': choose one of tuned, system"):
+        tune_cpu_allocator()

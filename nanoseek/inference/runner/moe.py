@@ -57,8 +57,9 @@ def capacity(moe: MoE, T: int, device_type: str = "cpu") -> int:
     Twice the mean on CPU, where the padded rows cost arithmetic. Four times on CUDA, where a step is
     bound by reading weights and the padded rows are nearly free, but an overflow reruns the step
     eagerly: on an H200 the 1.71B model (32 experts top-4) at batch 64 overflowed 2x in 152 of 381
-    steps (bench_gpu.py). The same shapes decoded on CPU: 6.7% of layer-steps overflow at 2x, none at
-    3x or 4x (the busiest expert got at most 21 pairs against a mean of 8)."""
+    steps (bench_gpu.py). The same shapes decoded on CPU (benchmarks/moe_overflow.py): 6.7% of
+    layer-steps overflow at 2x, none at 3x or 4x (the busiest expert got at most 21 pairs against a
+    mean of 8)."""
     mean = T * moe.cfg.num_experts_per_tok / moe.cfg.n_routed_experts
     factor = 4 if device_type == "cuda" else 2
     return max(8, math.ceil(factor * mean / 8) * 8)
