@@ -149,21 +149,44 @@ def _measured_cpu_peaks(b: Bench):
     return 2 * 1024**3 / t, 2 * x.numel() / tc, "measured here: fp32 1024^3 GEMM and a 64 MiB copy"
 
 
+def part_config(b: Bench, **kw):
+    """The parts' model: the 1.71B V3-shaped shapes (TINY with --tiny), without MTP."""
+    from nanoseek.config import ModelConfig
+    shapes = TINY if b.args.tiny else MID
+    return ModelConfig(**{k: v for k, v in shapes.items() if k != "num_key_value_heads"}, num_nextn_predict_layers=0,
+                       initializer_range=0.02, **kw)
+
+
+def training_step(model, opt, batch, dev, prefer=None):
+    """One step as `pretrain` runs it: bf16 autocast, document masks, no MTP, AdamW, bias update.
+    `prefer`: a context-manager factory around the forward (e.g. an SDPA backend order)."""
+    from contextlib import nullcontext
+
+    from nanoseek.model.moe import update_bias
+    from nanoseek.train.losses import forward_losses
+    from nanoseek.train.pretrain import PretrainConfig
+    pc = PretrainConfig(mtp_lambda=0.0)
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16), (prefer or nullcontext)():
+            loss = forward_losses(model, batch, pc)["total"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for moe in model.moe_layers():
+            update_bias(moe, 1e-3)
+    return step
+
+
 def train_part(b: Bench) -> dict:
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from nanoseek.config import ModelConfig
     from nanoseek.info import model_info
     from nanoseek.model import Transformer
-    from nanoseek.model.moe import update_bias
     from nanoseek.train.compiled import StepCompiler
-    from nanoseek.train.losses import forward_losses
     from nanoseek.train.optim import build_optimizer
-    from nanoseek.train.pretrain import PretrainConfig
 
-    shapes = TINY if b.args.tiny else MID
-    cfg = ModelConfig(**{k: v for k, v in shapes.items() if k != "num_key_value_heads"}, num_nextn_predict_layers=0,
-                      routed_scaling_factor=1.0, rope_factor=1.0, initializer_range=0.02)
+    cfg = part_config(b, routed_scaling_factor=1.0, rope_factor=1.0)
     B, T = (2, 64) if b.args.tiny else (8, 2048)
     info = model_info(cfg)
     act = info["activated_params_no_embedding"] + cfg.vocab_size * cfg.hidden_size      # the head's GEMM counts
@@ -180,10 +203,7 @@ def train_part(b: Bench) -> dict:
                      "mfu": round(flops / seconds / peak, 4) if peak else None, "peak_mem_gb": b.peak_mem_gb(),
                      **(extra or {})}
 
-    from contextlib import nullcontext
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    pc = PretrainConfig(mtp_lambda=0.0)       # document masking on (pretrain's default)
     for mode in ("eager", "eager_cudnn", "compiled"):
         if b.left() < 60:
             out[f"nanoseek_{mode}"] = {"skipped": "out of time"}
@@ -198,16 +218,8 @@ def train_part(b: Bench) -> dict:
 
             # eager_cudnn: SDPA tries its cuDNN kernel first (the default order tries memory-efficient first)
             order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-            prefer = (lambda: sdpa_kernel(order, set_priority=True)) if mode == "eager_cudnn" else nullcontext
-
-            def step():
-                with torch.autocast(b.dev.type, dtype=torch.bfloat16), prefer():
-                    loss = forward_losses(model, batch, pc)["total"]
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                for moe in model.moe_layers():
-                    update_bias(moe, 1e-3)
+            prefer = (lambda: sdpa_kernel(order, set_priority=True)) if mode == "eager_cudnn" else None
+            step = training_step(model, opt, batch, b.dev, prefer)
             step()
             b.sync()
             first = time.perf_counter() - t_compile
@@ -240,13 +252,10 @@ def train_part(b: Bench) -> dict:
 
 
 def moe_part(b: Bench) -> dict:
-    from nanoseek.config import ModelConfig
     from nanoseek.model import Transformer
     from nanoseek.model.moe import grouped_gemm_ok
 
-    shapes = TINY if b.args.tiny else MID
-    cfg = ModelConfig(**{k: v for k, v in shapes.items() if k != "num_key_value_heads"}, num_nextn_predict_layers=0,
-                      initializer_range=0.02)
+    cfg = part_config(b)
     torch.manual_seed(0)
     moe = Transformer(cfg).init_weights(0).layers[-1].ffn.to(b.dev)
     T = 128 if b.args.tiny else 8 * 2048
@@ -384,28 +393,16 @@ def profile_part(b: Bench) -> dict:
     top CUDA kernels of one profiled step, grouped by name."""
     from torch.profiler import ProfilerActivity, profile
 
-    from nanoseek.config import ModelConfig
     from nanoseek.model import Transformer
-    from nanoseek.train.losses import forward_losses
     from nanoseek.train.optim import build_optimizer
-    from nanoseek.train.pretrain import PretrainConfig
 
-    shapes = TINY if b.args.tiny else MID
-    cfg = ModelConfig(**{k: v for k, v in shapes.items() if k != "num_key_value_heads"}, num_nextn_predict_layers=0,
-                      initializer_range=0.02)
+    cfg = part_config(b)
     B, T = (2, 64) if b.args.tiny else (8, 2048)
     torch.manual_seed(0)
     model = Transformer(cfg).init_weights(0).to(b.dev).train()
     opt = build_optimizer(model, 1e-4)
     batch = torch.randint(0, cfg.vocab_size, (B, T + 1), device=b.dev)
-    pc = PretrainConfig(mtp_lambda=0.0)
-
-    def step():
-        with torch.autocast(b.dev.type, dtype=torch.bfloat16):
-            loss = forward_losses(model, batch, pc)["total"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = training_step(model, opt, batch, b.dev)
     for _ in range(2):
         step()
     b.sync()
@@ -415,7 +412,10 @@ def profile_part(b: Bench) -> dict:
         b.sync()
     attr = "device_time_total" if b.dev.type == "cuda" else "cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
-    if b.dev.type == "cuda":          # kernels only: the CUDA time of aten ops counts their kernels again
+    # kernels only: the device time of aten ops and of annotations (Optimizer.step#AdamW.step) counts
+    # their kernels again (run 2 on the H200 listed both: its 233 ms total counted AdamW twice)
+    events = [e for e in events if not getattr(e, "is_user_annotation", False)]
+    if b.dev.type == "cuda":
         events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA] or events
     events.sort(key=lambda e: -getattr(e, attr))
     total = sum(getattr(e, attr) for e in events)
