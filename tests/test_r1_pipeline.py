@@ -177,8 +177,11 @@ def test_distill_without_traces_says_why(base, tmp_path):
         distill(DistillConfig(teacher=str(base), out=str(tmp_path), n_prompts=4, k=1, max_new_tokens=2, eval_n=4))
 
 
-def test_r1_zero_smoke(tmp_path):
+def test_r1_zero_smoke(tmp_path, monkeypatch):
+    import nanoseek.train.pretrain as pretrain_mod
     from nanoseek.train.r1_zero import R1ZeroConfig, r1_zero
+    policies, real = [], pretrain_mod.pretrain
+    monkeypatch.setattr(pretrain_mod, "pretrain", lambda c: policies.append(c.compile) or real(c))
     rep = r1_zero(R1ZeroConfig(out=str(tmp_path), preset="tiny", pretrain_steps=15, n_docs=2000, batch_size=8,
                                seq_len=64, rl_steps=2, prompts_per_step=3, group_size=4, max_new_tokens=24,
                                eval_n=10, reflect_n=6, student_pretrain_steps=5, distill_prompts=20,
@@ -192,6 +195,7 @@ def test_r1_zero_smoke(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "pass@1" in md and "## Reflection" in md and (tmp_path / "plots" / "grpo.png").exists()
     assert json.loads((tmp_path / "config.json").read_text())["max_new_tokens"] == 24      # resolved config saved
+    assert policies == ["off", "off"]     # teacher and student pretrain eagerly: the same figures every run
 
 
 def test_r1_zero_task_defaults_fill_only_unset_flags():
