@@ -7,8 +7,9 @@
            q_lora 768, kv_lora 512), B8 x T2048, bf16 autocast, AdamW: nanoseek eager, nanoseek with its
            blocks compiled (`train/compiled.py`), HF `DeepseekV3ForCausalLM`. Step time, tokens/s, MFU
            (6 x activated params x tokens + causal attention, over the GPU's dense bf16 peak), peak memory.
-           Document masking on (pretrain's default): attention is SDPA with the mask on a GPU; eager_cudnn
-           is the eager step with SDPA's cuDNN kernel tried first.
+           Document masking on (pretrain's default): on a GPU attention is FlexAttention with a block
+           mask (`train/flex_mask.py`); eager_dense is the eager step with the dense mask through SDPA,
+           its cuDNN kernel tried first (the previous default).
 2. decode  the 8.5M benchmark model and the 1.71B model, 128 new tokens after 32-token prompts, greedy,
            batch 1 / 8 / 64: nanoseek `LLM` (bf16) eager and with its step compiled into CUDA graphs (the
            first run per batch, which compiles and captures, is reported apart) vs HF `generate` (bf16),
@@ -16,7 +17,10 @@
            fraction of the memory roofline: (bytes of the dense weights, of the experts a step's tokens
            use under uniform routing, and of the latent cache) / step time / peak bandwidth. Plus:
            nanoseek's greedy tokens in fp32 == HF's in fp32 (8 prompts).
-3. moe     one MoE layer of the 1.71B model over B8 x T2048 tokens, forward + backward in bf16: the
+3. attention  MLA's training attention (B8 x H16 x T2048, q/k 192, v 128, bf16, four documents per row):
+           FlexAttention with the document block mask vs SDPA (cuDNN first) with the dense mask,
+           forward + backward: time, compile time, and the outputs' and gradients' difference.
+4. moe     one MoE layer of the 1.71B model over B8 x T2048 tokens, forward + backward in bf16: the
            expert GEMMs grouped (torch._grouped_mm, one call per projection) vs every expert padded to
            the busiest one (batched matmuls). Time each, and their outputs' and gradients' difference.
 --tiny shrinks every shape, runs on CPU, and takes the CPU's "peaks" from a GEMM and a copy it times
@@ -58,7 +62,7 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermedi
             tie_word_embeddings=False)
 
 
-PARTS = ("greedy_fp32_vs_hf", "moe", "train", "decode_small", "decode_mid", "profile")
+PARTS = ("greedy_fp32_vs_hf", "attention", "moe", "train", "decode_small", "decode_mid", "profile")
 
 
 class Bench:
@@ -204,7 +208,8 @@ def train_part(b: Bench) -> dict:
                      **(extra or {})}
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    for mode in ("eager", "eager_cudnn", "compiled"):
+    from nanoseek.train import flex_mask
+    for mode in ("eager", "eager_dense", "compiled"):
         if b.left() < 60:
             out[f"nanoseek_{mode}"] = {"skipped": "out of time"}
             continue
@@ -216,9 +221,11 @@ def train_part(b: Bench) -> dict:
             if mode == "compiled":
                 StepCompiler(model, "on")
 
-            # eager_cudnn: SDPA tries its cuDNN kernel first (the default order tries memory-efficient first)
+            # eager_dense: the dense document mask through SDPA, its cuDNN kernel tried first (the default
+            # order tries memory-efficient first)
             order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-            prefer = (lambda: sdpa_kernel(order, set_priority=True)) if mode == "eager_cudnn" else None
+            prefer = (lambda: sdpa_kernel(order, set_priority=True)) if mode == "eager_dense" else None
+            flex_mask.FLEX_MIN_T = 10**9 if mode == "eager_dense" else 1024
             step = training_step(model, opt, batch, b.dev, prefer)
             step()
             b.sync()
@@ -245,9 +252,53 @@ def train_part(b: Bench) -> dict:
     record("hf", b.timed(hf_step, n=3, warm=1))
     hf = hopt = None
     b.free()
-    for mode in ("eager", "eager_cudnn", "compiled"):
+    flex_mask.FLEX_MIN_T = 1024
+    for mode in ("eager", "eager_dense", "compiled"):
         if "step_s" in out.get(f"nanoseek_{mode}", {}):
             out[f"nanoseek_{mode}"]["speedup_vs_hf"] = round(out["hf"]["step_s"] / out[f"nanoseek_{mode}"]["step_s"], 2)
+    return out
+
+
+def attention_part(b: Bench) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from nanoseek.model.mla import fused_attention
+    from nanoseek.train.flex_mask import training_mask
+
+    B, H, T, QK, V = (2, 2, 256, 24, 16) if b.args.tiny else (8, 16, 2048, 192, 128)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 1000, (B, T), device=b.dev)
+    ids[:, :: T // 4] = 1                                                      # four documents per row
+    dense = training_mask(ids, 1, flex=False)[1]
+    out = {"shape": [B, H, T, QK, V]}
+    for name in ("block_mask_first_ms", "block_mask_ms"):                     # per step: the second
+        t = time.perf_counter()
+        flex = training_mask(ids, 1, flex=True)[1]
+        b.sync()
+        out[name] = round(1000 * (time.perf_counter() - t), 2)
+    dt = torch.float32 if b.args.tiny else torch.bfloat16
+    q, k, v = (torch.randn(B, H, T, d, device=b.dev, dtype=dt, requires_grad=True) for d in (QK, QK, V))
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    res = {}
+    for name, fn in (("sdpa_dense", lambda: fused_attention(q, k, v, dense, 0.1)),
+                     ("flex_doc", lambda: flex.attend(q, k, v, 0.1))):
+        if b.args.tiny and name == "flex_doc":
+            break                                           # FlexAttention has no CPU backward
+
+        def step():
+            with sdpa_kernel(order, set_priority=True):
+                o = fn()
+            return (o, *torch.autograd.grad(o.float().square().sum(), (q, k, v)))
+        t = time.perf_counter()
+        step()
+        b.sync()
+        first = time.perf_counter() - t
+        res[name] = [x.detach().float() for x in step()]
+        out[name] = {"fwd_bwd_ms": round(1000 * b.timed(step, n=5, warm=1), 3), "first_call_s": round(first, 1)}
+    if len(res) == 2:
+        out["max_rel_diff"] = {n: float((a - c).abs().max() / c.abs().max()) for n, a, c in
+                               zip(("out", "dq", "dk", "dv"), res["flex_doc"], res["sdpa_dense"])}
+        out["flex_speedup"] = round(out["sdpa_dense"]["fwd_bwd_ms"] / out["flex_doc"]["fwd_bwd_ms"], 2)
     return out
 
 
@@ -444,6 +495,7 @@ def main(argv=None) -> dict:
     b.res["env"] = environment(b)
     print(f"env: {json.dumps(b.res['env'])}", flush=True)
     b.part("greedy_fp32_vs_hf", lambda: greedy_fp32_part(b))
+    b.part("attention", lambda: attention_part(b))
     b.part("moe", lambda: moe_part(b))
     b.part("train", lambda: train_part(b))
     from bench_model import hf_config

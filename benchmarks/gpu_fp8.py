@@ -7,9 +7,11 @@
    `fp8.matmul` picks (1x128 activation tiles x 128x128 weight blocks, operands quantized beforehand),
    its backend (which CUDA kernel passed the first-use check against the emulation), and calc_diff of
    its output against the bf16 product of the unquantized inputs;
-2. the cost of quantizing (1x128 tiles) a 8192 x 7168 activation, in GB/s;
+2. the cost of quantizing (1x128 tiles) a 8192 x 7168 bf16 activation, in GB/s: the reference (eager,
+   several passes) and the fused quantizer (one compiled kernel, CUDA's default);
 3. a training step of a V3-shaped model (hidden 2048, 4 layers, 32 experts top-4) in bf16 autocast,
-   without and with `--fp8` (enable_training), B4 x T2048: seconds per step, first-step losses.
+   without and with `--fp8` (enable_training), B4 x T2048: seconds per step, the first step's time
+   (FP8 compiles its quantizers there), first-step losses, and the FP8 step's top GPU kernels.
 Each part reports its error instead of stopping the run; a part that would start after
 GPU_FP8_BUDGET_S seconds (default 300) is skipped and says so.
 """
@@ -22,6 +24,7 @@ import warnings
 import torch
 
 OUT = os.environ.get("OUT", ".")
+os.makedirs(OUT, exist_ok=True)
 res = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "torch": torch.__version__}
 T0 = time.time()
 BUDGET_S = float(os.environ.get("GPU_FP8_BUDGET_S", 300))
@@ -94,8 +97,27 @@ def _():
 @part("quantize")
 def _():
     x = torch.randn(8192 // S, 7168 // S, device=dev, dtype=torch.bfloat16)
-    t = timed(lambda: fp8.quantize(x, fp8.ACT))
-    return {"ms": round(t * 1e3, 3), "GB_per_s": round((x.numel() * 2 + x.numel()) / t / 1e9, 1)}
+    out = {}
+    for name, fused in (("reference", False), ("fused", True)):
+        t = timed(lambda: fp8.quantize(x, fp8.ACT, fused=fused))
+        out[name] = {"ms": round(t * 1e3, 3), "GB_per_s": round((x.numel() * 2 + x.numel()) / t / 1e9, 1)}
+    return out
+
+
+def top_kernels(fn, n=15):
+    """The top device kernels of one call of fn, by total time (CPU ops on the dry run)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync()
+    attr = "device_time_total" if dev == "cuda" else "cpu_time_total"
+    ev = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0 and not getattr(e, "is_user_annotation", False)]
+    if dev == "cuda":
+        ev = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA] or ev
+    ev.sort(key=lambda e: -getattr(e, attr))
+    return {"total_ms": round(sum(getattr(e, attr) for e in ev) / 1e3, 1),
+            "top": [{"name": e.key[:80], "ms": round(getattr(e, attr) / 1e3, 2), "calls": e.count} for e in ev[:n]]}
 
 
 @part("train_step")
@@ -132,9 +154,16 @@ def _():
             losses.append(loss.item())
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        first = time.perf_counter() - t0
         t = timed(step, reps=5)
-        out[mode] = {"s_per_step": round(t, 4), "tokens_per_s": round(4 * T / t), "first_loss": losses[0],
+        out[mode] = {"s_per_step": round(t, 4), "tokens_per_s": round(4 * T / t), "first_step_s": round(first, 1),
+                     "first_loss": losses[0],
                      "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if dev == "cuda" else None}
+        if mode == "fp8":
+            out["fp8_top_kernels"] = top_kernels(step)
         model = opt = None     # free before the next mode
         if dev == "cuda":
             torch.cuda.empty_cache()

@@ -18,7 +18,7 @@ python3 -c "import torch, transformers; print(torch.__version__, transformers.__
 git describe --always --dirty >> "$OUT/env.log" 2>/dev/null   # -dirty: the tree differs from that commit
 for s in $steps; do
   case $s in
-    fp8)   GPU_FP8_BUDGET_S=50 timeout 110 python3 benchmarks/gpu_fp8.py > "$OUT/fp8.log" 2>&1 ;;
+    fp8)   GPU_FP8_BUDGET_S=${FP8_S:-60} timeout $(( ${FP8_S:-60} + 120 )) python3 benchmarks/gpu_fp8.py > "$OUT/fp8.log" 2>&1 ;;
     bench) b=${BENCH_S:-$(( $(left) > 60 ? $(left) - 30 : 30 ))}; timeout $(( b + 25 )) python3 benchmarks/bench_gpu.py --budget $b --parts "${PARTS:-}" > "$OUT/bench.log" 2>&1 ;;
     r1)    timeout $(( $(left) > 10 ? $(left) - 5 : 5 )) python3 -m nanoseek r1-zero --out /tmp/r1 > "$OUT/r1.log" 2>&1
            cp /tmp/r1/report.json /tmp/r1/report.md "$OUT/" 2>/dev/null ;;

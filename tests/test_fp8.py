@@ -389,3 +389,52 @@ def test_blockwise_scaled_mm_layout_passes_torch_checks(M, N, K, b_block):
     rows = -(-N // 128) if b_block == fp8.WEIGHT else N
     b = QTensor(torch.empty(N, K, dtype=torch.float8_e4m3fn, **meta), torch.empty(rows, -(-K // 128), **meta), b_block)
     assert _blockwise(a, b, torch.bfloat16).shape == (M, N)
+
+
+@pytest.mark.parametrize("lead_a,lead_b", [((4,), (4,)), ((3,), ())])
+def test_blockwise_scaled_mm_layout_batched(lead_a, lead_b):
+    """Expert-batched operands (and a weight broadcast over them): scales laid out once for all matrices,
+    each matrix pair's slice passes torch's meta checks of F.scaled_mm."""
+    from nanoseek.quant.fp8 import QTensor, _blockwise
+    meta = dict(device="meta")
+    M, N, K = 96, 300, 768
+    a = QTensor(torch.empty(*lead_a, M, K, dtype=torch.float8_e4m3fn, **meta), torch.empty(*lead_a, M, K // 128, **meta),
+                fp8.ACT)
+    for b_block, rows in ((fp8.WEIGHT, -(-N // 128)), (fp8.ACT, N)):
+        b = QTensor(torch.empty(*lead_b, N, K, dtype=torch.float8_e4m3fn, **meta),
+                    torch.empty(*lead_b, rows, K // 128, **meta), b_block)
+        assert _blockwise(a, b, torch.bfloat16).shape == (*lead_a, M, N)
+
+
+def _check_fused(cases, pow2s):
+    for pow2 in pow2s:
+        for t, block in cases:
+            want, got = fp8.quantize(t, block, pow2, fused=False), fp8.quantize(t, block, pow2, fused=True)
+            assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8)) and torch.equal(got.scale, want.scale)
+            assert got.q.is_contiguous()
+        t = cases[0][0]
+        want, got = fp8.quantize_transposed(t, pow2, fused=False), fp8.quantize_transposed(t, pow2, fused=True)
+        assert got.q.is_contiguous() and torch.equal(got.scale, want.scale)
+        assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
+        saved = fp8.quantize(t, fp8.ACT, pow2)
+        want, got = fp8.retile_transposed(saved, pow2, fused=False), fp8.retile_transposed(saved, pow2, fused=True)
+        assert got.q.shape == t.mT.shape and torch.equal(got.scale, want.scale)
+        assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))
+
+
+def test_fused_quantizers_equal_reference():
+    """The compiled one-pass quantizers (CUDA's default) give the reference's bits: 1x128 tiles and
+    128x128 blocks with tails, the transposed tiles of wgrad's dy, and the wgrad re-tiling of a saved
+    FP8 activation (= dequantize -> transpose -> quantize). CPU inductor here, the same code as on CUDA."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 200, 300) * torch.logspace(-3, 3, 300)
+    _check_fused([(x, fp8.ACT), (x[0], fp8.WEIGHT)], (False,))
+
+
+@pytest.mark.slow
+def test_fused_quantizers_equal_reference_all_cases():
+    """As above over more layouts: batched weights, a transposed input, bf16, UE8M0 scales."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 200, 300) * torch.logspace(-3, 3, 300)
+    _check_fused([(x, fp8.ACT), (x[0], fp8.WEIGHT), (x, fp8.WEIGHT), (x[1].mT, fp8.ACT), (x[1].bfloat16(), fp8.ACT)],
+                 (False, True))

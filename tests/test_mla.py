@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from conftest import randomize, random_cfg
@@ -98,3 +99,46 @@ def test_fused_attention_equals_manual_with_masks():
             outs.append((o, *g))
         for a, b in zip(*outs):
             assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_document_mask_equals_dense():
+    """The trainer's FlexAttention document mask (GPU default for long windows) gives the dense mask's
+    attention and the same model output. Forward only: FlexAttention has no CPU backward (the GPU
+    benchmark checks backward); eager flex here, the compiled kernel on the GPU."""
+    from nanoseek.model.mla import manual_attention
+    from nanoseek.train.flex_mask import DocumentMask, training_mask
+
+    torch.manual_seed(0)
+    B, H, T, QK, V = 2, 3, 40, 24, 16
+    ids = torch.randint(3, 50, (B, T))
+    ids[0, 0] = ids[0, 13] = ids[1, 5] = ids[1, 30] = 1          # documents start at bos (id 1)
+    positions, flex = training_mask(ids, 1, flex=True, compiled=False)
+    dense_positions, dense = training_mask(ids, 1, flex=False)
+    assert isinstance(flex, DocumentMask) and torch.equal(flex.dense(), dense)
+    assert torch.equal(positions, dense_positions)
+    q, k, v = (torch.randn(B, H, T, d) for d in (QK, QK, V))
+    assert (flex.attend(q, k, v, 0.3) - manual_attention(q, k, v, dense, 0.3)).abs().max() < 1e-5
+    model = _model()
+    with torch.no_grad():
+        a = model.hidden(ids, positions, mask=flex)
+        b = model.hidden(ids, positions, mask=dense)
+    assert (a - b).abs().max() < 1e-5
+    assert training_mask(ids, 1)[1].dtype == torch.bool          # CPU default: the dense mask
+
+
+def test_flex_document_mask_in_compiled_blocks():
+    """Compiled blocks (the trainer's --compile) with the FlexAttention mask compiled inside them == the
+    eager model with the dense mask (forward; CPU inductor)."""
+    from nanoseek.train.compiled import StepCompiler
+    from nanoseek.train.flex_mask import training_mask
+
+    model = _model()
+    ids = torch.randint(3, 50, (2, 256))
+    ids[0, 0] = ids[0, 100] = 1
+    positions, flex = training_mask(ids, 1, flex=True)
+    dense = training_mask(ids, 1, flex=False)[1]
+    with torch.no_grad():
+        ref = model.hidden(ids, positions, mask=dense)
+        StepCompiler(model, policy="on")
+        assert (model.hidden(ids, positions, mask=flex) - ref).abs().max() < 1e-5

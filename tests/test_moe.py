@@ -122,3 +122,23 @@ def test_bias_stays_fp32_under_bf16_cast():
     moe.to(torch.bfloat16)
     assert moe.gate.bias.dtype == torch.float32 and moe.gate.bias[0].item() == pytest.approx(1e-3 + 1e-6)
     assert moe.experts.w13.dtype == torch.bfloat16
+
+
+def test_row_gather_backward_is_index_select_backward():
+    """RowGather (the grouped path's dispatch and combine) == index_select with zero rows, and its
+    gathering backward == autograd's scatter-add (gradcheck in float64)."""
+    from nanoseek.model.moe import RowGather
+    torch.manual_seed(0)
+    T, K, D = 5, 2, 3
+    pair_rows = torch.randperm(12)[: T * K].view(T, K)            # each token's K rows of a 12-row layout
+    src = torch.full((12,), -1)
+    src[pair_rows.flatten()] = torch.arange(T).repeat_interleave(K)
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    y = RowGather.apply(x, src, pair_rows)
+    ref = torch.cat([x, torch.zeros(1, D, dtype=x.dtype)]).index_select(0, src.masked_fill(src < 0, T))
+    assert torch.equal(y, ref)
+    assert torch.autograd.gradcheck(lambda x: RowGather.apply(x, src, pair_rows), (x,))
+    back = torch.full((12, 1), -1)                                  # the combine: padded rows -> pairs
+    back[pair_rows.flatten(), 0] = torch.arange(T * K)
+    ys = torch.randn(12, D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda ys: RowGather.apply(ys, pair_rows.flatten(), back), (ys,))

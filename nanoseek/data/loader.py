@@ -92,15 +92,21 @@ def fixed_batches(docs: list[np.ndarray], batch_size: int, seq_len: int, max_bat
     return list(zip(w.split(batch_size), m.split(batch_size)))
 
 
-def document_mask(ids_BT: torch.Tensor, bos_id: int):
-    """(B,T) ids -> positions (B,T) restarting at every BOS, and a (B,1,T,T) bool mask that is causal
-    within a document and False across documents."""
+def document_positions(ids_BT: torch.Tensor, bos_id: int):
+    """(B,T) ids -> positions (B,T) restarting at every BOS, and each token's document index (B,T)."""
     B, T = ids_BT.shape
     is_bos = ids_BT == bos_id
     doc = is_bos.cumsum(dim=1)                                            # document index per token
     idx = torch.arange(T, device=ids_BT.device).expand(B, T)
     start = torch.where(is_bos, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    positions = idx - start
+    return idx - start, doc
+
+
+def document_mask(ids_BT: torch.Tensor, bos_id: int):
+    """(B,T) ids -> positions (B,T) restarting at every BOS, and a (B,1,T,T) bool mask that is causal
+    within a document and False across documents."""
+    T = ids_BT.shape[1]
+    positions, doc = document_positions(ids_BT, bos_id)
     same = doc.unsqueeze(2) == doc.unsqueeze(1)
     causal = torch.ones(T, T, dtype=torch.bool, device=ids_BT.device).tril()
     return positions, (same & causal).unsqueeze(1)

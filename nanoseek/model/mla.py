@@ -49,6 +49,14 @@ class LatentCache(Protocol):
     def update(self, layer: int, kv: torch.Tensor, pe: torch.Tensor): ...
 
 
+class AttentionMask(Protocol):
+    """A mask that attends by itself, passed as `mask` in place of a tensor (no cache; e.g. the trainer's
+    FlexAttention document mask on a GPU, `nanoseek.train.flex_mask`): `attend(q, k, v, scale)` with
+    q, k (B,H,T,N+R) and v (B,H,T,V) returns (B,H,T,V), equal to the naive path with its dense mask."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor: ...
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -80,7 +88,7 @@ class MLA(nn.Module):
     def forward(self, x, rot, cache: LatentCache | None = None, absorb: bool | None = None,
                 mask: torch.Tensor | None = None):
         """Without a cache: causal attention over x, or `mask` (B,1,T,T) e.g. document masking of
-        packed sequences. With a cache: attend over cache + x. `absorb` picks the path (default:
+        packed sequences (or an `AttentionMask` object, naive path only). With a cache: attend over cache + x. `absorb` picks the path (default:
         absorbed for short steps against a cache - decode, speculative verification)."""
         T = x.shape[1]
         if absorb is None:
@@ -109,7 +117,9 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe.to(q_nope.dtype)], dim=-1).transpose(1, 2)                 # B,H,T,N+R
         k = torch.cat([k_nope, pe.to(k_nope.dtype).unsqueeze(2).expand(B, S, H, self.rope_dim)], dim=-1)
         k, v = k.transpose(1, 2), v.transpose(1, 2)                                               # B,H,S,*
-        if q.device.type != "cpu":      # a GPU: SDPA's fused kernels (cuDNN / memory-efficient take v's width)
+        if hasattr(mask, "attend"):     # an AttentionMask brings its own kernel
+            o = mask.attend(q, k, v, self.scale)
+        elif q.device.type != "cpu":    # a GPU: SDPA's fused kernels (cuDNN / memory-efficient take v's width)
             o = fused_attention(q, k, v, mask, self.scale)
         else:
             o = manual_attention(q, k, v, mask, self.scale)

@@ -176,6 +176,31 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
+class RowGather(torch.autograd.Function):
+    """y = x[src] with zero rows where src < 0, for a row map whose inverse is known: `back` (R, m) lists
+    the y rows each x row went to (-1: none). The backward gathers too, dx[r] = sum_j dy[back[r, j]],
+    instead of scatter-adding into x's rows as index_select's backward does (atomic adds: on an H200 the
+    MoE's bf16 index_add kernels took 16 of a step's ~220 ms)."""
+
+    @staticmethod
+    def forward(ctx, x, src, back):
+        ctx.save_for_backward(back)
+        return _gather_rows(x, src)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (back,) = ctx.saved_tensors
+        R, m = back.shape
+        dx = _gather_rows(dy, back.flatten()).view(R, m, -1)
+        return (dx.squeeze(1) if m == 1 else dx.sum(dim=1)), None, None
+
+
+def _gather_rows(x, src):
+    """x[src] with zero rows where src < 0 (they read an appended zero row)."""
+    R = x.shape[0]
+    return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, src.masked_fill(src < 0, R))
+
+
 def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None):
     """Pairs sorted by expert, each expert's contiguous segment through its SwiGLU:
     "grouped" one torch._grouped_mm per projection over all segments, forward and backward. Outside
@@ -205,17 +230,24 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None):
     rank = torch.arange(T * K, device=flat.device) - (counts.cumsum(0) - counts)[expert]   # within its segment
     # index_select, not x_TD[token]: its backward is an index_add; advanced indexing's backward is an
     # accumulating index_put, which sorts (measured 5 ms per call on a `small` training step)
-    xs = x_TD.index_select(0, token)
     if impl == "grouped":
         dt = matmul_dtype(x_TD)
         align = 1 if dt == torch.float32 and x_TD.device.type == "cpu" else 32
-        sizes = (counts + align - 1) // align * align
-        ends = sizes.cumsum(0)
-        slot = (ends - sizes)[expert] + rank                                    # row of each pair
-        xs = xs.to(dt)
-        if align > 1:
-            xs = xs.new_zeros(int(ends[-1]), xs.shape[1]).index_copy(0, slot, xs)
-        offs = ends.to(torch.int32)
+        offs = counts.to(torch.int32).cumsum(0, dtype=torch.int32)
+        if align == 1:
+            xs = x_TD.index_select(0, token).to(dt)
+        else:
+            # segments padded to `align` rows; tokens cast before they are copied K times; both row
+            # maps gather forward and backward (RowGather)
+            sizes = (counts + align - 1) // align * align
+            ends = sizes.cumsum(0)
+            slot = (ends - sizes)[expert] + rank                                # padded row of each pair
+            src = torch.full((int(ends[-1]),), -1, dtype=torch.long, device=flat.device)
+            src[slot] = token                                                   # token of each padded row
+            pair_slot = torch.empty_like(slot)
+            pair_slot[order] = slot                                             # padded row of pair (t, k)
+            xs = RowGather.apply(x_TD.to(dt), src, pair_slot.view(T, K))
+            offs = ends.to(torch.int32)
         # CPU: our autograd function; CUDA: PyTorch's own derivative of _grouped_mm (what torchtitan uses)
         glin = GroupedLinear.apply if xs.device.type == "cpu" else \
             (lambda a, w, o: torch._grouped_mm(a, w.transpose(-2, -1), offs=o))
@@ -223,8 +255,13 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None):
             gate, up = glin(xs, w13.to(dt), offs).chunk(2, dim=-1)
             ys = glin(F.silu(gate) * up, w2.to(dt), offs)
         if align > 1:
-            ys = ys.index_select(0, slot)
+            # back to (token, k) order, weighted and summed over k: gathers, no scatter-add
+            pair_of_row = torch.full_like(src, -1)
+            pair_of_row[pair_slot] = torch.arange(T * K, device=flat.device)
+            y_TKD = RowGather.apply(ys, pair_slot, pair_of_row.unsqueeze(1)).view(T, K, -1)
+            return torch.bmm(weights_TK.to(ys.dtype).unsqueeze(1), y_TKD).squeeze(1)
     else:
+        xs = x_TD.index_select(0, token)
         w13, w2 = w13.to(xs.dtype), w2.to(xs.dtype)
         C = -(-int(counts.max()) // 32) * 32 if impl == "padded" else 0
         if impl == "padded" and E * C <= 4 * T * K:

@@ -121,8 +121,14 @@ def _grouped(t: torch.Tensor, rs: slice, cs: slice, g: tuple[int, int]) -> torch
     return piece.view(*piece.shape[:-2], piece.shape[-2] // g[0], g[0], piece.shape[-1] // g[1], g[1])
 
 
-def quantize(x: torch.Tensor, block: tuple[int, int], pow2: bool = False) -> QTensor:
-    """x (..., R, C) -> E4M3 with one fp32 scale per `block` of the last two dims."""
+def quantize(x: torch.Tensor, block: tuple[int, int], pow2: bool = False, fused: bool | None = None) -> QTensor:
+    """x (..., R, C) -> E4M3 with one fp32 scale per `block` of the last two dims. `fused` (default: on
+    CUDA, for 1x128 tiles and 128x128 blocks) runs the same arithmetic as one compiled kernel per call
+    (`_fused_quantizer`); the reference below takes ~6 passes over fp32 copies."""
+    if fused is None:
+        fused = x.device.type == "cuda"
+    if fused and block in (ACT, WEIGHT) and x.numel():
+        return QTensor(*_fused_quantizer(block)(x, pow2), block)
     *lead, R, C = x.shape
     nr, nc = _grid(R, C, block)
     if R == 0 or C == 0:                  # e.g. no token routed anywhere: nothing to scale
@@ -139,6 +145,70 @@ def quantize(x: torch.Tensor, block: tuple[int, int], pow2: bool = False) -> QTe
         scale[..., grs, gcs] = s
         torch.div(groups, s[..., :, None, :, None], out=_grouped(scaled, rs, cs, g))
     return QTensor(scaled.clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3), scale, block)
+
+
+def _whole_groups(x: torch.Tensor, block: tuple[int, int], pow2: bool):
+    """`quantize`'s arithmetic in one expression for the compiler: tails zero-padded to whole groups
+    (which is what a tail group means: zeros change no amax), then cut off again."""
+    *lead, R, C = x.shape
+    br, bc = block
+    xf = F.pad(x.float(), (0, (-C) % bc, 0, (-R) % br))
+    g = xf.reshape(*lead, xf.shape[-2] // br, br, xf.shape[-1] // bc, bc)
+    s = g.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR).div(E4M3_MAX)
+    if pow2:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    q = torch.div(g, s[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).reshape(xf.shape)
+    return q[..., :R, :C].contiguous(), s
+
+
+# one function per operand kind, so that each compiles on its own (dynamo counts recompiles per function)
+def _act_tiles(x: torch.Tensor, pow2: bool):
+    return _whole_groups(x, ACT, pow2)
+
+
+def _weight_blocks(x: torch.Tensor, pow2: bool):
+    return _whole_groups(x, WEIGHT, pow2)
+
+
+def _transposed_tiles(x: torch.Tensor, pow2: bool):
+    return _whole_groups(x.mT, ACT, pow2)
+
+
+def _retile_transposed(q: torch.Tensor, scale: torch.Tensor, pow2: bool):
+    """The weight-gradient GEMM's x operand from the saved FP8 activation: dequantize its 1x128 tiles,
+    transpose, re-quantize in 1x128 tiles of x^T (= 128x1 tiles of x), in one pass when compiled."""
+    K = q.shape[-1]
+    xf = F.pad(q.float(), (0, (-K) % TILE)).unflatten(-1, (-1, TILE)).mul(scale[..., None]).flatten(-2)[..., :K]
+    return _whole_groups(xf.mT, ACT, pow2)
+
+
+@functools.cache
+def _compiled(fn):
+    # dynamic shapes: the token count changes from call to call (routed experts)
+    return torch.compile(fn, dynamic=True)
+
+
+def _fused_quantizer(block: tuple[int, int]):
+    return _compiled(_act_tiles if block == ACT else _weight_blocks)
+
+
+def quantize_transposed(x: torch.Tensor, pow2: bool = False, fused: bool | None = None) -> QTensor:
+    """x^T (..., C, R) in 1x128 tiles (= x in 128x1 tiles, transposed), written contiguous: the
+    weight-gradient GEMM's dy operand."""
+    if fused is None:
+        fused = x.device.type == "cuda"
+    if fused and x.numel():
+        return QTensor(*_compiled(_transposed_tiles)(x, pow2), ACT)
+    return quantize(x.mT, ACT, pow2, fused=False)
+
+
+def retile_transposed(t: QTensor, pow2: bool = False, fused: bool | None = None) -> QTensor:
+    """x^T quantized in 1x128 tiles from x's 1x128-tiled FP8 `t` (the saved activation, for wgrad)."""
+    if fused is None:
+        fused = t.q.device.type == "cuda"
+    if fused and t.q.numel():
+        return QTensor(*_compiled(_retile_transposed)(t.q, t.scale, pow2), ACT)
+    return quantize(dequantize(t).mT, ACT, pow2, fused=False)
 
 
 def e4m3_to_float(q: torch.Tensor) -> torch.Tensor:
@@ -198,7 +268,7 @@ def _cuda_matmul(a: QTensor, b: QTensor, out_dtype, backend: str) -> torch.Tenso
         if _CUDA_OK.get(key) is False:
             continue
         try:
-            y = _batched(_KERNELS[kind], a, b, out_dtype)
+            y = _KERNELS[kind](a, b, out_dtype)
         except Exception as e:                  # unsupported layout / GPU: fall back, once, loudly
             _CUDA_OK[key] = False
             warnings.warn(f"nanoseek fp8: {kind} scaled_mm unavailable for {a.block}x{b.block} operands "
@@ -235,8 +305,8 @@ def _batched(kernel, a: QTensor, b: QTensor, out_dtype) -> torch.Tensor:
 
 
 def _pad_q(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Zero-pad an FP8 matrix (bit pattern 0 is +0.0) to (rows, cols), contiguous."""
-    R, C = q.shape
+    """Zero-pad FP8 matrices (..., R, C) (bit pattern 0 is +0.0) to (..., rows, cols), contiguous."""
+    R, C = q.shape[-2:]
     if (R, C) == (rows, cols):
         return q.contiguous()
     return F.pad(q.contiguous().view(torch.uint8), (0, cols - C, 0, rows - R)).view(E4M3)
@@ -247,27 +317,37 @@ def _round(n: int, m: int) -> int:
 
 
 def _blockwise(a: QTensor, b: QTensor, out_dtype) -> torch.Tensor:
-    """cuBLAS's DeepSeek recipe: a in 1x128 tiles, b in 128x128 blocks or 1x128 tiles, scales MN-major."""
+    """cuBLAS's DeepSeek recipe: a in 1x128 tiles, b in 128x128 blocks or 1x128 tiles, scales MN-major.
+    Leading (expert) dims: operands and scales are padded and laid out once for all matrices, then one
+    2-D `scaled_mm` per matrix pair (torch has no blockwise grouped kernel on sm90)."""
     st = F.ScalingType
     if a.block != ACT or b.block not in (ACT, WEIGHT):
         raise NotImplementedError(f"operand groups {a.block} x {b.block}")
-    M, K = a.q.shape
-    N = b.q.shape[0]
+    M, K = a.q.shape[-2:]
+    N = b.q.shape[-2]
     Mp, Kp = _round(M, 16), _round(K, TILE)
     Np = _round(N, TILE if b.block == WEIGHT else 16)
-    sa = F.pad(a.scale, (0, Kp // TILE - a.scale.shape[1], 0, Mp - M), value=1.0)
+    qa, qb = _pad_q(a.q, Mp, Kp), _pad_q(b.q, Np, Kp)
+    sa = F.pad(a.scale, (0, Kp // TILE - a.scale.shape[-1], 0, Mp - M), value=1.0).mT.contiguous().mT
     if b.block == WEIGHT:
         # 128x128 blocks: the scales in b^T's orientation, (K/128 rounded up to 4, N/128), K-major
         # (measured on an H200, torch 2.11: "scale_b must have shape 56 x 288" for N 36864, K 7168)
         L4 = _round(Kp // TILE, 4)
-        sb = F.pad(b.scale, (0, L4 - b.scale.shape[1], 0, Np // TILE - b.scale.shape[0]), value=1.0).contiguous().t()
+        sb = F.pad(b.scale, (0, L4 - b.scale.shape[-1], 0, Np // TILE - b.scale.shape[-2]), value=1.0).contiguous().mT
     else:             # 1x128 tiles: (N, K/128), N-major, like a's
-        sb = F.pad(b.scale, (0, Kp // TILE - b.scale.shape[1], 0, Np - b.scale.shape[0]), value=1.0).t().contiguous().t()
-    y = F.scaled_mm(_pad_q(a.q, Mp, Kp), _pad_q(b.q, Np, Kp).t(),
-                    sa.t().contiguous().t(), st.BlockWise1x128,
-                    sb, st.BlockWise128x128 if b.block == WEIGHT else st.BlockWise1x128,
-                    swizzle_a=F.SwizzleType.NO_SWIZZLE, swizzle_b=F.SwizzleType.NO_SWIZZLE, output_dtype=out_dtype)
-    return y[:M, :N]
+        sb = F.pad(b.scale, (0, Kp // TILE - b.scale.shape[-1], 0, Np - b.scale.shape[-2]), value=1.0).mT.contiguous().mT
+
+    def gemm(qa, qb, sa, sb):
+        return F.scaled_mm(qa, qb.t(), sa, st.BlockWise1x128, sb,
+                           st.BlockWise128x128 if b.block == WEIGHT else st.BlockWise1x128,
+                           swizzle_a=F.SwizzleType.NO_SWIZZLE, swizzle_b=F.SwizzleType.NO_SWIZZLE,
+                           output_dtype=out_dtype)
+    if qa.dim() == 2 and qb.dim() == 2:
+        return gemm(qa, qb, sa, sb)[:M, :N]
+    lead = torch.broadcast_shapes(qa.shape[:-2], qb.shape[:-2])
+    flat = [x.expand(*lead, *x.shape[-2:]).reshape(-1, *x.shape[-2:]) for x in (qa, qb, sa, sb)]
+    y = torch.stack([gemm(*xs) for xs in zip(*flat)])
+    return y.view(*lead, Mp, -1)[..., :M, :N]
 
 
 def _rowwise(a: QTensor, b: QTensor, out_dtype) -> torch.Tensor:
@@ -282,7 +362,7 @@ def _rowwise(a: QTensor, b: QTensor, out_dtype) -> torch.Tensor:
     return y[:, :N]
 
 
-_KERNELS = {"blockwise": _blockwise, "rowwise": _rowwise}
+_KERNELS = {"blockwise": _blockwise, "rowwise": functools.partial(_batched, _rowwise)}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -305,9 +385,11 @@ class _FP8Matmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = matmul(quantize(dy, ACT, r.pow2_scales), QTensor(wq, ws, WEIGHT).T, ctx.dtypes[0], r.backend)
         if ctx.needs_input_grad[1]:
-            x_cols = quantize(dequantize(QTensor(xq, xs, ACT)), COL, r.pow2_scales)     # 1x128 -> 128x1
-            dy_cols = quantize(dy, COL, r.pow2_scales)
-            dw = matmul(dy_cols.T, x_cols.T, torch.float32, r.backend)                   # (..., N, K)
+            # 128x1 tiles of dy and x are 1x128 tiles of their transposes: quantized transposed, the
+            # operands come out contiguous in the layout the GEMM reads
+            x_cols = retile_transposed(QTensor(xq, xs, ACT), r.pow2_scales)             # x^T (..., K, M)
+            dy_cols = quantize_transposed(dy, r.pow2_scales)                             # dy^T (..., N, M)
+            dw = matmul(dy_cols, x_cols, torch.float32, r.backend)                       # (..., N, K)
             if wq.dim() == 2 and dw.dim() > 2:
                 dw = dw.sum(dim=tuple(range(dw.dim() - 2)))
             dw = dw.to(ctx.dtypes[1])

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.loader import document_mask
 from ..model import Transformer
 from ..model.moe import RoutingRecord, balance_loss
+from .flex_mask import training_mask
 
 
 def mtp_targets(batch: torch.Tensor, k: int, mask: torch.Tensor | None = None,
@@ -64,14 +64,15 @@ def loss_norm(batches: list[tuple[torch.Tensor, torch.Tensor | None]], cfg, bos:
 
 
 def head_losses(model: Transformer, h: torch.Tensor, batch: torch.Tensor, cfg, norm: LossNorm,
-                mask: torch.Tensor | None = None, routing=None) -> dict[str, torch.Tensor]:
+                mask: torch.Tensor | None = None, routing=None, doc_attention=None) -> dict[str, torch.Tensor]:
     """Next-token and MTP losses (this micro-batch's shares, see LossNorm) from the main model's last
-    hidden state h (B,T,D) of the window batch (B,T+1); the MTP block's MoE adds to `routing`."""
+    hidden state h (B,T,D) of the window batch (B,T+1); the MTP block's MoE adds to `routing`.
+    `doc_attention`: the (positions, mask) the main model ran with, reused by MTP (default: made here)."""
     x = batch[:, :-1]
     y = batch[:, 1:] if mask is None else batch[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     positions = attn = doc = None
     if cfg.doc_mask:
-        positions, attn = document_mask(x, model.cfg.bos_token_id)
+        positions, attn = doc_attention or training_mask(x, model.cfg.bos_token_id)
         doc = doc_ids(batch, model.cfg.bos_token_id)
     V = model.cfg.vocab_size
 
@@ -108,10 +109,10 @@ def forward_losses(model: Transformer, batch: torch.Tensor, cfg,
     x = batch[:, :-1]
     positions = attn = None
     if cfg.doc_mask:
-        positions, attn = document_mask(x, model.cfg.bos_token_id)
+        positions, attn = training_mask(x, model.cfg.bos_token_id)
     routing = RoutingRecord()
     losses = head_losses(model, model.hidden(x, positions, mask=attn, routing=routing), batch, cfg, norm, mask,
-                         routing)
+                         routing, (positions, attn))
     bal = balance_share(routing, x.shape[0], cfg, norm)
     if bal is not None:
         losses["balance_loss"] = bal

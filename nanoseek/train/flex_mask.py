@@ -1,0 +1,72 @@
+"""Document masking for training on a GPU: FlexAttention with a block-sparse mask, applied from outside the model.
+
+A packed training window holds several documents; each token attends causally within its own document
+(`nanoseek.data.loader.document_mask`). As a dense (B,1,T,T) mask, SDPA's fused kernels (cuDNN on an
+H200) read the whole mask and compute every (query, key) block, though at most half of them - the
+causal half, less the cross-document ones - can contribute. FlexAttention (`torch.nn.attention.
+flex_attention`) takes the mask as a rule, `doc[q] == doc[k] and k <= q`, from which a `BlockMask`
+lists, per 128-query block, the key blocks that hold any allowed pair; the compiled kernel skips the
+rest and applies the rule only inside partial blocks.
+
+`DocumentMask` is what the model's attention accepts in place of a mask tensor (`MLA.forward`'s
+`mask`, the `AttentionMask` protocol in `nanoseek.model.mla`): it attends itself, so the model stays
+free of kernel choices. `training_mask` picks it on CUDA for long windows and the dense mask elsewhere.
+On CPU FlexAttention has no backward, so CPU tests check its forward against the dense path; the GPU
+benchmark (`benchmarks/bench_gpu.py`) checks forward and backward on the GPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..data.loader import document_mask, document_positions
+
+FLEX_MIN_T = 1024    # shorter windows keep the dense mask: its T^2 cost is small there, and each new
+                     # shape costs a FlexAttention compile (~8 s on an H200 for MLA's head dims)
+
+
+@functools.cache
+def _compiled_flex():
+    """FlexAttention compiled once per process (eager flex_attention materialises the scores)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+class DocumentMask:
+    """Causal attention within documents of (B,T) document ids, through FlexAttention."""
+
+    def __init__(self, doc_BT: torch.Tensor, compiled: bool = True):
+        """`compiled=False`: eager FlexAttention (materialises the scores; for tests)."""
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        B, T = doc_BT.shape
+        self.doc = doc_BT
+        self.kernel = _compiled_flex() if compiled else flex_attention     # resolved outside any compiled region
+
+        def same_doc_causal(b, h, q, k):
+            return (doc_BT[b, q] == doc_BT[b, k]) & (k <= q)
+        self.block_mask = create_block_mask(same_doc_causal, B, None, T, T, device=doc_BT.device)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q, k (B,H,T,N+R), v (B,H,T,V) -> (B,H,T,V). The inputs are made contiguous: inside a compiled
+        block, inductor's CPU FlexAttention (torch 2.13) returned wrong values for MLA's transposed
+        views of q, k and v (max error 1.5 on a test model; fine as contiguous tensors)."""
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return self.kernel(q, k, v, block_mask=self.block_mask, scale=scale)
+
+    def dense(self) -> torch.Tensor:
+        """The same mask as (B,1,T,T) bool (what `document_mask` gives)."""
+        T = self.doc.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.doc.device).tril()
+        return ((self.doc.unsqueeze(2) == self.doc.unsqueeze(1)) & causal).unsqueeze(1)
+
+
+def training_mask(x_BT: torch.Tensor, bos_id: int, flex: bool | None = None, compiled: bool = True):
+    """positions (B,T) and the document mask of a training window: a `DocumentMask` (FlexAttention) when
+    `flex` (default: on CUDA for windows of FLEX_MIN_T tokens or more), else the dense bool mask."""
+    if flex is None:
+        flex = x_BT.device.type == "cuda" and x_BT.shape[1] >= FLEX_MIN_T
+    if not flex:
+        return document_mask(x_BT, bos_id)
+    positions, doc = document_positions(x_BT, bos_id)
+    return positions, DocumentMask(doc, compiled)
