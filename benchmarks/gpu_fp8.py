@@ -158,8 +158,10 @@ def _():
         step()
         sync()
         first = time.perf_counter() - t0
-        t = timed(step, reps=5)
+        from torch._dynamo.utils import counters
+        t = timed(step, reps=5)               # (its own warm-up step first: a second compile, if any, lands there)
         out[mode] = {"s_per_step": round(t, 4), "tokens_per_s": round(4 * T / t), "first_step_s": round(first, 1),
+                     "compiled_graphs": counters["stats"].get("unique_graphs", 0),
                      "first_loss": losses[0],
                      "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if dev == "cuda" else None}
         if mode == "fp8":

@@ -110,12 +110,14 @@ def test_flex_document_mask_equals_dense():
     from nanoseek.train.flex_mask import DocumentMask, training_mask
 
     torch.manual_seed(0)
-    B, H, T, QK, V = 2, 3, 40, 24, 16
+    B, H, T, QK, V = 2, 3, 700, 24, 16                           # 6 blocks of 128, the last a tail
     ids = torch.randint(3, 50, (B, T))
-    ids[0, 0] = ids[0, 13] = ids[1, 5] = ids[1, 30] = 1          # documents start at bos (id 1)
+    ids[0, 0] = ids[0, 13] = ids[0, 400] = ids[1, 5] = ids[1, 30] = 1     # documents start at bos (id 1)
     positions, flex = training_mask(ids, 1, flex=True, compiled=False)
     dense_positions, dense = training_mask(ids, 1, flex=False)
     assert isinstance(flex, DocumentMask) and torch.equal(flex.dense(), dense)
+    blocks = flex.block_mask
+    assert int(blocks.full_kv_num_blocks.sum()) > 0 and int(blocks.kv_num_blocks.sum()) > 0   # both kinds occur
     assert torch.equal(positions, dense_positions)
     q, k, v = (torch.randn(B, H, T, d) for d in (QK, QK, V))
     assert (flex.attend(q, k, v, 0.3) - manual_attention(q, k, v, dense, 0.3)).abs().max() < 1e-5
@@ -142,3 +144,18 @@ def test_flex_document_mask_in_compiled_blocks():
         ref = model.hidden(ids, positions, mask=dense)
         StepCompiler(model, policy="on")
         assert (model.hidden(ids, positions, mask=flex) - ref).abs().max() < 1e-5
+
+
+def test_document_block_mask_equals_create_block_mask():
+    """The block mask built from document extents == FlexAttention's own create_block_mask of the rule
+    (which evaluates it at every pair), partial and full blocks alike."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from nanoseek.train.flex_mask import document_block_mask
+
+    torch.manual_seed(0)
+    for p in (0.0, 0.003, 0.02, 0.2):                             # one document per row .. many short ones
+        doc = torch.cumsum(torch.rand(2, 512) < p, 1)
+        ref = create_block_mask(lambda b, h, q, k: (doc[b, q] == doc[b, k]) & (k <= q), 2, None, 512, 512, device="cpu")
+        got = document_block_mask(doc)
+        assert torch.equal(got.to_dense(), ref.to_dense())
+        assert torch.equal(got.kv_num_blocks, ref.kv_num_blocks) and torch.equal(got.full_kv_num_blocks, ref.full_kv_num_blocks)

@@ -78,6 +78,7 @@ SCALE_FORMATS = ("fp32", "ue8m0")        # fp32 scales, or UE8M0 (powers of two)
 class Recipe:
     pow2_scales: bool = False      # UE8M0: scales rounded up to powers of two (V3.1-style)
     backend: str = "auto"
+    fused: bool | None = None      # quantize with the compiled one-pass kernels (default: on CUDA)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -184,8 +185,16 @@ def _retile_transposed(q: torch.Tensor, scale: torch.Tensor, pow2: bool):
 
 @functools.cache
 def _compiled(fn):
-    # dynamic shapes: the token count changes from call to call (routed experts)
-    return torch.compile(fn, dynamic=True)
+    """fn compiled once per process with dynamic shapes (token counts change from call to call), called
+    with plain tensors (parameters get static-shape guards: one recompile per weight shape) and autocast
+    off (forward runs under autocast, backward outside: a recompile each way otherwise)."""
+    compiled = torch.compile(fn, dynamic=True)
+
+    def call(*args):
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        with torch.autocast(args[0].device.type, enabled=False):
+            return compiled(*args)
+    return call
 
 
 def _fused_quantizer(block: tuple[int, int]):
@@ -371,8 +380,8 @@ _KERNELS = {"blockwise": _blockwise, "rowwise": functools.partial(_batched, _row
 class _FP8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, recipe: Recipe, out_dtype: torch.dtype):
-        xq = quantize(x, ACT, recipe.pow2_scales)
-        wq = quantize(w, WEIGHT, recipe.pow2_scales)
+        xq = quantize(x, ACT, recipe.pow2_scales, recipe.fused)
+        wq = quantize(w, WEIGHT, recipe.pow2_scales, recipe.fused)
         ctx.save_for_backward(xq.q, xq.scale, wq.q, wq.scale)    # FP8 activations for backward
         ctx.recipe, ctx.dtypes = recipe, (x.dtype, w.dtype)
         return matmul(xq, wq, out_dtype, recipe.backend)
@@ -383,12 +392,12 @@ class _FP8Matmul(torch.autograd.Function):
         r = ctx.recipe
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = matmul(quantize(dy, ACT, r.pow2_scales), QTensor(wq, ws, WEIGHT).T, ctx.dtypes[0], r.backend)
+            dx = matmul(quantize(dy, ACT, r.pow2_scales, r.fused), QTensor(wq, ws, WEIGHT).T, ctx.dtypes[0], r.backend)
         if ctx.needs_input_grad[1]:
             # 128x1 tiles of dy and x are 1x128 tiles of their transposes: quantized transposed, the
             # operands come out contiguous in the layout the GEMM reads
-            x_cols = retile_transposed(QTensor(xq, xs, ACT), r.pow2_scales)             # x^T (..., K, M)
-            dy_cols = quantize_transposed(dy, r.pow2_scales)                             # dy^T (..., N, M)
+            x_cols = retile_transposed(QTensor(xq, xs, ACT), r.pow2_scales, r.fused)     # x^T (..., K, M)
+            dy_cols = quantize_transposed(dy, r.pow2_scales, r.fused)                    # dy^T (..., N, M)
             dw = matmul(dy_cols, x_cols, torch.float32, r.backend)                       # (..., N, K)
             if wq.dim() == 2 and dw.dim() > 2:
                 dw = dw.sum(dim=tuple(range(dw.dim() - 2)))
@@ -447,7 +456,9 @@ class FP8Experts(Experts):
 
     def forward(self, x_TD, weights_TK, idx_TK, impl: str):
         mm = functools.partial(fp8_matmul, recipe=self.recipe)
-        return sorted_experts(x_TD, weights_TK, idx_TK, self.w13, self.w2, "padded", mm=mm)
+        # segments padded to whole 128-row groups: the wgrad GEMM's 1x128 tiles along tokens never
+        # need a tail, and the compiled quantizers see one shape family (no recompiles as loads change)
+        return sorted_experts(x_TD, weights_TK, idx_TK, self.w13, self.w2, "padded", mm=mm, pad_to=TILE)
 
 
 def _swap_block_modules(model: nn.Module, replace) -> int:

@@ -38,14 +38,10 @@ class DocumentMask:
 
     def __init__(self, doc_BT: torch.Tensor, compiled: bool = True):
         """`compiled=False`: eager FlexAttention (materialises the scores; for tests)."""
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        B, T = doc_BT.shape
+        from torch.nn.attention.flex_attention import flex_attention
         self.doc = doc_BT
         self.kernel = _compiled_flex() if compiled else flex_attention     # resolved outside any compiled region
-
-        def same_doc_causal(b, h, q, k):
-            return (doc_BT[b, q] == doc_BT[b, k]) & (k <= q)
-        self.block_mask = create_block_mask(same_doc_causal, B, None, T, T, device=doc_BT.device)
+        self.block_mask = document_block_mask(doc_BT)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q, k (B,H,T,N+R), v (B,H,T,V) -> (B,H,T,V). The inputs are made contiguous: inside a compiled
@@ -59,6 +55,35 @@ class DocumentMask:
         T = self.doc.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=self.doc.device).tril()
         return ((self.doc.unsqueeze(2) == self.doc.unsqueeze(1)) & causal).unsqueeze(1)
+
+
+def document_block_mask(doc_BT: torch.Tensor, block: int = 128):
+    """The BlockMask of causal attention within documents, from the documents' extents per block: a few
+    small tensor ops on (B, T/block, T/block) (`create_block_mask` evaluates the rule at all B*T*T
+    pairs: 8 ms per step for B8 x T2048 on an H200). Document ids never decrease along a row, so the
+    key block j <= query block i holds an allowed pair iff its last document >= the query block's first,
+    and is full (no rule to apply inside) iff both blocks hold one and the same document (j < i)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    B, T = doc_BT.shape
+    n = -(-T // block)
+    first = doc_BT[:, ::block]                                                    # (B, n)
+    last = doc_BT[:, torch.arange(1, n + 1, device=doc_BT.device).mul(block).clamp(max=T) - 1]
+    i = torch.arange(n, device=doc_BT.device)
+    below = i[None, :] < i[:, None]                                               # j < i, (n, n)
+    touch = (last[:, None, :] >= first[:, :, None]) & (below | torch.eye(n, dtype=torch.bool, device=doc_BT.device))
+    full = below & (last[:, :, None] == first[:, None, :])                        # one document over both blocks
+    if T % block:
+        full[:, :, -1] = False                                                    # the tail block is partial
+    partial = touch & ~full
+
+    def listed(m):                                                                # (counts, indices) per query block
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True)
+        return m.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    def same_doc_causal(b, h, q, k):
+        return (doc_BT[b, q] == doc_BT[b, k]) & (k <= q)
+    return BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=block, mask_mod=same_doc_causal,
+                                    seq_lengths=(T, T))
 
 
 def training_mask(x_BT: torch.Tensor, bos_id: int, flex: bool | None = None, compiled: bool = True):
