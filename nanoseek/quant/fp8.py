@@ -210,14 +210,16 @@ def quantize_transposed(x: torch.Tensor, pow2: bool = False, fused: bool = False
     weight-gradient GEMM's dy operand."""
     if fused and x.numel():
         return QTensor(*_compiled(_transposed_tiles)(x, pow2), ACT)
-    return quantize(x.mT, ACT, pow2, fused=False)
+    # 128x1 groups of x, transposed as a view: the same bits as quantizing a transposed copy in 1x128
+    # tiles, and 2x faster on CPU (a GEMM kernel that needs it contiguous copies 1-byte values then)
+    return quantize(x, COL, pow2).T
 
 
 def retile_transposed(t: QTensor, pow2: bool = False, fused: bool = False) -> QTensor:
     """x^T quantized in 1x128 tiles from x's 1x128-tiled FP8 `t` (the saved activation, for wgrad)."""
     if fused and t.q.numel():
         return QTensor(*_compiled(_retile_transposed)(t.q, t.scale, pow2), ACT)
-    return quantize(dequantize(t).mT, ACT, pow2, fused=False)
+    return quantize(dequantize(t), COL, pow2).T
 
 
 def e4m3_to_float(q: torch.Tensor) -> torch.Tensor:
