@@ -165,6 +165,7 @@ def _():
             fp8.enable_training(model)
         elif mode == "fp8_fused":
             fp8.convert(model, fp8.Recipe(fused=True))
+            torch._logging.set_logs(recompiles=True)      # to fp8.log: why a graph recompiled, if one does
         opt = build_optimizer(model, 1e-4)
         losses = []
 
