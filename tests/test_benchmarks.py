@@ -15,11 +15,12 @@ def test_bench_gpu_tiny_runs_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert res["env"]["tiny"] and res["env"]["commit"] and res["env"]["peak_flops"] > 0
-    for part in ("greedy_fp32_vs_hf", "moe", "train", "decode_small"):
+    for part in ("greedy_fp32_vs_hf", "attention", "moe", "train", "decode_small"):
         assert "error" not in res[part] and "skipped" not in res[part], res[part]
     assert res["greedy_fp32_vs_hf"] == {"identical": 8, "of": 8}
     assert max(res["moe"]["max_rel_diff"].values()) < 0.05 and res["moe"]["grouped"]["fwd_bwd_ms"] > 0
-    for mode in ("nanoseek_eager", "nanoseek_compiled", "hf"):
+    assert res["attention"]["sdpa_dense"]["fwd_bwd_ms"] > 0 and res["attention"]["block_mask_ms"] > 0
+    for mode in ("nanoseek_eager", "nanoseek_eager_dense", "nanoseek_compiled", "hf"):
         assert 0 < res["train"][mode]["mfu"] and res["train"][mode]["tok_s"] > 0, res["train"][mode]
     for b in ("b1", "b8"):
         d = res["decode_small"][b]
