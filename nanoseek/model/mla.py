@@ -88,8 +88,9 @@ class MLA(nn.Module):
     def forward(self, x, rot, cache: LatentCache | None = None, absorb: bool | None = None,
                 mask: torch.Tensor | None = None):
         """Without a cache: causal attention over x, or `mask` (B,1,T,T) e.g. document masking of
-        packed sequences (or an `AttentionMask` object, naive path only). With a cache: attend over cache + x. `absorb` picks the path (default:
-        absorbed for short steps against a cache - decode, speculative verification)."""
+        packed sequences (or an `AttentionMask` object, naive path only). With a cache: attend over
+        cache + x. `absorb` picks the path (default: absorbed for short steps against a cache - decode,
+        speculative verification)."""
         T = x.shape[1]
         if absorb is None:
             absorb = cache is not None and T <= 4
