@@ -33,7 +33,8 @@ def main():
     from bench_fp8 import cpu_name
     from nanoseek.inference.llm import LLM
     from nanoseek.inference.sampling import SamplingParams
-    from nanoseek.quant.fp8 import calc_diff, weight_bytes
+    from nanoseek.quant.fp8 import calc_diff
+    from nanoseek.quant.fp8_weights import weight_bytes
 
     tmp = tempfile.TemporaryDirectory()
     src = Path(args.model) if args.model else None

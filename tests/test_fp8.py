@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import nanoseek
 from nanoseek.model import Transformer
-from nanoseek.quant import fp8
+from nanoseek.quant import fp8, fp8_weights
 from conftest import randomize, random_cfg
 
 
@@ -291,10 +291,10 @@ def test_weight_only_fp8_inference_halves_weight_memory_and_tracks_bf16(tmp_path
         model = Transformer(cfg).init_weights(0).eval().to(torch.bfloat16)
         llm = llms[w] = LLM(model, compile=False, weights=w)
         outs[w] = llm.generate(prompts, sp)
-        mem[w] = fp8.weight_bytes(model) + llm.engine.runner.weights.derived_bytes()
+        mem[w] = fp8_weights.weight_bytes(model) + llm.engine.runner.weights.derived_bytes()
     assert mem["fp8"] < 0.6 * mem[None], mem          # e4m3 + scales; embedding, head, router, norms stay bf16
     fp8_model = llms["fp8"].model
-    assert any(isinstance(m, fp8.FP8WeightLinear) for m in fp8_model.modules())
+    assert any(isinstance(m, fp8_weights.FP8WeightLinear) for m in fp8_model.modules())
     assert fp8_model.head.weight.dtype == torch.bfloat16 and type(fp8_model.layers[1].ffn.gate).__name__ == "Gate"
     # the decode step (folded, fused fp8 weights) follows the quantized model's own forward
     for a, b in zip(outs[None], outs["fp8"]):
@@ -313,7 +313,7 @@ def test_weight_only_fp8_runner_step_equals_the_quantized_model():
     from nanoseek.inference.engine import Engine
     cfg = random_cfg(initializer_range=0.02)
     model = Transformer(cfg).init_weights(0).eval()
-    fp8.quantize_weights(model)
+    fp8_weights.quantize_weights(model)
     eng = Engine(model, compile=False, max_batch=4, autocast_dtype=torch.bfloat16)
     assert eng.runner.kinds == ["fp8"]
     ids = torch.tensor([[1, 4, 9, 16, 25]] * 4)

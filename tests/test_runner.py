@@ -130,7 +130,8 @@ def test_fp8_weight_moe_decode_paths_follow_the_quantized_model(path, monkeypatc
     """Weight-only FP8 (`quantize_weights`): each MoE decode path over the runner's e4m3 stacks equals
     the per-token reference of the quantized model (gather and capacity dequantize the same blocks; the
     fused dense GEMMs re-quantize the stacked matrix, so they agree to FP8 noise)."""
-    from nanoseek.quant.fp8 import calc_diff, quantize_weights
+    from nanoseek.quant.fp8 import calc_diff
+    from nanoseek.quant.fp8_weights import quantize_weights
     model = _model(initializer_range=0.02)
     quantize_weights(model)
     i = len(model.layers) - 1

@@ -102,11 +102,15 @@ def document_positions(ids_BT: torch.Tensor, bos_id: int):
     return idx - start, doc
 
 
+def causal_document_mask(doc_BT: torch.Tensor) -> torch.Tensor:
+    """(B,T) document index per token -> (B,1,T,T) bool: causal within a document, False across."""
+    T = doc_BT.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_BT.device).tril()
+    return ((doc_BT.unsqueeze(2) == doc_BT.unsqueeze(1)) & causal).unsqueeze(1)
+
+
 def document_mask(ids_BT: torch.Tensor, bos_id: int):
     """(B,T) ids -> positions (B,T) restarting at every BOS, and a (B,1,T,T) bool mask that is causal
     within a document and False across documents."""
-    T = ids_BT.shape[1]
     positions, doc = document_positions(ids_BT, bos_id)
-    same = doc.unsqueeze(2) == doc.unsqueeze(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=ids_BT.device).tril()
-    return positions, (same & causal).unsqueeze(1)
+    return positions, causal_document_mask(doc)

@@ -40,7 +40,7 @@ class Engine:
         """autocast_dtype: the compute dtype (None: measured per host - prefill in the faster of fp32
         and bf16 autocast, each decode GEMM in its fastest kernel; see `nanoseek.calibrate`).
         compile: the decode step's torch.compile policy (True / False / "auto", see runner/). A model
-        whose weights `nanoseek.quant.fp8.quantize_weights` converted (`LLM(weights="fp8")`) decodes
+        whose weights `nanoseek.quant.fp8_weights.quantize_weights` converted (`LLM(weights="fp8")`) decodes
         from e4m3 weights too.
         record_routing: keep every token's experts per MoE layer on its Sequence (`routing`), for routing
         replay in RL. The runner's fused decode paths do not expose routes, so such an engine decodes

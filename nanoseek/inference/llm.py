@@ -69,7 +69,7 @@ class LLM:
                     raise UserError(f"{model}: tokenizer files are invalid: {e}") from None
         self.tokenizer = tokenizer
         if weights == "fp8":
-            from ..quant.fp8 import quantize_weights
+            from ..quant.fp8_weights import quantize_weights
             quantize_weights(self.model)
         cache_dtype = {"fp8": torch.float8_e4m3fn, "auto": None, None: None}.get(kv_cache_dtype, None)
         if kv_cache_dtype not in ("fp8", "auto", None):

@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from ..data.loader import document_mask, document_positions
+from ..data.loader import causal_document_mask, document_mask, document_positions
 
 FLEX_MIN_T = 1024    # shorter windows keep the dense mask: its T^2 cost is small there, and each new
                      # shape costs a FlexAttention compile (~8 s on an H200 for MLA's head dims)
@@ -52,9 +52,7 @@ class DocumentMask:
 
     def dense(self) -> torch.Tensor:
         """The same mask as (B,1,T,T) bool (what `document_mask` gives)."""
-        T = self.doc.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=self.doc.device).tril()
-        return ((self.doc.unsqueeze(2) == self.doc.unsqueeze(1)) & causal).unsqueeze(1)
+        return causal_document_mask(self.doc)
 
 
 def document_block_mask(doc_BT: torch.Tensor, block: int = 128):

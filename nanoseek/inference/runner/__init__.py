@@ -53,7 +53,7 @@ import torch
 
 from ... import calibrate
 from ...common import progress
-from ...quant.fp8 import holds_fp8_weights
+from ...quant.fp8_weights import holds_fp8_weights
 from . import gemm
 from .step import decode_head, decode_hidden, greedy, speculate
 from .weights import DecodeWeights
@@ -69,10 +69,10 @@ COMPILED_SAVES = 0.5
 
 @functools.cache
 def traced_code_version() -> str:
-    """A hash of the source the compiled step traces (the runner, the cache, the model, FP8)."""
+    """A hash of the source the compiled step traces (the runner, the cache, the model, quantization)."""
     root = Path(__file__).resolve().parents[2]
     files = sorted([*root.glob("inference/runner/*.py"), root / "inference/cache.py", *root.glob("model/*.py"),
-                    root / "quant/fp8.py"])
+                    *root.glob("quant/*.py")])
     h = hashlib.sha1()
     for f in files:
         h.update(f.read_bytes())
@@ -82,7 +82,7 @@ def traced_code_version() -> str:
 class DecodeRunner:
     def __init__(self, model, cache, dtypes: tuple[torch.dtype, ...] = (torch.float32,),
                  compile: bool | str = "auto", max_batch: int = 64, cpp_wrapper: bool = True):
-        """A model with e4m3 weights (`quant.fp8.quantize_weights`) decodes with the fp8 GEMM kind alone:
+        """A model with e4m3 weights (`quant.fp8_weights.quantize_weights`) decodes with the fp8 GEMM kind alone:
         the derived weights stay e4m3 as well."""
         self.model, self.cache, self.max_batch = model, cache, max_batch
         self.device = model.device

@@ -214,6 +214,8 @@ class DecodeWeights:
         full = not only_missing or self.stale()
         key = self._version()
         self._tensors = {}
+        own = {p.untyped_storage().data_ptr() for p in list(self.model.parameters()) + list(self.model.buffers())}
+
         def keep(old, new):
             """new, or (in_place) its values written into `old`, a tensor this object made earlier (never
             into a tensor it only borrowed: a parameter, or a view of one, that the model may since
@@ -229,7 +231,6 @@ class DecodeWeights:
                 self._owned[id(new)] = new
             return new
 
-        own = {p.untyped_storage().data_ptr() for p in list(self.model.parameters()) + list(self.model.buffers())}
         with torch.autocast(self.device.type, enabled=False):
             for g in self.gemms.values():
                 dtypes = {gemm.storage(k) for k in g.kinds.values()}
