@@ -440,7 +440,7 @@ def greedy_fp32_part(b: Bench) -> dict:
 def profile_part(b: Bench) -> dict:
     """Where an eager training step's GPU time goes (the 1.71B model, B8 x T2048, bf16 autocast): the
     top CUDA kernels of one profiled step, grouped by name."""
-    from torch.profiler import ProfilerActivity, profile
+    from profiles import top_kernels
 
     from nanoseek.model import Transformer
     from nanoseek.train.optim import build_optimizer
@@ -455,23 +455,10 @@ def profile_part(b: Bench) -> dict:
     for _ in range(2):
         step()
     b.sync()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.dev.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        step()
-        b.sync()
-    attr = "device_time_total" if b.dev.type == "cuda" else "cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
-    # kernels only: the device time of aten ops and of annotations (Optimizer.step#AdamW.step) counts
-    # their kernels again (run 2 on the H200 listed both: its 233 ms total counted AdamW twice)
-    events = [e for e in events if not getattr(e, "is_user_annotation", False)]
-    if b.dev.type == "cuda":
-        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA] or events
-    events.sort(key=lambda e: -getattr(e, attr))
-    total = sum(getattr(e, attr) for e in events)
+    out = top_kernels(step, b.dev.type == "cuda")
     model = opt = None
     b.free()
-    return {"total_ms": round(total / 1e3, 1),
-            "top": [{"name": e.key[:90], "ms": round(getattr(e, attr) / 1e3, 2), "calls": e.count} for e in events[:25]]}
+    return out
 
 
 def main(argv=None) -> dict:

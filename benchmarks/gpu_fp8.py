@@ -71,6 +71,7 @@ def timed(fn, reps=20):
 
 
 from nanoseek.quant import fp8  # noqa: E402
+from profiles import top_kernels  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 @part("gemm")
@@ -104,22 +105,6 @@ def _():
         t = timed(lambda: fp8.quantize(x, fp8.ACT, fused=fused))
         out[name] = {"ms": round(t * 1e3, 3), "GB_per_s": round((x.numel() * 2 + x.numel()) / t / 1e9, 1)}
     return out
-
-
-def top_kernels(fn, n=15):
-    """The top device kernels of one call of fn, by total time (CPU ops on the dry run)."""
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
-    with profile(activities=acts) as prof:
-        fn()
-        sync()
-    attr = "device_time_total" if dev == "cuda" else "cpu_time_total"
-    ev = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0 and not getattr(e, "is_user_annotation", False)]
-    if dev == "cuda":
-        ev = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA] or ev
-    ev.sort(key=lambda e: -getattr(e, attr))
-    return {"total_ms": round(sum(getattr(e, attr) for e in ev) / 1e3, 1),
-            "top": [{"name": e.key[:80], "ms": round(getattr(e, attr) / 1e3, 2), "calls": e.count} for e in ev[:n]]}
 
 
 def host_profile(fn, n=20):
@@ -189,7 +174,7 @@ def _():
                      "first_loss": losses[0],
                      "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if dev == "cuda" else None}
         if mode.startswith("fp8"):
-            out[f"{mode}_top_kernels"] = top_kernels(step)
+            out[f"{mode}_top_kernels"] = top_kernels(step, dev == "cuda", n=15, name_chars=80)
             out[f"{mode}_host_top"] = host_profile(step)
         model = opt = None     # free before the next mode
         if dev == "cuda":

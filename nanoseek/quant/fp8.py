@@ -268,14 +268,16 @@ def emulated_matmul(a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Ten
 
 
 # Which CUDA kernels passed their first-use check in this process, per (device, kernel, operand
-# groups): a record of what the hardware and this torch build can do, like torch's own backend flags.
+# groups, whether the operands are batched): a record of what the hardware and this torch build can
+# do, like torch's own backend flags. Batched (expert) operands lay out their scales differently, so
+# they get their own check.
 _CUDA_OK: dict[tuple, bool] = {}
 
 
 def _cuda_matmul(a: QTensor, b: QTensor, out_dtype, backend: str) -> torch.Tensor | None:
     kinds = ["blockwise", "rowwise"] if backend == "auto" else [backend]
     for kind in kinds:
-        key = (a.q.device.index, kind, a.block, b.block)
+        key = (a.q.device.index, kind, a.block, b.block, a.q.dim() > 2 or b.q.dim() > 2)
         if _CUDA_OK.get(key) is False:
             continue
         try:
