@@ -142,8 +142,8 @@ def quantize(x: torch.Tensor, block: tuple[int, int], pow2: bool = False, fused:
     scale = torch.empty(*lead, nr, nc, device=x.device)
     for rs, cs, g, grs, gcs in _pieces(R, C, block):
         groups = _grouped(xf, rs, cs, g)
-        # max |x| as max(max x, -min x): two reads and no |x| temporary (6x faster than abs().amax() for
-        # fp32 on this project's Xeon; bit-identical)
+        # max |x| as max(max x, -min x): two reads and no |x| temporary (bit-identical; the whole call
+        # 27-29 vs 36-48 ms for 4096 x 2048 bf16 tiles on this project's Xeon, bench_fp8_quantize.py)
         s = torch.maximum(groups.amax(dim=(-3, -1)), groups.amin(dim=(-3, -1)).neg_()).clamp_(min=AMAX_FLOOR).div_(E4M3_MAX)
         if pow2:
             s = torch.exp2(torch.ceil(torch.log2(s)))
