@@ -2,6 +2,9 @@
 # One GPU lease, one command: issue 12's FP8 measurements, then issue 11's (bench_gpu.py), then
 # optionally the main job on the GPU. Each step is time-boxed so the whole fits SESSION_S seconds.
 #   PYTHONPATH=. [PARTS=train,decode_mid] bash benchmarks/gpu_session.sh [fp8] [bench] [r1]   # default: fp8 bench
+# Steps run in the order given. Env: SESSION_S (whole run, default 450), FP8_S (gpu_fp8.py's budget, 60),
+# BENCH_S (bench_gpu.py's budget; default what is left less 30 s), PARTS (bench_gpu.py --parts).
+# (On the device the copy of .git may be older than the tree: env.log's commit can then be stale.)
 # Everything lands in $OUT: gpu_fp8.json, bench_gpu.json, r1-zero's report.json/.md, and one log per step.
 set -u
 OUT=${OUT:-.}; mkdir -p "$OUT"
