@@ -201,6 +201,16 @@ def _gather_rows(x, src):
     return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, src.masked_fill(src < 0, R))
 
 
+def _grouped_swiglu(xs, w13, w2, dt, offs):
+    """The experts' SwiGLU over sorted segments ending at `offs`, two grouped GEMMs in dt. CPU: our
+    autograd function; CUDA: PyTorch's own derivative of _grouped_mm (what torchtitan uses)."""
+    glin = GroupedLinear.apply if xs.device.type == "cpu" else \
+        (lambda a, w, o: torch._grouped_mm(a, w.transpose(-2, -1), offs=o))
+    with torch.autocast(xs.device.type, enabled=False):
+        gate, up = glin(xs, w13.to(dt), offs).chunk(2, dim=-1)
+        return glin(F.silu(gate) * up, w2.to(dt), offs)
+
+
 def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None, pad_to: int = 32):
     """Pairs sorted by expert, each expert's contiguous segment through its SwiGLU:
     "grouped" one torch._grouped_mm per projection over all segments, forward and backward. Outside
@@ -210,8 +220,8 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None, pad_to
               GPUs want aligned groups. Against "padded", one layer fwd+bwd, 5,120 tokens, 2 cores
               (`bench_train_kernels.py`): the same speed in bf16 with balanced routes, 1.5x faster with
               skewed ones; 1.2x / 1.8x faster in fp32.
-    "padded"  every segment zero-padded to the longest one: two batched matmuls, autograd through them
-              and the index ops (exact: the padding is as long as the busiest expert needs). The
+    "padded"  every segment zero-padded to the longest one: two batched matmuls, the rows gathered
+              in and out as in "grouped" (exact: the padding is as long as the busiest expert needs). The
               padded length is rounded up to a multiple of `pad_to` (recurring shapes, as above; FP8
               asks for whole 128-row groups). Falls back
               to "loop" when padding would more than quadruple the work (a very unbalanced router).
@@ -231,60 +241,57 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None, pad_to
     rank = torch.arange(T * K, device=flat.device) - (counts.cumsum(0) - counts)[expert]   # within its segment
     # (index_select below, not x_TD[token]: its backward is an index_add; advanced indexing's backward is
     # an accumulating index_put, which sorts: measured 5 ms per call on a `small` training step)
-    if impl == "grouped":
-        dt = matmul_dtype(x_TD)
-        align = 1 if dt == torch.float32 and x_TD.device.type == "cpu" else 32
-        offs = counts.to(torch.int32).cumsum(0, dtype=torch.int32)
-        if align == 1:
-            xs = x_TD.index_select(0, token).to(dt)
-        else:
-            # segments padded to `align` rows; tokens cast before they are copied K times; both row
-            # maps gather forward and backward (RowGather)
+    C = -(-int(counts.max()) // pad_to) * pad_to if impl == "padded" else 0
+    if impl == "padded" and E * C > 4 * T * K:
+        impl = "loop"
+    dt = matmul_dtype(x_TD) if mm is _mm_t else x_TD.dtype    # (a plugged-in GEMM takes x as it is)
+    align = 1 if impl == "grouped" and dt == torch.float32 and x_TD.device.type == "cpu" else 32
+    if impl == "grouped" and align == 1:
+        ys = _grouped_swiglu(x_TD.index_select(0, token).to(dt), w13, w2, dt,
+                             counts.to(torch.int32).cumsum(0, dtype=torch.int32))
+    elif impl in ("grouped", "padded"):
+        # every expert's segment padded ("grouped": to a multiple of `align` rows; "padded": all to C
+        # rows, one batched matmul); tokens cast before they are copied K times; both row maps gather
+        # forward and backward (RowGather), no zero-filled buffer, no scatter-add
+        if impl == "grouped":
             sizes = (counts + align - 1) // align * align
             ends = sizes.cumsum(0)
-            slot = (ends - sizes)[expert] + rank                                # padded row of each pair
-            src = torch.full((int(ends[-1]),), -1, dtype=torch.long, device=flat.device)
-            src[slot] = token                                                   # token of each padded row
-            pair_slot = torch.empty_like(slot)
-            pair_slot[order] = slot                                             # padded row of pair (t, k)
-            xs = RowGather.apply(x_TD.to(dt), src, pair_slot.view(T, K))
-            offs = ends.to(torch.int32)
-        # CPU: our autograd function; CUDA: PyTorch's own derivative of _grouped_mm (what torchtitan uses)
-        glin = GroupedLinear.apply if xs.device.type == "cpu" else \
-            (lambda a, w, o: torch._grouped_mm(a, w.transpose(-2, -1), offs=o))
-        with torch.autocast(x_TD.device.type, enabled=False):
-            gate, up = glin(xs, w13.to(dt), offs).chunk(2, dim=-1)
-            ys = glin(F.silu(gate) * up, w2.to(dt), offs)
-        if align > 1:
-            # back to (token, k) order, weighted and summed over k: gathers, no scatter-add
-            pair_of_row = torch.full_like(src, -1)
-            pair_of_row[pair_slot] = torch.arange(T * K, device=flat.device)
-            y_TKD = RowGather.apply(ys, pair_slot, pair_of_row.unsqueeze(1)).view(T, K, -1)
-            # elementwise, not a (T,1,K) x (T,K,D) bmm: cuBLAS ran that as 16k tiny GEMMs (2.5 ms per
-            # layer on an H200, 8% of a training step)
-            return (y_TKD * weights_TK.to(ys.dtype).unsqueeze(2)).sum(dim=1)
+            starts, rows = ends - sizes, int(ends[-1])
+        else:
+            starts, rows = torch.arange(E, device=flat.device) * C, E * C
+        slot = starts[expert] + rank                                        # padded row of each pair
+        src = torch.full((rows,), -1, dtype=torch.long, device=flat.device)
+        src[slot] = token                                                   # token of each padded row
+        pair_slot = torch.empty_like(slot)
+        pair_slot[order] = slot                                             # padded row of pair (t, k)
+        xs = RowGather.apply(x_TD.to(dt), src, pair_slot.view(T, K))
+        if impl == "grouped":
+            ys = _grouped_swiglu(xs, w13, w2, dt, ends.to(torch.int32))
+        else:
+            gate, up = mm(xs.view(E, C, -1), w13.to(dt)).chunk(2, dim=-1)
+            ys = mm(F.silu(gate) * up, w2.to(dt)).reshape(E * C, -1)
+        # back to (token, k) order, weighted and summed over k: gathers, no scatter-add
+        pair_of_row = torch.full_like(src, -1)
+        pair_of_row[pair_slot] = torch.arange(T * K, device=flat.device)
+        y_TKD = RowGather.apply(ys, pair_slot, pair_of_row.unsqueeze(1)).view(T, K, -1)
+        # elementwise, not a (T,1,K) x (T,K,D) bmm: cuBLAS ran that as 16k tiny GEMMs (2.5 ms per
+        # layer on an H200, 8% of a training step)
+        return (y_TKD * weights_TK.to(ys.dtype).unsqueeze(2)).sum(dim=1)
     else:
         xs = x_TD.index_select(0, token)
         w13, w2 = w13.to(xs.dtype), w2.to(xs.dtype)
-        C = -(-int(counts.max()) // pad_to) * pad_to if impl == "padded" else 0
-        if impl == "padded" and E * C <= 4 * T * K:
-            slot = expert * C + rank                                            # row of each pair in (E*C)
-            buf = xs.new_zeros(E * C, xs.shape[1]).index_copy(0, slot, xs).view(E, C, -1)
-            gate, up = mm(buf, w13).chunk(2, dim=-1)
-            ys = mm(F.silu(gate) * up, w2).reshape(E * C, -1).index_select(0, slot)
-        else:
-            # unbind once: indexing w13[e] per expert would make autograd build a full-size zero
-            # gradient for every slice (measured: 42% of a `small` training step); unbind's backward
-            # stacks the per-expert gradients once
-            # (the same holds for slicing xs per expert, hence one split)
-            w13s, w2s = w13.unbind(0), w2.unbind(0)
-            sizes = counts.tolist()
-            outs = []
-            for e, x_e in enumerate(xs.split(sizes)):
-                if sizes[e]:
-                    gate, up = mm(x_e, w13s[e]).chunk(2, dim=-1)
-                    outs.append(mm(F.silu(gate) * up, w2s[e]))
-            ys = torch.cat(outs) if outs else xs.new_zeros(0, x_TD.shape[1])
+        # unbind once: indexing w13[e] per expert would make autograd build a full-size zero
+        # gradient for every slice (measured: 42% of a `small` training step); unbind's backward
+        # stacks the per-expert gradients once
+        # (the same holds for slicing xs per expert, hence one split)
+        w13s, w2s = w13.unbind(0), w2.unbind(0)
+        sizes = counts.tolist()
+        outs = []
+        for e, x_e in enumerate(xs.split(sizes)):
+            if sizes[e]:
+                gate, up = mm(x_e, w13s[e]).chunk(2, dim=-1)
+                outs.append(mm(F.silu(gate) * up, w2s[e]))
+        ys = torch.cat(outs) if outs else xs.new_zeros(0, x_TD.shape[1])
     ys = ys * weights_TK.flatten()[order].unsqueeze(1).to(ys.dtype)
     return torch.zeros_like(x_TD, dtype=ys.dtype).index_add_(0, token, ys)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .logprobs import token_logprob
+
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
 LEVELS = ("token", "sequence")
@@ -111,12 +113,11 @@ def token_logprobs(logits_fn, hidden: torch.Tensor, targets: torch.Tensor, tempe
     out, ent = [], []
     t = temperature if temperature > 0 else 1.0
     for i in range(0, hidden.shape[0], chunk):
-        logits = logits_fn(hidden[i: i + chunk]).float() / t
-        lse = torch.logsumexp(logits, dim=-1)
-        out.append(logits.gather(1, targets[i: i + chunk].unsqueeze(1)).squeeze(1) - lse)
+        logits = logits_fn(hidden[i: i + chunk])
+        out.append(token_logprob(logits, targets[i: i + chunk], 1.0 / t))       # one softmax, fwd + bwd
         if with_entropy:
             with torch.no_grad():
-                p = torch.softmax(logits, dim=-1)
-                ent.append(lse - (p * logits).sum(-1))
+                z = logits.float() / t
+                ent.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1))
     logp = torch.cat(out) if out else hidden.new_zeros(0)
     return (logp, torch.cat(ent) if ent else hidden.new_zeros(0)) if with_entropy else logp

@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..model import Transformer
 from ..model.moe import RoutingRecord, balance_loss
 from .flex_mask import training_mask
+from .logprobs import cross_entropy_sum
 
 
 def mtp_targets(batch: torch.Tensor, k: int, mask: torch.Tensor | None = None,
@@ -77,8 +77,7 @@ def head_losses(model: Transformer, h: torch.Tensor, batch: torch.Tensor, cfg, n
     V = model.cfg.vocab_size
 
     def ce(logits, target, count):
-        return F.cross_entropy(logits.float().view(-1, V), target.reshape(-1), ignore_index=-100,
-                               reduction="sum") / max(count, 1)
+        return cross_entropy_sum(logits.view(-1, V), target.reshape(-1)) / max(count, 1)
     losses = {"loss": ce(model.logits(h), y, norm.tokens)}
     if cfg.mtp_lambda > 0 and len(model.mtp):
         mtp = [ce(model.mtp_logits(hk, k), mtp_targets(batch, k, mask, doc), norm.mtp[k - 1])
