@@ -142,3 +142,7 @@ def test_row_gather_backward_is_index_select_backward():
     back[pair_rows.flatten(), 0] = torch.arange(T * K)
     ys = torch.randn(12, D, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda ys: RowGather.apply(ys, pair_rows.flatten(), back), (ys,))
+    # as sorted_experts calls it: maps known to hold no -1 skip the appended zero row, same values
+    assert torch.equal(RowGather.apply(x, src, pair_rows, True, False), y)
+    assert torch.autograd.gradcheck(lambda x: RowGather.apply(x, src, pair_rows, True, False), (x,))
+    assert torch.autograd.gradcheck(lambda ys: RowGather.apply(ys, pair_rows.flatten(), back, False, True), (ys,))

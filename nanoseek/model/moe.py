@@ -180,23 +180,28 @@ class RowGather(torch.autograd.Function):
     """y = x[src] with zero rows where src < 0, for a row map whose inverse is known: `back` (R, m) lists
     the y rows each x row went to (-1: none). The backward gathers too, dx[r] = sum_j dy[back[r, j]],
     instead of scatter-adding into x's rows as index_select's backward does (atomic adds: on an H200 the
-    MoE's bf16 index_add kernels took 16 of a step's ~220 ms)."""
+    MoE's bf16 index_add kernels took 16 of a step's ~220 ms). `src_holes` / `back_holes`: whether the
+    map may hold -1s; a map without them is a plain index_select (appending the zero row copies x: 6 ms
+    a call for GRPO's 20k-row combine on CPU)."""
 
     @staticmethod
-    def forward(ctx, x, src, back):
+    def forward(ctx, x, src, back, src_holes: bool = True, back_holes: bool = True):
         ctx.save_for_backward(back)
-        return _gather_rows(x, src)
+        ctx.back_holes = back_holes
+        return _gather_rows(x, src, src_holes)
 
     @staticmethod
     def backward(ctx, dy):
         (back,) = ctx.saved_tensors
         R, m = back.shape
-        dx = _gather_rows(dy, back.flatten()).view(R, m, -1)
-        return (dx.squeeze(1) if m == 1 else dx.sum(dim=1)), None, None
+        dx = _gather_rows(dy, back.flatten(), ctx.back_holes).view(R, m, -1)
+        return (dx.squeeze(1) if m == 1 else dx.sum(dim=1)), None, None, None, None
 
 
-def _gather_rows(x, src):
+def _gather_rows(x, src, holes: bool = True):
     """x[src] with zero rows where src < 0 (they read an appended zero row)."""
+    if not holes:
+        return x.index_select(0, src)
     R = x.shape[0]
     return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, src.masked_fill(src < 0, R))
 
@@ -264,7 +269,7 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None, pad_to
         src[slot] = token                                                   # token of each padded row
         pair_slot = torch.empty_like(slot)
         pair_slot[order] = slot                                             # padded row of pair (t, k)
-        xs = RowGather.apply(x_TD.to(dt), src, pair_slot.view(T, K))
+        xs = RowGather.apply(x_TD.to(dt), src, pair_slot.view(T, K), True, False)
         if impl == "grouped":
             ys = _grouped_swiglu(xs, w13, w2, dt, ends.to(torch.int32))
         else:
@@ -273,7 +278,7 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None, pad_to
         # back to (token, k) order, weighted and summed over k: gathers, no scatter-add
         pair_of_row = torch.full_like(src, -1)
         pair_of_row[pair_slot] = torch.arange(T * K, device=flat.device)
-        y_TKD = RowGather.apply(ys, pair_slot, pair_of_row.unsqueeze(1)).view(T, K, -1)
+        y_TKD = RowGather.apply(ys, pair_slot, pair_of_row.unsqueeze(1), False, True).view(T, K, -1)
         # elementwise, not a (T,1,K) x (T,K,D) bmm: cuBLAS ran that as 16k tiny GEMMs (2.5 ms per
         # layer on an H200, 8% of a training step)
         return (y_TKD * weights_TK.to(ys.dtype).unsqueeze(2)).sum(dim=1)
