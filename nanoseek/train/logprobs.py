@@ -7,8 +7,9 @@ logits: a cast to fp32, log-softmax (or logsumexp) forward, a zero-filled gradie
 log-softmax backward (a second exp), a cast back. Here the forward runs one softmax kernel (it reads
 bf16 logits and writes fp32 probabilities), reads the target's probability, and keeps
 d logp / d logits = scale * (onehot - p) in the logits' dtype; the backward scales it by the incoming
-gradient. Exact maths, tested against both references in fp32 and bf16; under bf16 autocast the kept
-gradient is rounded to bf16, as the cast's backward rounded it before.
+gradient. Exact maths, tested against both references in fp32 and bf16. Under bf16 autocast the kept
+gradient and its product with the incoming one are each rounded to bf16, where the cast's backward
+rounded once (a relative error of ~2^-8 at most, what the bf16 GEMM behind the logits sees anyway).
 
 log p is taken from the probability, which is exact to fp32 rounding while p is a normal float; rows
 whose target probability falls below 1e-30 (a log-probability under -69) are recomputed as
