@@ -16,8 +16,32 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:   # skip no-op casts (hot path)
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                return _RMSNormFn.apply(x, self.weight, self.eps)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm with its backward written out: gx = r * (gw' - xn * mean(gw' * xn)), gw' = g * w, from the
+    saved normalised input xn and 1/rms r. Autograd through F.rms_norm's CPU composite makes more passes:
+    forward + backward 1.8 vs 2.5 ms on (2048, 320) fp32, 3.8 vs 5.1 ms on (5120, 256) (2 cores, an
+    ad-hoc timing). Same values as F.rms_norm (tested, with gradcheck)."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps: float):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        xn = x * r
+        ctx.save_for_backward(xn, r, w)
+        return xn * w
+
+    @staticmethod
+    def backward(ctx, g):
+        xn, r, w = ctx.saved_tensors
+        gw = (g * xn).reshape(-1, xn.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        gxn = g * w
+        gx = (gxn - xn * (gxn * xn).mean(-1, keepdim=True)).mul_(r) if ctx.needs_input_grad[0] else None
+        return gx, gw, None
 
 
 class MLP(nn.Module):
