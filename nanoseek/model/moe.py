@@ -250,16 +250,15 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None, pad_to
     if impl == "padded" and E * C > 4 * T * K:
         impl = "loop"
     dt = matmul_dtype(x_TD) if mm is _mm_t else x_TD.dtype    # (a plugged-in GEMM takes x as it is)
-    align = 1 if impl == "grouped" and dt == torch.float32 and x_TD.device.type == "cpu" else 32
-    if impl == "grouped" and align == 1:
+    if impl == "grouped" and dt == torch.float32 and x_TD.device.type == "cpu":      # unpadded segments
         ys = _grouped_swiglu(x_TD.index_select(0, token).to(dt), w13, w2, dt,
                              counts.to(torch.int32).cumsum(0, dtype=torch.int32))
     elif impl in ("grouped", "padded"):
-        # every expert's segment padded ("grouped": to a multiple of `align` rows; "padded": all to C
+        # every expert's segment padded ("grouped": to a multiple of `pad_to` rows; "padded": all to C
         # rows, one batched matmul); tokens cast before they are copied K times; both row maps gather
         # forward and backward (RowGather), no zero-filled buffer, no scatter-add
         if impl == "grouped":
-            sizes = (counts + align - 1) // align * align
+            sizes = (counts + pad_to - 1) // pad_to * pad_to
             ends = sizes.cumsum(0)
             starts, rows = ends - sizes, int(ends[-1])
         else:

@@ -30,10 +30,10 @@ class _TokenLogprob(torch.autograd.Function):
         p = torch.softmax(z, dim=-1, dtype=torch.float32)                           # (M,V) fp32
         valid = targets != ignore_index
         tgt = targets.masked_fill(~valid, 0).unsqueeze(1)
-        p_y = p.gather(1, tgt).squeeze(1)
         if sync_free:        # a GPU: no host sync; logsumexp for every row (one more pass, cheap there)
             logp = z.gather(1, tgt).squeeze(1).float() - torch.logsumexp(z.float(), dim=-1)
         else:                # CPU: the probability's log, and the exact form only where it underflows
+            p_y = p.gather(1, tgt).squeeze(1)
             logp = p_y.log()
             tiny = valid & (p_y < TINY)
             if bool(tiny.any()):
