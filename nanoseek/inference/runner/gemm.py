@@ -9,13 +9,24 @@ depends on the host and on the shape; measured on one 2-core Xeon with AMX (us p
     64 x 1024 x 256         147             117               59               41
 
 so small GEMMs want fp32 (bf16 calls carry ~20 us of fixed cost there) and large ones bf16, while
-on an AMD host without AMX the MKL packs did not pay at all. The runner therefore picks a kernel
-per (weight, row count) by timing the candidates (`nanoseek.calibrate`, cached per host).
+on an AMD host without AMX the MKL packs did not pay at all. On an AVX2-only AMD EPYC (no avx512,
+so no bf16 kernels worth having: bf16 F.linear ran at a quarter of fp32's speed) MKL's fp32 GEMMs
+were slow at a few rows and oneDNN's own fp32 kernels on a packed weight won (best of 3 x 50
+calls, us per call, 2026-11-27):
+
+    rows x K x N        fp32 F.linear   fp32 MKL-packed   fp32 oneDNN-packed
+    8 x 256 x 4096          402             373              213
+    64 x 256 x 4096        2794            2933             1109
+    8 x 1024 x 256          150              87               76
+
+The runner therefore picks a kernel per (weight, row count) by timing the candidates
+(`nanoseek.calibrate`, cached per host).
 
     KINDS      fp32     F.linear in fp32
                mkl      fp32 on an MKL-packed weight (`torch.ops.mkl`); a pack serves one row count
                bf16     F.linear in bf16
                onednn   bf16 on a oneDNN-blocked weight (`torch.ops.mkldnn`); one pack serves all
+               onednn32 fp32 on a oneDNN-blocked weight (the same op, oneDNN's fp32 kernels)
                fp8      weight-only FP8 (`LLM(weights="fp8")`): the weight stays e4m3 with 128x128 block
                         scales (its "pack") and is dequantized to bf16 per GEMM - half the weight memory
                         of bf16, for a dequantization pass per GEMM
@@ -35,11 +46,11 @@ import torch.nn.functional as F
 from ...calibrate import best_time, remember
 from ...quant.fp8 import WEIGHT, QTensor, dequantize
 
-KINDS = ("fp32", "mkl", "bf16", "onednn", "fp8")
-DTYPE = {"fp32": torch.float32, "mkl": torch.float32, "bf16": torch.bfloat16, "onednn": torch.bfloat16,
-         "fp8": torch.bfloat16}           # the dtype the kernel computes in (its input's)
+KINDS = ("fp32", "mkl", "onednn32", "bf16", "onednn", "fp8")
+DTYPE = {"fp32": torch.float32, "mkl": torch.float32, "onednn32": torch.float32, "bf16": torch.bfloat16,
+         "onednn": torch.bfloat16, "fp8": torch.bfloat16}   # the dtype the kernel computes in (its input's)
 STORAGE = {"fp8": torch.float8_e4m3fn}    # the weight's dtype in memory where it differs from DTYPE
-PACKED = {"mkl": 0, "onednn": 1}          # the op's `kind` argument
+PACKED = {"mkl": 0, "onednn": 1, "onednn32": 1}   # the op's `kind` argument (oneDNN's op takes either dtype)
 
 
 def storage(kind: str) -> torch.dtype:
@@ -57,6 +68,8 @@ def available(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> list[str
     if device.type == "cpu":
         if HAS_MKL and torch.float32 in dtypes:
             kinds.append("mkl")
+        if HAS_ONEDNN and torch.float32 in dtypes:
+            kinds.append("onednn32")
         if HAS_ONEDNN and torch.bfloat16 in dtypes and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             kinds.append("onednn")
     return kinds
@@ -66,7 +79,7 @@ def pack(w: torch.Tensor, kind: str, rows: int) -> torch.Tensor | None:
     """w (N, K) in the kernel's dtype -> its packed form (a tensor in MKL's / oneDNN's own layout)."""
     if kind == "mkl":
         return torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), rows)
-    if kind == "onednn":
+    if kind in ("onednn", "onednn32"):
         return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
     return None
 

@@ -1,5 +1,5 @@
 // nanoseek::packed_linear in C++: y = x @ w.T on a weight packed ahead of time (kind 0: MKL sgemm pack,
-// kind 1: oneDNN-blocked bf16). Stateless: the runner owns the packs and passes them in. Registered for
+// kind 1: oneDNN-blocked, bf16 or fp32). Stateless: the runner owns the packs and passes them in. Registered for
 // the CPU and MkldnnCPU keys (the packs are mkldnn-layout tensors), so a compiled decode step's C++
 // wrapper calls the kernel without a round trip into Python (~5 us per call, ~20 calls a step).
 #include <ATen/ATen.h>
