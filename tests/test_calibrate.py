@@ -55,7 +55,8 @@ def test_training_compile_policy_waits_until_it_pays(monkeypatch):
     from nanoseek.model import Transformer
     from nanoseek.train import compiled
 
-    monkeypatch.setattr(compiled.calibrate, "lookup", lambda device, key: 10.0)     # 10 s to compile
+    monkeypatch.setattr(compiled.calibrate, "lookup",       # 10 s to compile, no gain measured yet
+                        lambda device, key: None if key.endswith("|gain") else 10.0)
     model = Transformer(random_cfg())
     short = compiled.StepCompiler(model, "auto", "k")
     for step in range(1, 6):
@@ -67,6 +68,33 @@ def test_training_compile_policy_waits_until_it_pays(monkeypatch):
     assert long.compiled and model.layers[0]._compiled_call_impl is not None
     assert not compiled.StepCompiler(Transformer(random_cfg()), "off", "k").compiled
     assert compiled.StepCompiler(Transformer(random_cfg()), "on", "k").compiled
+
+
+@pytest.mark.parametrize("compiled_s,stays", [(0.5, False), (0.3, True)])
+def test_training_compile_policy_measures_the_gain(compiled_s, stays, tmp_path, monkeypatch):
+    """auto times its first compiled steps against the eager ones: a gain under MIN_GAIN (a host whose
+    step is bound by GEMMs inductor does not touch) goes back to the eager blocks and expert path, and
+    the next run on this host reads the measured gain instead of EXPECTED_GAIN."""
+    from conftest import random_cfg
+    from nanoseek.model import Transformer
+    from nanoseek.train import compiled
+
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    model = Transformer(random_cfg())
+    impls = [b.ffn.impl for b in model.blocks() if hasattr(b.ffn, "impl")]
+    c = compiled.StepCompiler(model, "auto", "k")
+    steps = [0.5] * 3 + [30.0] + [compiled_s] * 3        # eager, eager, eager, compiling, compiled x 3
+    for step, s in enumerate(steps, 1):
+        c.after_step(step, 10_000, s)
+    assert c.compiled == stays
+    assert (model.layers[0]._compiled_call_impl is not None) == stays
+    assert stays or [b.ffn.impl for b in model.blocks() if hasattr(b.ffn, "impl")] == impls
+    gain = compiled.calibrate.lookup(torch.device("cpu"), "train-compile|k|gain")
+    assert gain == pytest.approx(1 - compiled_s / 0.5)
+    again = compiled.StepCompiler(Transformer(random_cfg()), "auto", "k")
+    for step in range(1, 6):
+        again.after_step(step, 10_000, 0.5)
+    assert again.compiled == stays
 
 
 def test_cpu_allocator_tuning_applies_in_a_fresh_process():
