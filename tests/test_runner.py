@@ -265,6 +265,7 @@ def test_auto_compile_with_a_known_horizon_weighs_the_steps_left(monkeypatch):
     runner = DecodeRunner(model, cache, (torch.float32,), compile="auto", max_batch=2)
     monkeypatch.setattr(runner, "_expected_compile_s", lambda kind, Bp: 10.0)
     key = ("decode", 2)
+    runner._saves[key] = 0.5                              # not what a run on this host may have measured
     runner._eager_s[(None, *key)] = 4.0                   # ski rental (no horizon): 4 < 10 s, not yet
     assert not runner._pays(key)
     runner.horizon = (0, 100, "rollout")
@@ -278,6 +279,31 @@ def test_auto_compile_with_a_known_horizon_weighs_the_steps_left(monkeypatch):
     runner.horizon = None
     runner._eager_s[(None, *key)] = 10.0
     assert runner._pays(key)
+
+
+def test_auto_compile_uses_the_saving_measured_on_this_host(tmp_path, monkeypatch):
+    """After SAVES_STEPS compiled steps of a bucket that also ran eagerly, the measured saving (1 -
+    compiled / eager seconds per step) is stored per host, and a later runner weighs its horizon with
+    it instead of COMPILED_SAVES."""
+    import nanoseek.inference.runner as runner_mod
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    model = _model()
+    cfg = model.cfg
+    cache = LatentCache(cfg.num_hidden_layers, 2, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim, torch.float32)
+    runner = DecodeRunner(model, cache, (torch.float32,), compile=False, max_batch=2)
+    key = ("decode", 2)
+    runner._eager_s[("rollout", *key)], runner._eager_n[key] = 8.0, 10              # 0.8 s an eager step
+    for _ in range(runner_mod.SAVES_STEPS):
+        runner._note_compiled_step(key, 0.6)                                         # 0.6 s compiled: saves 25%
+    fresh = DecodeRunner(model, cache, (torch.float32,), compile=False, max_batch=2)
+    assert fresh._expected_saves(*key) == pytest.approx(0.25)
+    assert fresh._expected_saves("decode", 1) == runner_mod.COMPILED_SAVES           # not measured
+    monkeypatch.setattr(fresh, "_expected_compile_s", lambda kind, Bp: 10.0)
+    fresh._eager_s[("rollout", *key)] = 4.0
+    fresh.horizon = (2, 23, "rollout")      # 2 s a unit x 21 left: x 0.5 = 21 > 20 would compile; x 0.25 does not
+    assert not fresh._pays(key)
+    fresh.horizon = (2, 43, "rollout")      # 41 left x 2 x 0.25 = 20.5 > 20
+    assert fresh._pays(key)
 
 
 def test_in_place_sync_keeps_addresses_and_follows_the_model():

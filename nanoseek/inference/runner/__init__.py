@@ -39,6 +39,10 @@ COMPILED_SAVES, exceeds twice the cost (the margin the training-step compiler us
 estimate, and a job's batches shrink into other buckets as sequences finish). A short run never
 compiles; a long one compiles after its first units. (Without the margin, the main job's 40 GRPO
 steps compiled their rollout buckets cold at step 2 and its RL phase took 121 instead of 72 s.)
+The saving is measured too (CPU): once a bucket has run SAVES_STEPS compiled steps after eager ones,
+1 - compiled / eager time per step is stored per host, and later processes use it instead of
+COMPILED_SAVES (on an AVX2-only AMD EPYC the benchmark model's compiled steps saved 0.32 / 0.44 /
+0.59 at batch 64 / 8 / 1, against the Xeon's 0.51 / 0.61 / 0.71).
 `warmup()` compiles chosen buckets up front (the server does, at start-up).
 """
 from __future__ import annotations
@@ -65,6 +69,7 @@ COLD_COMPILE_S = 20.0
 # On an H200 the CUDA graphs saved more, 0.85-0.9 (bench_gpu.py, benchmark model); the policy keeps the
 # conservative CPU figure, so GPU rollouts compile later than they could.
 COMPILED_SAVES = 0.5
+SAVES_STEPS = 32          # compiled steps of a bucket (after eager ones) before its saving is stored
 
 
 @functools.cache
@@ -121,6 +126,9 @@ class DecodeRunner:
         # training rollouts each judge their own future
         self.horizon: tuple[int, int, str] | None = None
         self._eager_s: dict[tuple[str | None, str, int], float] = {}
+        self._eager_n: dict[tuple[str, int], int] = {}                 # eager steps per (kind, bucket)
+        self._compiled_t: dict[tuple[str, int], list] = {}            # [seconds, steps] after the first
+        self._saves: dict[tuple[str, int], float] = {}                # measured saving, read from disk once
         self._spans: dict[int, torch.Tensor] = {}
         self.stats = {"compile_s": {}, "eager_steps": 0, "compiled_steps": 0, "syncs": 0,
                       "overflow_reruns": 0}
@@ -203,6 +211,7 @@ class DecodeRunner:
         self.stats["eager_steps"] += 1
         ekey = (self.horizon[2] if self.horizon else None, *key)
         self._eager_s[ekey] = self._eager_s.get(ekey, 0.0) + time.perf_counter() - t
+        self._eager_n[key] = self._eager_n.get(key, 0) + 1
         return out
 
     def _run_compiled(self, key: tuple[str, int], T: int, ids: list[int], lengths: list[int], W, plan):
@@ -245,6 +254,8 @@ class DecodeRunner:
             self.stats["compile_s"][f"{kind}{Bp}"] = took
             calibrate.store(self.device, self._compile_key(kind, Bp), took)
             self._expected_s[key] = took
+        elif self.device.type == "cpu" and self._eager_n.get(key):    # (a CUDA graph replay returns early)
+            self._note_compiled_step(key, time.perf_counter() - t)
         self._checked.add(key)
         self.stats["compiled_steps"] += 1
         if flags and bool(torch.stack(flags).any()):
@@ -262,7 +273,26 @@ class DecodeRunner:
             return self._eager_s.get((None, *key), 0.0) >= cost
         done, total, phase = self.horizon
         spent = self._eager_s.get((phase, *key), 0.0)
-        return done > 0 and spent / done * (total - done) * COMPILED_SAVES > 2 * cost
+        return done > 0 and spent / done * (total - done) * self._expected_saves(*key) > 2 * cost
+
+    def _note_compiled_step(self, key: tuple[str, int], seconds: float) -> None:
+        """Time a compiled step; after SAVES_STEPS of them, store the saving against this bucket's
+        eager steps for later processes (module docstring)."""
+        acc = self._compiled_t.setdefault(key, [0.0, 0])
+        acc[0] += seconds
+        acc[1] += 1
+        if acc[1] == SAVES_STEPS:
+            eager = sum(v for k, v in self._eager_s.items() if k[1:] == key) / self._eager_n[key]
+            saves = round(max(0.0, 1 - acc[0] / acc[1] / eager), 3)
+            calibrate.store(self.device, self._compile_key(*key) + "|saves", saves)
+
+    def _expected_saves(self, kind: str, Bp: int) -> float:
+        """The share of an eager step a compiled one saved the last time on this host (COMPILED_SAVES
+        before it was measured)."""
+        if (kind, Bp) not in self._saves:
+            hit = calibrate.lookup(self.device, self._compile_key(kind, Bp) + "|saves")
+            self._saves[(kind, Bp)] = float(hit) if hit is not None else COMPILED_SAVES
+        return self._saves[(kind, Bp)]
 
     def _compile_key(self, kind: str, Bp: int) -> str:
         """Per model shape, kernels, bucket and version of the traced code: a measured compile time
