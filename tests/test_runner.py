@@ -175,6 +175,21 @@ def test_decode_step_equals_model_forward(kw):
     torch.testing.assert_close(logps, full.log_softmax(-1).max(-1).values, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind,compiled", [(k, False) for k in FP32] + [(k, True) for k in FP32 if k in gemm.PACKED])
+def test_every_fp32_kernel_through_the_whole_step_equals_model_forward(kind, compiled, monkeypatch):
+    """Each fp32 GEMM kernel, forced on every GEMM of the step (the calibration picks per host, so a test
+    that lets it choose may never run some of them), gives the model's logits; packed kernels also from
+    the compiled step, where the C++ op calls them."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(gemm, "fastest", lambda device, rows, K, N, kinds, measured=None:
+                        kind if kind in kinds else kinds[0])
+    logits, full, _, _, runner = _prefill_then_step(_model(), (torch.float32,), compile=compiled, with_runner=True)
+    plan = runner.plan(runner.bucket(3))
+    assert {v for n, v in plan.items() if not n.endswith((".path", ".experts", ".router"))} == {kind}  # router: fp32
+    assert runner.stats["compiled_steps" if compiled else "eager_steps"] == 1
+    assert (logits - full).abs().max() < 1e-4
+
+
 def test_decode_step_in_mixed_precision_is_close():
     """With every kernel allowed (bf16 GEMMs where faster here) the step stays close to fp32."""
     model = _model()
