@@ -47,7 +47,7 @@ class StepCompiler:
         self._eager_s: list[float] = []
         self._compiled_s: list[float] = []
         self._compiled_at: float | None = None
-        self._eager_impl: dict = {}      # MoE blocks whose expert path compiling changed -> the old one
+        self._padded: list = []          # MoE layers whose expert path compile() set to "padded" (from None)
         if policy == "on":
             self.compile()
 
@@ -60,7 +60,7 @@ class StepCompiler:
             # the meta kernel of _grouped_mm accepts bf16 only, so an fp32 run would fail to trace (on
             # CUDA grouped GEMMs run in bf16 only, `grouped_gemm_ok`, and stay)
             if getattr(block.ffn, "impl", False) is None and block.ffn.experts.w13.device.type == "cpu":
-                self._eager_impl[block.ffn] = block.ffn.impl
+                self._padded.append(block.ffn)
                 block.ffn.impl = "padded"
             block.compile()
         self.compiled = True
@@ -70,9 +70,9 @@ class StepCompiler:
         """Back to the eager blocks (and their expert paths)."""
         for block in self.model.blocks():
             block._compiled_call_impl = None          # what nn.Module.compile() set
-        for ffn, impl in self._eager_impl.items():
-            ffn.impl = impl
-        self._eager_impl.clear()
+        for ffn in self._padded:
+            ffn.impl = None
+        self._padded.clear()
         self.compiled = False
 
     def after_step(self, step: int, max_steps: int, seconds: float) -> None:
