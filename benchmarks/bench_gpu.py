@@ -62,6 +62,7 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermedi
             tie_word_embeddings=False)
 
 
+TRAIN_MODES = ("eager", "eager_dense", "compiled")       # the train part's nanoseek contenders
 PARTS = ("greedy_fp32_vs_hf", "attention", "moe", "train", "decode_small", "decode_mid", "profile")
 
 
@@ -223,7 +224,7 @@ def train_part(b: Bench) -> dict:
     hf = hopt = None
     b.free()
     from nanoseek.train import flex_mask
-    for mode in ("eager", "eager_dense", "compiled"):
+    for mode in b.args.train_modes.split(","):
         if b.left() < 60:
             out[f"nanoseek_{mode}"] = {"skipped": "out of time"}
             continue
@@ -251,7 +252,7 @@ def train_part(b: Bench) -> dict:
         model = opt = None
         b.free()
     flex_mask.FLEX_MIN_T = 1024
-    for mode in ("eager", "eager_dense", "compiled"):
+    for mode in TRAIN_MODES:
         if "step_s" in out.get(f"nanoseek_{mode}", {}):
             out[f"nanoseek_{mode}"]["speedup_vs_hf"] = round(out["hf"]["step_s"] / out[f"nanoseek_{mode}"]["step_s"], 2)
     return out
@@ -467,8 +468,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run; parts past it are skipped")
     ap.add_argument("--parts", default="", help="comma-separated parts to run (default: all but profile): "
                     + ", ".join(PARTS))
+    ap.add_argument("--train-modes", default=",".join(TRAIN_MODES),
+                    help="the train part's nanoseek contenders, comma-separated (HF always runs): "
+                    + ", ".join(TRAIN_MODES) + " (compiled compiles a block forward + backward: ~90 s cold with --tiny "
+                    "on a 2-core CPU)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for bench_gpu.json")
     args = ap.parse_args(argv)
+    bad_modes = set(args.train_modes.split(",")) - set(TRAIN_MODES)
+    if bad_modes:
+        ap.error(f"--train-modes: unknown {', '.join(sorted(bad_modes))}; choose from {', '.join(TRAIN_MODES)}")
     unknown = set(args.parts.split(",")) - set(PARTS) if args.parts else set()
     if unknown:
         ap.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")

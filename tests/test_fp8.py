@@ -360,14 +360,13 @@ def test_fp8_training_compiles(tmp_path):
     assert abs(a["final_loss"] - b["final_loss"]) < 1e-3 * a["final_loss"]
 
 
-def test_gpu_fp8_script_runs_dry_on_cpu(tmp_path):
-    """benchmarks/gpu_fp8.py is run once in a session with a GPU; its toy-size CPU mode keeps it working."""
+def run_gpu_fp8_dry(tmp_path, modes: str) -> dict:
     import os
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "GPU_FP8_DRY": "1", "OUT": str(tmp_path), "PYTHONPATH": str(root)}
+    env = {**os.environ, "GPU_FP8_DRY": "1", "GPU_FP8_MODES": modes, "OUT": str(tmp_path), "PYTHONPATH": str(root)}
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_fp8.py")], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -375,6 +374,34 @@ def test_gpu_fp8_script_runs_dry_on_cpu(tmp_path):
     for part in ("gemm", "quantize", "train_step"):
         assert "error" not in res[part], res[part]
     assert all(g["calc_diff_vs_bf16_unquantized"] < 2e-3 for g in res["gemm"])
+    for mode in modes.split(","):
+        assert res["train_step"][mode]["s_per_step"] > 0, res["train_step"][mode]
+    return res
+
+
+def test_gpu_fp8_script_runs_dry_on_cpu(tmp_path):
+    """benchmarks/gpu_fp8.py is run once in a session with a GPU; its toy-size CPU mode keeps it working
+    (the fused-quantizer training step compiles for ~2 minutes on 2 cores: the slow test below runs it)."""
+    res = run_gpu_fp8_dry(tmp_path, "bf16,fp8")
+    assert "fp8_fused" not in res["train_step"] and res["train_step"]["fp8_speedup"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_fp8_script_runs_dry_on_cpu_with_fused_quantizers(tmp_path):
+    res = run_gpu_fp8_dry(tmp_path, "bf16,fp8,fp8_fused")
+    assert res["train_step"]["fp8_fused_speedup"] > 0
+
+
+def test_gpu_fp8_script_rejects_unknown_modes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_fp8.py")], capture_output=True, text=True,
+                       env={**os.environ, "GPU_FP8_DRY": "1", "GPU_FP8_MODES": "bf16,fp9", "OUT": str(tmp_path),
+                            "PYTHONPATH": str(root)}, timeout=120)
+    assert r.returncode == 1 and "GPU_FP8_MODES=bf16,fp9" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("M,N,K", [(8192, 36864, 7168), (100, 300, 768), (64, 2048, 1000)])
