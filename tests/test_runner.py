@@ -13,7 +13,7 @@ from nanoseek.model import Transformer
 from nanoseek.model.moe import moe_reference, route
 
 CPU = torch.device("cpu")
-FP32 = [k for k in gemm.available(CPU, (torch.float32,))]             # fp32, mkl, onednn32 where built
+FP32 = [k for k in gemm.available(CPU, (torch.float32,))]       # fp32, mkl, onednn32, panel where built
 ALL = gemm.available(CPU, (torch.float32, torch.bfloat16))
 
 
@@ -38,6 +38,25 @@ def test_gemm_kernels_equal_linear(kind):
     x3 = torch.randn(2, 4, 48).to(dt)                       # leading dims are flattened and restored
     y3 = gemm.linear(x3, w, gemm.pack(w, kind, 8), kind)
     assert y3.shape == (2, 4, 96)
+
+
+@pytest.mark.skipif("panel" not in FP32, reason="the panel kernel needs an x86-64 CPU with AVX2 and a C++ compiler")
+def test_panel_kernel_every_tile_and_tail():
+    """The panel kernel's tiles (4 panels at 1 row, 2 at 2, 1 at 3-4, row chunks of 4 beyond), a last panel
+    with fewer than 16 real columns, K not a multiple of 8, a weight big enough to split over threads;
+    and the same pack through the op's Python implementation."""
+    torch.manual_seed(0)
+    for N, K in ((100, 37), (16, 8), (5, 130), (1030, 64)):
+        w = torch.randn(N, K)
+        packed = gemm.pack(w, "panel", 1)
+        assert packed.shape == (-(-N // 16), K, 16) and packed.is_contiguous()
+        for rows in range(1, 10):
+            x = torch.randn(rows, K)
+            ref = F.linear(x, w)
+            torch.testing.assert_close(gemm.linear(x, w, packed, "panel"), ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gemm._packed_linear(x, packed, w, 2), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="panel kernel"):        # a pack of the wrong shape is refused
+        gemm.linear(torch.randn(2, 37), torch.randn(100, 37), torch.randn(7, 36, 16), "panel")
 
 
 def test_kernel_choice_is_measured_once_and_cached(tmp_path, monkeypatch):

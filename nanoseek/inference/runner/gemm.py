@@ -19,6 +19,18 @@ calls, us per call, 2026-11-27):
     64 x 256 x 4096        2794            2933             1109
     8 x 1024 x 256          150              87               76
 
+At 2-8 rows every library kernel there did worse than the weight's size suggests (MKL's sgemm runs
+2 x 256 x 4096 at 2x its 1-row time), so the runner has its own: fp32 on the weight packed in 16-column
+panels, AVX2 tiles of up to 4 rows x 64 columns (`packed_linear.cpp`). Same host, best of 2 x 7 x 200
+calls, us per call:
+
+    rows x K x N        fp32 F.linear   fp32 panel
+    1 x 256 x 4096          121             73
+    2 x 256 x 4096          230             74
+    4 x 256 x 4096          311            113
+    8 x 256 x 4096          309            210        (oneDNN fp32 213, timed on another day)
+    2 x 128 x 768            28             15
+
 The runner therefore picks a kernel per (weight, row count) by timing the candidates
 (`nanoseek.calibrate`, cached per host).
 
@@ -27,6 +39,8 @@ The runner therefore picks a kernel per (weight, row count) by timing the candid
                bf16     F.linear in bf16
                onednn   bf16 on a oneDNN-blocked weight (`torch.ops.mkldnn`); one pack serves all
                onednn32 fp32 on a oneDNN-blocked weight (the same op, oneDNN's fp32 kernels)
+               panel    fp32 on the weight in 16-column panels, nanoseek's AVX2 kernel (x86-64 CPUs with
+                        AVX2 and FMA, where packed_linear.cpp builds); one pack serves all row counts
                fp8      weight-only FP8 (`LLM(weights="fp8")`): the weight stays e4m3 with 128x128 block
                         scales (its "pack") and is dequantized to bf16 per GEMM - half the weight memory
                         of bf16, for a dequantization pass per GEMM
@@ -41,6 +55,7 @@ engine that shares its model with a trainer cannot use).
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +63,13 @@ import torch.nn.functional as F
 from ...calibrate import best_time, remember
 from ...quant.fp8 import WEIGHT, QTensor, dequantize
 
-KINDS = ("fp32", "mkl", "onednn32", "bf16", "onednn", "fp8")
-DTYPE = {"fp32": torch.float32, "mkl": torch.float32, "onednn32": torch.float32, "bf16": torch.bfloat16,
-         "onednn": torch.bfloat16, "fp8": torch.bfloat16}   # the dtype the kernel computes in (its input's)
+KINDS = ("fp32", "mkl", "onednn32", "panel", "bf16", "onednn", "fp8")
+DTYPE = {"fp32": torch.float32, "mkl": torch.float32, "onednn32": torch.float32, "panel": torch.float32,
+         "bf16": torch.bfloat16, "onednn": torch.bfloat16, "fp8": torch.bfloat16}   # the kernel's input dtype
 STORAGE = {"fp8": torch.float8_e4m3fn}    # the weight's dtype in memory where it differs from DTYPE
 ROUNDS = 3                                # timing rounds per candidate when choosing a kernel
-PACKED = {"mkl": 0, "onednn": 1, "onednn32": 1}   # the op's `kind` argument (oneDNN's op takes either dtype)
+PACKED = {"mkl": 0, "onednn": 1, "onednn32": 1, "panel": 2}   # the op's `kind` (oneDNN's op takes either dtype)
+PANEL = 16                                # columns per panel of the panel kernel's pack
 
 
 def storage(kind: str) -> torch.dtype:
@@ -62,6 +78,8 @@ def storage(kind: str) -> torch.dtype:
 
 HAS_MKL = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+HAS_AVX2 = platform.machine().lower() in ("x86_64", "amd64") and \
+    torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def available(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> list[str]:
@@ -75,6 +93,8 @@ def available(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> list[str
             kinds.append("onednn32")
         if HAS_ONEDNN and torch.bfloat16 in dtypes and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             kinds.append("onednn")
+        if HAS_AVX2 and torch.float32 in dtypes and load_native():
+            kinds.append("panel")
     return kinds
 
 
@@ -84,6 +104,11 @@ def pack(w: torch.Tensor, kind: str, rows: int) -> torch.Tensor | None:
         return torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), rows)
     if kind in ("onednn", "onednn32"):
         return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
+    if kind == "panel":             # (ceil(N/16), K, 16): panel p = w[16p : 16p + 16].T, zero-padded columns
+        N, K = w.shape
+        padded = w.new_zeros(-(-N // PANEL) * PANEL, K)
+        padded[:N] = w
+        return padded.view(-1, PANEL, K).transpose(1, 2).contiguous()
     return None
 
 
@@ -101,6 +126,8 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, w: torch.Tensor, kind:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if kind == 0:
         y = torch.ops.mkl._mkl_linear(x2, packed, w, None, x2.shape[0])
+    elif kind == 2:     # the panel layout by torch ops (only where the C++ kernel is not loaded: slow)
+        y = torch.matmul(x2, packed).transpose(0, 1).reshape(x2.shape[0], -1)[:, : w.shape[0]]
     else:
         y = torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "")
     return y.view(*x.shape[:-1], w.shape[0])
@@ -118,10 +145,12 @@ def _(x, packed, w, kind):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
+@functools.cache        # one build attempt per process (a failed one warns once)
 def load_native() -> bool:
     """Build (once per machine, ~40 s, cached by torch) and load packed_linear.cpp, the same kernel in
-    C++: from a compiled step's C++ wrapper it then never enters Python. False, with a warning, where it
-    cannot be built (no compiler or ninja): the Python kernel above does the same work, slower."""
+    C++ (and the panel kernel, which exists only there): from a compiled step's C++ wrapper it then never
+    enters Python. False, with a warning, where it cannot be built (no compiler or ninja): the Python
+    kernel above does the same work, slower, and the runner does without the panel kind."""
     import warnings
     from pathlib import Path
 
@@ -130,7 +159,7 @@ def load_native() -> bool:
     try:
         from torch.utils.cpp_extension import load
         load("nanoseek_runner_gemm", [str(Path(__file__).with_name("packed_linear.cpp"))],
-             extra_cflags=["-O2"], is_python_module=False)
+             extra_cflags=["-O3"], is_python_module=False)   # -O3: the tiles unrolled, in registers
     except Exception as e:
         warnings.warn(f"nanoseek: C++ packed linear not built ({type(e).__name__}: {str(e)[:200]}); "
                       "using the Python kernel")
