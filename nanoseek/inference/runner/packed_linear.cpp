@@ -47,7 +47,19 @@ __attribute__((target("avx2,fma"))) inline void tile(const float* x, int64_t K, 
     for (int j = 0; j < 2 * P; ++j) _mm256_storeu_ps(out + m * NB * P + 8 * j, acc[m][j]);
 }
 
-// The two 8-accumulator tiles by hand, stores spelled out: GCC kept their arrays (and an array of the results)
+__attribute__((target("avx2,fma"))) inline void store8(float* out, __m256 a, __m256 b, __m256 c, __m256 d, __m256 e,
+                                                     __m256 f, __m256 g, __m256 h) {
+  _mm256_storeu_ps(out, a);
+  _mm256_storeu_ps(out + 8, b);
+  _mm256_storeu_ps(out + 16, c);
+  _mm256_storeu_ps(out + 24, d);
+  _mm256_storeu_ps(out + 32, e);
+  _mm256_storeu_ps(out + 40, f);
+  _mm256_storeu_ps(out + 48, g);
+  _mm256_storeu_ps(out + 56, h);
+}
+
+// The two 8-accumulator tiles by hand, results stored one by one: GCC kept their arrays (and an array of results)
 // on the stack, a store per FMA, measured 2-3x slower
 template <>
 __attribute__((target("avx2,fma"))) inline void tile<4, 1>(const float* x, int64_t K, const float* panel, float* out) {
@@ -68,14 +80,7 @@ __attribute__((target("avx2,fma"))) inline void tile<4, 1>(const float* x, int64
     d0 = _mm256_fmadd_ps(v, w0, d0);
     d1 = _mm256_fmadd_ps(v, w1, d1);
   }
-  _mm256_storeu_ps(out, a0);
-  _mm256_storeu_ps(out + 8, a1);
-  _mm256_storeu_ps(out + 16, b0);
-  _mm256_storeu_ps(out + 24, b1);
-  _mm256_storeu_ps(out + 32, c0);
-  _mm256_storeu_ps(out + 40, c1);
-  _mm256_storeu_ps(out + 48, d0);
-  _mm256_storeu_ps(out + 56, d1);
+  store8(out, a0, a1, b0, b1, c0, c1, d0, d1);
 }
 
 template <>
@@ -94,14 +99,7 @@ __attribute__((target("avx2,fma"))) inline void tile<1, 4>(const float* x, int64
     a6 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p3 + o), a6);
     a7 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p3 + o + 8), a7);
   }
-  _mm256_storeu_ps(out, a0);
-  _mm256_storeu_ps(out + 8, a1);
-  _mm256_storeu_ps(out + 16, a2);
-  _mm256_storeu_ps(out + 24, a3);
-  _mm256_storeu_ps(out + 32, a4);
-  _mm256_storeu_ps(out + 40, a5);
-  _mm256_storeu_ps(out + 48, a6);
-  _mm256_storeu_ps(out + 56, a7);
+  store8(out, a0, a1, a2, a3, a4, a5, a6, a7);
 }
 
 // rows m0.. (MR of them) x panels [p, p + P) of y; the last panel may hold fewer than 16 real columns
