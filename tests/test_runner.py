@@ -57,6 +57,8 @@ def test_panel_kernel_every_tile_and_tail():
             torch.testing.assert_close(gemm._packed_linear(x, packed, w, 2), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="panel kernel"):        # a pack of the wrong shape is refused
         gemm.linear(torch.randn(2, 37), torch.randn(100, 37), torch.randn(7, 36, 16), "panel")
+    with pytest.raises(RuntimeError, match="panel kernel"):        # ... or one panel too many for the weight
+        gemm.linear(torch.randn(2, 37), torch.randn(100, 37), torch.randn(8, 37, 16), "panel")
 
 
 def test_kernel_choice_is_measured_once_and_cached(tmp_path, monkeypatch):

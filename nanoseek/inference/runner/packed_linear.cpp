@@ -111,11 +111,12 @@ void panel_tile(const float* x, int64_t K, const float* pack, int64_t N, float* 
   for (int m = 0; m < MR; ++m) std::memcpy(y + m * N + c0, buf + m * NB * P, cols * sizeof(float));
 }
 
-// the widest tile for this many rows: 4 panels for 1 row, 2 for 2, else 1 (8 accumulators or fewer)
+// rows x panels [p, ...) with the widest tile that fits before `end`: 4 panels for 1 row, 2 for 2, else 1
+// (8 accumulators or fewer); returns the panels done
 template <int MR>
-int64_t panel_rows(const float* x, int64_t K, const float* pack, int64_t N, float* y, int64_t p, int64_t p1) {
+int64_t panel_rows(const float* x, int64_t K, const float* pack, int64_t N, float* y, int64_t p, int64_t end) {
   constexpr int P = MR == 1 ? 4 : MR == 2 ? 2 : 1;
-  if (P > 1 && p + P <= p1) {
+  if (P > 1 && p + P <= end) {
     panel_tile<MR, P>(x, K, pack, N, y, p);
     return P;
   }
@@ -127,7 +128,7 @@ at::Tensor panel_linear(const at::Tensor& x2, const at::Tensor& pack, int64_t N)
   TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
               "nanoseek panel kernel: this CPU has no AVX2/FMA");
   TORCH_CHECK(x2.scalar_type() == at::kFloat && pack.scalar_type() == at::kFloat && pack.is_contiguous() &&
-                  pack.size(1) == x2.size(1) && pack.size(2) == NB && pack.size(0) * NB >= N,
+                  pack.size(1) == x2.size(1) && pack.size(2) == NB && pack.size(0) == (N + NB - 1) / NB,
               "nanoseek panel kernel: fp32 x (M, K) and a (ceil(N/16), K, 16) pack");
   int64_t M = x2.size(0), K = x2.size(1), panels = pack.size(0);
   auto y = at::empty({M, N}, x2.options());
@@ -138,16 +139,17 @@ at::Tensor panel_linear(const at::Tensor& x2, const at::Tensor& pack, int64_t N)
   int64_t grain = std::max<int64_t>(4, 16384 / (NB * std::max<int64_t>(K, 1)));
   at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1;) {
-      int64_t step = 1;
-      for (int64_t m = 0; m < M; m += 4) {       // row chunks of 4 share the panels while they are in cache
+      // M <= 4: one row chunk, free to take several panels at once; more rows: chunks of 4 (and a rest)
+      // walk one panel together while it is in cache
+      int64_t end = M <= 4 ? p1 : p + 1, step = 1;
+      for (int64_t m = 0; m < M; m += 4) {
         const float* xm = xp + m * K;
         float* ym = yp + m * N;
         switch (std::min<int64_t>(4, M - m)) {
-          case 4: step = panel_rows<4>(xm, K, wp, N, ym, p, p1); break;
-          case 3: step = panel_rows<3>(xm, K, wp, N, ym, p, p1); break;
-          case 2: step = M == 2 ? panel_rows<2>(xm, K, wp, N, ym, p, p1) : (panel_tile<2, 1>(xm, K, wp, N, ym, p), 1);
-                  break;
-          default: step = M == 1 ? panel_rows<1>(xm, K, wp, N, ym, p, p1) : (panel_tile<1, 1>(xm, K, wp, N, ym, p), 1);
+          case 4: step = panel_rows<4>(xm, K, wp, N, ym, p, end); break;
+          case 3: step = panel_rows<3>(xm, K, wp, N, ym, p, end); break;
+          case 2: step = panel_rows<2>(xm, K, wp, N, ym, p, end); break;
+          default: step = panel_rows<1>(xm, K, wp, N, ym, p, end);
         }
       }
       p += step;
