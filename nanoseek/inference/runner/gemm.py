@@ -19,17 +19,18 @@ calls, us per call, 2026-11-27):
     64 x 256 x 4096        2794            2933             1109
     8 x 1024 x 256          150              87               76
 
-At 2-8 rows every library kernel there did worse than the weight's size suggests (MKL's sgemm runs
+At 1-8 rows every library kernel there did worse than the weight's size suggests (MKL's sgemm runs
 2 x 256 x 4096 at 2x its 1-row time), so the runner has its own: fp32 on the weight packed in 16-column
-panels, AVX2 tiles of up to 4 rows x 64 columns (`packed_linear.cpp`). Same host, best of 2 x 7 x 200
-calls, us per call:
+panels, AVX2 tiles of up to 4 rows x 64 columns (`packed_linear.cpp`). Same host, the kernels taking
+turns, best of 7 rounds, us per call (`benchmarks/bench_decode_gemm.py`):
 
-    rows x K x N        fp32 F.linear   fp32 panel
-    1 x 256 x 4096          121             73
-    2 x 256 x 4096          230             74
-    4 x 256 x 4096          311            113
-    8 x 256 x 4096          309            210        (oneDNN fp32 213, timed on another day)
-    2 x 128 x 768            28             15
+    rows x K x N        fp32 F.linear   fp32 MKL-packed   fp32 oneDNN-packed   fp32 panel
+    1 x 256 x 4096          124             107               94                  71
+    2 x 256 x 4096          270             226              123                  96
+    2 x 128 x 768            32              36               47                  15
+    4 x 1024 x 256          139              98               93                  54
+    8 x 256 x 4096          685             618              366                 367
+    1 x 128 x 112           4.6             9.6               43                 7.0
 
 The runner therefore picks a kernel per (weight, row count) by timing the candidates
 (`nanoseek.calibrate`, cached per host).
