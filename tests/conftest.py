@@ -67,3 +67,30 @@ def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-model")
     nanoseek.save_pretrained(model, path, tokenizer=tok)
     return path
+
+
+def nanoseek_cli(*args, stdin: str | None = None):
+    """`nanoseek <args>` run in this process through the CLI's own entry (`nanoseek.cli.main`): its exit
+    code, stdout and stderr, as a subprocess would show them, without a fresh interpreter importing torch
+    (4-6 s a process on a 2-core host). An exception the CLI did not turn into a message propagates (a
+    subprocess would have printed a traceback). The entry point itself runs as a real process in
+    test_inference_cli.py and test_server.py."""
+    import contextlib
+    import io
+    import sys
+    from types import SimpleNamespace
+
+    from nanoseek.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    old_stdin = sys.stdin
+    if stdin is not None:
+        sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:          # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    finally:
+        sys.stdin = old_stdin
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

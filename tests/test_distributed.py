@@ -5,13 +5,16 @@ resume on another world size; bad layouts fail before anything can hang. Ranks a
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import nanoseek_cli
 from nanoseek.common import UserError
 from nanoseek.config import load_preset
 from nanoseek.distributed.mesh import Layout, check_layout
@@ -31,13 +34,50 @@ def flags(d: dict) -> list[str]:
     return out
 
 
-def torchrun(n: int, out: Path, *extra: str, preset: str = "tiny", **over) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_DIST_TIMEOUT_S": "90", "NANOSEEK_NO_PROGRESS": "1",
-           "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "nanoseek",
-           "pretrain", "--preset", preset, "--out", str(out), *flags({**RUN, **over}), *extra]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+ENV = {"OMP_NUM_THREADS": "1", "NANOSEEK_DIST_TIMEOUT_S": "90", "NANOSEEK_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def torchrun(n: int, out: Path, *extra: str, preset: str = "tiny", launcher: bool = False, **over) -> None:
+    """`nanoseek pretrain` on n ranks. By default the ranks are started here with the environment torchrun
+    gives them (RANK, WORLD_SIZE, a rendezvous address: all nanoseek reads), which saves the launcher's own
+    interpreter (~3 s a run on 2 cores); `launcher=True` goes through torchrun itself."""
+    args = ["pretrain", "--preset", preset, "--out", str(out), *flags({**RUN, **over}), *extra]
+    if launcher:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                            "-m", "nanoseek", *args], env={**os.environ, **ENV}, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    else:
+        ranks(n, [sys.executable, "-m", "nanoseek", *args], out)
+
+
+def ranks(n: int, cmd: list[str], out: Path, timeout: float = 300) -> list[str]:
+    """Run cmd as ranks 0..n-1 of one process group on this host -> each rank's output. The first rank to
+    fail stops the rest (as torchrun does), and the failure shows every rank's last output."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs = out.parent / f".{out.name}-ranks"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for r in range(n):
+        env = {**os.environ, **ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n),
+               "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        with open(logs / f"{r}.log", "w") as f:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT))
+    deadline, failed = time.monotonic() + timeout, False
+    try:
+        while any(p.poll() is None for p in procs) and not failed and time.monotonic() < deadline:
+            failed = any(p.poll() not in (None, 0) for p in procs)
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    codes, outputs = [p.returncode for p in procs], [(logs / f"{r}.log").read_text() for r in range(n)]
+    assert codes == [0] * n, (codes, "\n".join(f"--- rank {r}:\n{o[-3000:]}" for r, o in enumerate(outputs)))
+    return outputs
 
 
 def metrics(out: Path) -> list[dict]:
@@ -78,17 +118,32 @@ def param_and_optimizer_bytes(summary: dict) -> list[int]:
     return [m["param_bytes"] + m["optimizer_bytes"] for m in summary["rank_memory"]]
 
 
+@pytest.fixture(scope="module")
+def fsdp_ep_run(tmp_path_factory) -> Path:
+    """2 ranks, FSDP + EP, checkpoints at steps 6 and 12 (read by several tests; copy before changing it)."""
+    out = tmp_path_factory.mktemp("fsdp-ep") / "run"
+    torchrun(2, out, "--dp-shard", "2", "--ep", "2", save_every=6, keep=5)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ep_run(tmp_path_factory) -> Path:
+    """2 ranks, EP, checkpoints at steps 6 and 12 (copy before changing it)."""
+    out = tmp_path_factory.mktemp("ep") / "run"
+    torchrun(2, out, "--ep", "2", save_every=6, keep=5)
+    return out
+
+
 def test_fsdp_matches_one_process_and_halves_memory(reference, tmp_path):
-    torchrun(2, tmp_path, "--dp-shard", "2")
+    torchrun(2, tmp_path, "--dp-shard", "2", launcher=True)          # this one through torchrun itself
     assert_same_curve(reference / "tiny", tmp_path)
     one = param_and_optimizer_bytes(json.loads((reference / "tiny" / "summary.json").read_text()))[0]
     ranks = param_and_optimizer_bytes(json.loads((tmp_path / "summary.json").read_text()))
     assert len(ranks) == 2 and all(0.49 < r / one < 0.51 for r in ranks), (one, ranks)
 
 
-def test_expert_parallel_matches_one_process(reference, tmp_path):
-    torchrun(2, tmp_path, "--ep", "2")
-    assert_same_curve(reference / "tiny", tmp_path)
+def test_expert_parallel_matches_one_process(reference, ep_run):
+    assert_same_curve(reference / "tiny", ep_run)
 
 
 def test_dualpipev_matches_one_process_with_mtp(reference, tiny4, tmp_path):
@@ -96,29 +151,29 @@ def test_dualpipev_matches_one_process_with_mtp(reference, tiny4, tmp_path):
     assert_same_curve(reference / "tiny4", tmp_path)
 
 
-def test_resume_on_another_world_size(reference, tmp_path):
+def test_resume_on_another_world_size(reference, fsdp_ep_run, tmp_path):
     """Saved by 2 ranks (FSDP + EP), resumed by 1: the next losses are the uninterrupted run's."""
-    torchrun(2, tmp_path, "--dp-shard", "2", "--ep", "2", save_every=6, keep=5)
-    shutil.rmtree(tmp_path / "checkpoints" / "step_000012")      # as if the run died after step 6
-    torchrun(1, tmp_path, "--resume")
-    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 13))
-    assert_same_curve(reference / "tiny", tmp_path)
+    run = shutil.copytree(fsdp_ep_run, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / "step_000012")      # as if the run died after step 6
+    torchrun(1, run, "--resume")
+    assert [r["step"] for r in metrics(run)] == list(range(1, 13))
+    assert_same_curve(reference / "tiny", run)
 
 
-def test_eplb_placement_applied_at_a_checkpoint_boundary(reference, tmp_path):
+def test_eplb_placement_applied_at_a_checkpoint_boundary(reference, ep_run, tmp_path):
     """Resume an --ep 2 run with the placement `nanoseek eplb` computed from its recorded loads: the experts
     move between ranks, the losses stay those of one process, the rank-load imbalance is logged."""
     from nanoseek.distributed.eplb import main as eplb
-    torchrun(2, tmp_path, "--ep", "2", save_every=6, keep=5)
-    shutil.rmtree(tmp_path / "checkpoints" / "step_000012")
-    rec = json.loads((tmp_path / "expert_load.json").read_text())
+    run = shutil.copytree(ep_run, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / "step_000012")
+    rec = json.loads((run / "expert_load.json").read_text())
     assert rec["layers"] == [1, 2] and len(rec["load"][0]) == 8
-    plan = eplb(["--run", str(tmp_path), "--ranks", "2", "--redundant", "0"])
+    plan = eplb(["--run", str(run), "--ranks", "2", "--redundant", "0"])
     assert plan["phy2log"] != [list(range(8))] * 2                      # it does move experts
-    torchrun(2, tmp_path, "--ep", "2", "--resume", "--ep-placement", str(tmp_path / "eplb.json"))
-    assert_same_curve(reference / "tiny", tmp_path)
-    assert all("ep_rank_imbalance" in r for r in metrics(tmp_path))
-    same_weights(reference / "tiny" / "final", tmp_path / "final")           # exported in logical order
+    torchrun(2, run, "--ep", "2", "--resume", "--ep-placement", str(run / "eplb.json"))
+    assert_same_curve(reference / "tiny", run)
+    assert all("ep_rank_imbalance" in r for r in metrics(run))
+    same_weights(reference / "tiny" / "final", run / "final")           # exported in logical order
     with pytest.raises(UserError, match="redundant"):
         from nanoseek.distributed.expert_parallel import load_placement
         bad = tmp_path / "bad.json"
@@ -126,16 +181,15 @@ def test_eplb_placement_applied_at_a_checkpoint_boundary(reference, tmp_path):
         load_placement(bad, 2, load_preset("tiny"))
 
 
-def test_export_is_the_one_process_model(reference, tmp_path):
+def test_export_is_the_one_process_model(reference, fsdp_ep_run, tmp_path):
     """The HF export gathered from 2 FSDP + EP ranks holds the weights one process trained."""
-    torchrun(2, tmp_path, "--dp-shard", "2", "--ep", "2")
-    same_weights(reference / "tiny" / "final", tmp_path / "final")
+    same_weights(reference / "tiny" / "final", fsdp_ep_run / "final")
     # and `nanoseek export` reads the sharded DCP checkpoint in one process into the same model
-    from nanoseek.cli import main as cli
-    assert cli(["export", str(tmp_path), "--out", str(tmp_path / "exported")]) == 0
+    assert nanoseek_cli("export", fsdp_ep_run, "--out", tmp_path / "exported").returncode == 0
     same_weights(reference / "tiny" / "final", tmp_path / "exported")
     assert (tmp_path / "exported" / "tokenizer.json").exists()
-    assert cli(["export", str(tmp_path / "final"), "--out", str(tmp_path / "x")]) == 2     # not a checkpoint
+    bad = nanoseek_cli("export", fsdp_ep_run / "final", "--out", tmp_path / "x")        # not a checkpoint
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
 def same_weights(a_dir: Path, b_dir: Path, atol: float = 1e-5) -> None:
@@ -150,14 +204,11 @@ def same_weights(a_dir: Path, b_dir: Path, atol: float = 1e-5) -> None:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=atol), (k, (a[k] - b[k]).abs().max())
 
 
-def test_expert_parallel_layer_with_an_empty_rank():
+def test_expert_parallel_layer_with_an_empty_rank(tmp_path):
     """One MoE layer under EP == the layer in one process (output, input and expert gradients), with a
     router that sends every token to rank 0's experts: rank 1 receives nothing and gets zero gradients."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(ROOT / "tests" / "ep_unit_worker.py")], env=env, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0 and r.stdout.count("ok=True") == 2, r.stdout[-2000:] + r.stderr[-4000:]
+    outputs = ranks(2, [sys.executable, str(ROOT / "tests" / "ep_unit_worker.py")], tmp_path / "ep-unit", timeout=120)
+    assert [o.count("ok=True") for o in outputs] == [1, 1], outputs
 
 
 def test_sft_fsdp_and_ep_match_one_process(reference, tmp_path):
@@ -170,14 +221,10 @@ def test_sft_fsdp_and_ep_match_one_process(reference, tmp_path):
                             for p in task.problems(48, seed=0, split="train")))
     args = ["sft", "--model", str(reference / "tiny" / "final"), "--data", str(data), "--epochs", "2",
             "--batch-size", "8", "--lr", "3e-3", "--dtype", "float32"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_DIST_TIMEOUT_S": "90", "PYTHONPATH": str(ROOT)}
-    for cmd, out in (([sys.executable, "-m", "nanoseek"], tmp_path / "one"),
-                     ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                       "nanoseek"], tmp_path / "two")):
-        extra = ["--dp-shard", "2", "--ep", "2"] if out.name == "two" else []
-        r = subprocess.run(cmd + args + ["--out", str(out)] + extra, env=env, capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == 0, r.stderr[-4000:]
+    r = nanoseek_cli(*args, "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stderr[-4000:]
+    ranks(2, [sys.executable, "-m", "nanoseek", *args, "--out", str(tmp_path / "two"), "--dp-shard", "2", "--ep", "2"],
+          tmp_path / "two")
     a = json.loads((tmp_path / "one" / "summary.json").read_text())["losses"]
     b = json.loads((tmp_path / "two" / "summary.json").read_text())["losses"]
     assert len(a) == len(b) == 12 and a[-1] < a[0]
@@ -243,8 +290,7 @@ def test_bad_layouts_name_the_flag(layout, batch, mtp, words):
     (["--ep-placement", "eplb.json"], "add --ep N"),
 ])
 def test_parallel_flags_without_torchrun_say_how_to_launch(tmp_path, args, words):
-    r = subprocess.run([sys.executable, "-m", "nanoseek", "pretrain", *args, "--out", str(tmp_path)],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = nanoseek_cli("pretrain", *args, "--out", tmp_path)
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

@@ -1,10 +1,9 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import nanoseek_cli
 from nanoseek.common import UserError
 from nanoseek.distributed.eplb import (balanced_packing, contiguous, imbalance, load_records, main, rank_loads,
                                        rebalance, replicate)
@@ -115,8 +114,7 @@ def test_cli_reads_a_run_and_reports_errors(tmp_path):
         {"layers": [1, 2], "load": README_LOAD.tolist(), "steps": 7}))
     res = main(["--run", str(tmp_path), "--ranks", "4", "--nodes", "2", "--groups", "4"])   # 12 + 4 slots
     assert res["layers"] == [1, 2] and (tmp_path / "eplb.json").exists()
-    bad = subprocess.run([sys.executable, "-m", "nanoseek", "eplb", "--run", str(tmp_path), "--ranks", "4",
-                          "--redundant", "3"], capture_output=True, text=True)
+    bad = nanoseek_cli("eplb", "--run", tmp_path, "--ranks", "4", "--redundant", "3")
     assert bad.returncode == 2 and "--ranks" in bad.stderr
     assert "nearest: 12 (--redundant 0) or 16 (--redundant 4)" in bad.stderr and "Traceback" not in bad.stderr
 

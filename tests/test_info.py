@@ -1,7 +1,6 @@
 import json
-import subprocess
-import sys
 
+from conftest import nanoseek_cli
 from nanoseek.config import load_preset
 from nanoseek.info import model_info
 
@@ -20,7 +19,7 @@ def test_v2_lite_total():
 
 
 def test_cli_json_and_bad_preset():
-    out = subprocess.run([sys.executable, "-m", "nanoseek", "info", "v3", "--json"], capture_output=True, text=True)
+    out = nanoseek_cli("info", "v3", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["total_params"] == 671_026_419_200
-    bad = subprocess.run([sys.executable, "-m", "nanoseek", "info", "v9"], capture_output=True, text=True)
+    bad = nanoseek_cli("info", "v9")
     assert bad.returncode == 2 and "unknown preset" in bad.stderr and "Traceback" not in bad.stderr

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import nanoseek_cli
 from nanoseek.checkpoint.state import CorruptCheckpoint, list_checkpoints, load_checkpoint, load_latest
 from nanoseek.common import UserError
 from nanoseek.train.pretrain import PretrainConfig, pretrain
@@ -103,8 +104,7 @@ def test_bad_flags(tmp_path):
         pretrain(PretrainConfig(out=str(tmp_path), adam_moments="fp16", **FAST))
     with pytest.raises(UserError, match="batch-size"):
         pretrain(PretrainConfig(out=str(tmp_path), max_steps=2, **{**FAST, "batch_size": 0}))
-    r = subprocess.run([sys.executable, "-m", "nanoseek", "pretrain", "--preset", "nope", "--out", str(tmp_path),
-                        "--n-docs", "500"], capture_output=True, text=True)
+    r = nanoseek_cli("pretrain", "--preset", "nope", "--out", tmp_path, "--n-docs", "500")
     assert r.returncode == 2 and "unknown preset" in r.stderr and "Traceback" not in r.stderr
 
 

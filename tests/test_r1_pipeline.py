@@ -1,9 +1,6 @@
 """The R1 pipeline end to end on the tiny preset: GRPO (nanoseek and HF policies), SFT, rejection
 sampling, distillation, eval, r1-zero - and the mistakes users make with their files and flags."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +8,7 @@ import torch
 
 import nanoseek
 
+from conftest import nanoseek_cli
 from nanoseek.common import UserError
 
 
@@ -137,9 +135,8 @@ def test_sft_reports_bad_lines_and_trains(base, tmp_path, capsys):
 
 def test_sample_and_eval_cli(base, teacher, tmp_path):
     out = tmp_path / "s.jsonl"
-    r = subprocess.run([sys.executable, "-m", "nanoseek", "sample", "--model", str(teacher), "--out", str(out),
-                        "--n-prompts", "20", "--k", "2", "--max-new-tokens", "24",
-                        "--task-args", "min_digits=1,max_digits=1"], capture_output=True, text=True)
+    r = nanoseek_cli("sample", "--model", teacher, "--out", out, "--n-prompts", "20", "--k", "2",
+                     "--max-new-tokens", "24", "--task-args", "min_digits=1,max_digits=1")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and "kept" in r.stdout
@@ -150,13 +147,11 @@ def test_sample_and_eval_cli(base, teacher, tmp_path):
         q, a = row["messages"][0]["content"], row["messages"][1]["content"]
         x, y = q.removesuffix("=?").split("+")
         assert is_well_formatted(a) and task.check(extract_answer(a), Problem("arithmetic", q, str(int(x) + int(y))))
-    r = subprocess.run([sys.executable, "-m", "nanoseek", "eval", "--model", str(base), "--n", "10", "--json",
-                        "--max-new-tokens", "24"], capture_output=True, text=True)
+    r = nanoseek_cli("eval", "--model", base, "--n", "10", "--json", "--max-new-tokens", "24")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert 0.0 <= res["accuracy"] <= 1.0 and res["n"] == 10
-    r = subprocess.run([sys.executable, "-m", "nanoseek", "eval", "--model", str(base), "--samples", "4"],
-                       capture_output=True, text=True)
+    r = nanoseek_cli("eval", "--model", base, "--samples", "4")
     assert r.returncode == 2 and "temperature" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -329,8 +324,7 @@ def test_any_hf_model_with_its_own_tokenizer_end_to_end(qwen_dir, tmp_path):
     """grpo -> eval -> sample -> sft on a Qwen2 with its own tokenizer and chat template, through the CLI:
     every verb exits 0 with no traceback (the run used to stop on the missing DeepSeek tokenizer)."""
     def run(*args):
-        r = subprocess.run([sys.executable, "-m", "nanoseek", *args], capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "NANOSEEK_NO_PROGRESS": "1"})
+        r = nanoseek_cli(*args)
         assert r.returncode == 0 and "Traceback" not in r.stderr, (args[0], r.stderr[-3000:])
         return r
     task = ["--task", "arithmetic", "--task-args", "min_digits=1,max_digits=1"]

@@ -56,7 +56,9 @@ def test_schemathesis_short(fuzz_url):
     total, errors = (a - b for a, b in zip(server_errors(fuzz_url), before))
     generated = re.search(r"(\d+) generated", out)
     print(f"schemathesis: {generated.group(1) if generated else '?'} cases, {total} requests, {errors} >= 500")
-    assert total > 100 and errors == 0
+    # a 15 s budget: how many requests fit depends on the host (2 cores: 94 to over 100 alone, 62 beside
+    # another pytest worker); the floor only says the run reached the server's routes
+    assert total > 40 and errors == 0
 
 
 @pytest.mark.slow
