@@ -138,8 +138,8 @@ def test_fsdp_matches_one_process_and_halves_memory(reference, tmp_path):
     torchrun(2, tmp_path, "--dp-shard", "2", launcher=True)          # this one through torchrun itself
     assert_same_curve(reference / "tiny", tmp_path)
     one = param_and_optimizer_bytes(json.loads((reference / "tiny" / "summary.json").read_text()))[0]
-    ranks = param_and_optimizer_bytes(json.loads((tmp_path / "summary.json").read_text()))
-    assert len(ranks) == 2 and all(0.49 < r / one < 0.51 for r in ranks), (one, ranks)
+    per_rank = param_and_optimizer_bytes(json.loads((tmp_path / "summary.json").read_text()))
+    assert len(per_rank) == 2 and all(0.49 < r / one < 0.51 for r in per_rank), (one, per_rank)
 
 
 def test_expert_parallel_matches_one_process(reference, ep_run):
