@@ -206,6 +206,14 @@ def test_r1_zero_task_defaults_fill_only_unset_flags():
         resolve(R1ZeroConfig(task="sums"))
     with pytest.raises(UserError, match="--p-catch 1.5: a share"):
         resolve(R1ZeroConfig(p_catch=1.5))
+    with pytest.raises(UserError, match="--distill-prompts 0: must be at least 1"):      # before pretraining
+        resolve(R1ZeroConfig(distill_prompts=0))
+    with pytest.raises(UserError, match="--rl-steps -3"):
+        resolve(R1ZeroConfig(rl_steps=-3))
+    with pytest.raises(UserError, match="--group-size 1: GRPO"):
+        resolve(R1ZeroConfig(group_size=1))
+    r = nanoseek_cli("r1-zero", "--out", "unused", "--distill-prompts", "0")
+    assert r.returncode == 2 and "--distill-prompts 0" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_reflection_stats():

@@ -115,6 +115,14 @@ def resolve(cfg: R1ZeroConfig) -> R1ZeroConfig:
     for name in ("p_worked", "p_slip", "p_catch", "p_guess", "p_recheck"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: a share, must be in [0, 1]")
+    # counts checked here, before ~7 minutes of pretraining, rather than by the stage that reads them
+    for name in ("pretrain_steps", "n_docs", "batch_size", "seq_len", "rl_steps", "prompts_per_step",
+                 "max_new_tokens", "eval_n", "reflect_n", "reflect_samples", "student_pretrain_steps",
+                 "distill_prompts", "student_rl_steps"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    if cfg.group_size < 2:
+        raise UserError(f"--group-size {cfg.group_size}: GRPO compares samples of a prompt, so at least 2")
     return cfg
 
 
