@@ -89,8 +89,10 @@ def nanoseek_cli(*args, stdin: str | None = None):
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = main([str(a) for a in args])
-            except SystemExit as e:          # argparse's usage errors
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+            except SystemExit as e:          # argparse's usage errors; sys.exit("message") prints it, exits 1
+                if e.code is not None and not isinstance(e.code, int):
+                    print(e.code, file=sys.stderr)
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.stdin = old_stdin
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

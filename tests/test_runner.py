@@ -13,7 +13,7 @@ from nanoseek.model import Transformer
 from nanoseek.model.moe import moe_reference, route
 
 CPU = torch.device("cpu")
-FP32 = [k for k in gemm.available(CPU, (torch.float32,))]       # fp32, mkl, onednn32, panel where built
+FP32 = gemm.available(CPU, (torch.float32,))       # fp32, mkl, onednn32, panel where built
 ALL = gemm.available(CPU, (torch.float32, torch.bfloat16))
 
 

@@ -21,8 +21,8 @@ calls, us per call, 2026-11-27):
 
 At 1-8 rows every library kernel there did worse than the weight's size suggests (MKL's sgemm runs
 2 x 256 x 4096 at 2x its 1-row time), so the runner has its own: fp32 on the weight packed in 16-column
-panels, AVX2 tiles of up to 4 rows x 64 columns (`packed_linear.cpp`). Same host, the kernels taking
-turns, best of 7 rounds, us per call (`benchmarks/bench_decode_gemm.py`):
+panels, AVX2 tiles of 8 accumulators, 4 rows x 16 columns, 2 x 32 or 1 x 64 (`packed_linear.cpp`). Same
+host, the kernels taking turns, best of 7 rounds, us per call (`benchmarks/bench_decode_gemm.py`):
 
     rows x K x N        fp32 F.linear   fp32 MKL-packed   fp32 oneDNN-packed   fp32 panel
     1 x 256 x 4096          124             107               94                  71
