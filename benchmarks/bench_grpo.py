@@ -93,7 +93,7 @@ def run_nanoseek(model_dir, prompts, answers, steps, G, max_new, compile="auto")
     import nanoseek
     from nanoseek.inference.sampling import SamplingParams
     from nanoseek.tokenizer import Tokenizer
-    from nanoseek.train.grpo import GRPOConfig, build_batch, train_on_batch
+    from nanoseek.train.grpo import GRPOConfig, build_batch, train_on_batch, width_multiple
     from nanoseek.train.grpo_loss import group_advantages
     from nanoseek.train.optim import build_optimizer
     from nanoseek.train.rollout import EngineSampler
@@ -124,7 +124,8 @@ def run_nanoseek(model_dir, prompts, answers, steps, G, max_new, compile="auto")
         texts = tok.decode_batch([c["ids"] for c in comps])
         r = reward(texts, [a for a in batch_a for _ in range(G)])
         adv = group_advantages(torch.tensor(r), G, "group")
-        bids, mask, adv, _ = build_batch([i for i in ids for _ in range(G)], comps, adv, tok.eos_id, False, "cpu")
+        bids, mask, adv, _ = build_batch([i for i in ids for _ in range(G)], comps, adv, tok.eos_id, False, "cpu",
+                                         width_multiple("cpu", dtype))
         train_on_batch(sampler, None, opt, bids, mask, adv, cfg, torch.device("cpu"), dtype)
         times.append(time.perf_counter() - t)
         tokens.append(sum(len(c["ids"]) for c in comps))

@@ -339,6 +339,19 @@ def test_truncated_completions_carry_no_loss_when_masked():
     assert mask[0].tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]       # targets at positions 2..4 predict 5, 6, 7
 
 
+def test_rollout_batches_are_rounded_up_only_where_shapes_must_recur():
+    """bf16 on CPU JITs a GEMM per shape, so its update batches are 16-multiples wide; fp32 (and GPUs)
+    compute no rounding padding."""
+    from nanoseek.train.grpo import width_multiple
+    prompts, comps = [[1, 2, 3], [1, 2]], [{"ids": [5] * 20, "truncated": False}, {"ids": [8], "truncated": False}]
+    widths = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        ids, mask, _, _ = build_batch(prompts, comps, torch.zeros(2), 0, False, "cpu", width_multiple("cpu", dtype))
+        widths[dtype] = ids.shape[1] - 1
+    assert widths == {torch.float32: 22, torch.bfloat16: 32}
+    assert width_multiple("meta", torch.bfloat16) == 1
+
+
 def test_carried_over_groups_use_their_samplers_logprobs_as_the_old_policy():
     """Groups carried from the previous step were sampled by the previous policy: their ratio is taken
     against the sampler's log-probs (here 0.5 nats below the current policy's), not forced to 1."""
