@@ -132,7 +132,8 @@ def test_compiled_step_with_capacity_overflow_reruns_eagerly(monkeypatch):
     """A compiled step whose capacity path overflowed is redone eagerly: the logits equal the model's.
     The graph holds no torch.cond, so inductor can cache it on disk (a bypass would recompile it in
     every process: ~19 s for the benchmark model's batch-64 bucket). (The compiled capacity path
-    without an overflow: test_moe_decode_paths_equal_reference.)"""
+    without an overflow: test_moe_decode_paths_equal_reference for the layer, and in a whole compiled
+    step test_engine.py's test_compiled_decode_equals_eager_and_sees_weight_updates at batch 8.)"""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
