@@ -350,6 +350,26 @@ def test_rollout_batches_are_rounded_up_only_where_shapes_must_recur():
         widths[dtype] = ids.shape[1] - 1
     assert widths == {torch.float32: 22, torch.bfloat16: 32}
     assert width_multiple("meta", torch.bfloat16) == 1
+    # the unrounded batch trains exactly as the rounded one (the reference): padding after the last
+    # target changes no log-prob of a causal model, so the gradient is the same
+    from nanoseek.train.grpo import train_on_batch
+    model = randomize(Transformer(random_cfg(vocab_size=50, num_hidden_layers=2)).eval(), seed=3)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 50, (n,), generator=g).tolist() for n in (3, 5, 2, 4)]
+    comps = [{"ids": torch.randint(1, 50, (n,), generator=g).tolist(), "truncated": False} for n in (9, 2, 6, 4)]
+    adv = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    grads = []
+    for multiple in (16, 1):
+        ids, mask, a, _ = build_batch(prompts, comps, adv, 0, False, "cpu", multiple)
+        opt = _RecordingOpt(model)
+        st = train_on_batch(_Policy(model), None, opt, ids, mask, a, _cfg(), torch.device("cpu"), torch.float32)
+        grads.append((ids.shape[1], st["loss"], opt.steps[0]))
+    (w16, loss16, g16), (w1, loss1, g1) = grads
+    assert (w16, w1) == (17, 12) and loss1 == pytest.approx(loss16, rel=1e-6)
+    for x, y in zip(g16, g1):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert torch.allclose(x, y, atol=1e-6, rtol=1e-5)
 
 
 def test_carried_over_groups_use_their_samplers_logprobs_as_the_old_policy():
