@@ -7,6 +7,7 @@ from conftest import randomize, random_cfg
 from nanoseek.inference.cache import LatentCache
 from nanoseek.inference.runner import DecodeRunner, gemm
 from nanoseek.inference.runner import moe as rmoe
+import nanoseek.inference.runner as runner_mod
 from nanoseek.inference.runner.step import _linear
 from nanoseek.inference.runner.weights import DecodeWeights
 from nanoseek.model import Transformer
@@ -85,47 +86,54 @@ def test_topk_free_routing_equals_route(kw):
     assert torch.allclose(rmoe.route_dense(logits, moe.gate.bias, moe.cfg), want, atol=1e-6)
 
 
-@pytest.mark.parametrize("path,overflow,compiled", [("dense", False, True), ("capacity", False, True),
-                                                    ("capacity", True, True), ("gather", False, False),
-                                                    ("capacity", True, False), ("dense", False, False)])
-def test_moe_decode_paths_equal_reference(path, overflow, compiled, monkeypatch):
+@pytest.mark.parametrize("path,skew,compiled", [("dense", False, True), ("capacity", False, True),
+                                                ("capacity", True, True), ("gather", False, False),
+                                                ("capacity", True, False), ("dense", False, False)])
+def test_moe_decode_paths_equal_reference(path, skew, compiled, monkeypatch):
     """Every MoE decode path (eager and compiled) equals the per-token reference, also after an in-place
-    weight update. With every expert overflowing the capacity, eager falls back to every expert on every
-    token (exact) and the compiled path, which cannot branch, raises its overflow flag instead."""
+    weight update. `skew`: a router bias sends every token to expert 0. Eager, the capacity path sizes
+    itself to that load and drops nothing; compiled, a fixed capacity (8 rows for 12 tokens) cannot hold
+    it, and the step reports the load that exceeds it."""
     torch._dynamo.reset()
     model = _model()
     i = len(model.layers) - 1
     moe = model.layers[i].ffn
     T = 1 if path == "gather" else 12
     monkeypatch.setattr(rmoe, "DENSE_MAX_TOKENS", 16 if path == "dense" else 0)
+    if skew:
+        with torch.no_grad():
+            moe.gate.bias[0] = 100.0
     W = DecodeWeights(model, CPU, FP32)
     plan = W.plan(T)
     assert plan[f"moe{i}.path"] == path
-    if overflow:                      # (after planning: the plan sizes its measurements by the capacity)
-        monkeypatch.setattr(rmoe, "capacity", lambda moe, T, device_type="cpu": 1)
+    C = (8 if skew else rmoe.capacity(moe, T)) if compiled and path == "capacity" else None
     ran = []
-    if not compiled:
-        real = rmoe.capacity_experts
-        monkeypatch.setattr(rmoe, "capacity_experts", lambda *a: ran.append(1) or real(*a))
+    real = rmoe.capacity_experts
+    monkeypatch.setattr(rmoe, "capacity_experts", lambda *a: ran.append(a[-1]) or real(*a))
 
     def f(x, tensors):
-        flags = [] if compiled else None
-        out = rmoe.moe_decode(moe, i, x, _linear(tensors, plan), tensors, plan[f"moe{i}.path"], flags)
-        return out, (torch.stack(flags).any() if flags else torch.tensor(False))
+        flags = []
+        out = rmoe.moe_decode(moe, i, x, _linear(tensors, plan), tensors, plan[f"moe{i}.path"], flags, C)
+        return out, (torch.stack(flags).max() if flags else torch.tensor(0))
     if compiled:
         f = torch.compile(f, fullgraph=True, dynamic=False)
     x = torch.randn(T, moe.cfg.hidden_size)
+    want = []
     with torch.no_grad():
         for _ in range(2):
             W.sync()
-            out, flag = f(x, W.tensors(T, plan))
-            assert bool(flag) == (compiled and overflow)
+            out, load = f(x, W.tensors(T, plan))
+            if skew:
+                assert int(load) == T                     # expert 0 takes every token
+            want.append(max(8, -(-int(load) // 8) * 8))
+            over = C is not None and int(load) > C
+            assert over == (compiled and skew)
             err = (out - moe_reference(moe, x)).abs().max()
-            assert err > 1e-2 if flag else err < 1e-5      # capacity 1 drops pairs: the flag is needed
+            assert err > 1e-2 if over else err < 1e-5     # an overflowing capacity drops pairs: the load tells
             moe.experts.w2.mul_(-1.5)
             moe.shared.w13.weight.mul_(0.5)
-    # the path under test ran (without overflow capacity 16 >= 12 rows cannot overflow)
-    assert compiled or bool(ran) == (path == "capacity" and not overflow)
+    if not compiled:    # the eager capacity path ran, at the busiest expert's load rounded up to 8 rows
+        assert ran == (want if path == "capacity" else [])
 
 
 def test_compiled_step_with_capacity_overflow_reruns_eagerly(monkeypatch):
@@ -203,7 +211,7 @@ def test_every_fp32_kernel_through_the_whole_step_equals_model_forward(kind, mon
                         kind if kind in kinds else kinds[0])
     logits, full, _, _, runner = _prefill_then_step(_model(), (torch.float32,), with_runner=True)
     plan = runner.plan(runner.bucket(3))
-    assert {v for n, v in plan.items() if not n.endswith((".path", ".experts", ".router"))} == {kind}  # router: fp32
+    assert {v for n, v in plan.items() if not n.endswith((".path", ".experts", ".router", ".capacity"))} == {kind}  # router: fp32
     assert runner.stats["eager_steps"] == 1
     assert (logits - full).abs().max() < 1e-4
 
@@ -308,6 +316,53 @@ def test_auto_compile_waits_until_it_pays(monkeypatch):
         monkeypatch.setattr(runner, "_expected_compile_s", lambda kind, Bp: 0.0)
         runner.decode([1, 2], [4, 4])
     assert runner._compiled == {("decode", 2)} and runner.stats["compiled_steps"] == 1
+
+
+@pytest.mark.parametrize("dense,eager_first", [(True, False), (False, False), (True, True)])
+def test_compiled_capacity_follows_an_unbalanced_router(dense, eager_first, monkeypatch):
+    """A router that sends every token to one expert overflows a compiled step's default capacity (2x
+    the mean load): each such step is redone eagerly, and once FIT_STEPS loads are seen the bucket's
+    plan moves those layers to the fused dense path (or, without dense weights, raises the capacity to
+    the load), after which no step overflows. Loads seen in eager steps first (`eager_first`, as GRPO's
+    "auto" rollouts run) fit the plan before the first compile: no overflow at all. Logits equal the
+    model's throughout. (The policy, not inductor: the "compiled" step is the eager function behind the
+    same calls, with the plan's fixed capacities.)"""
+    monkeypatch.setattr(rmoe, "DENSE_MAX_TOKENS", 0)
+    monkeypatch.setattr(runner_mod, "FIT_STEPS", 3)
+    model = _model()
+    cfg = model.cfg
+    moes = [i for i, layer in enumerate(model.layers) if hasattr(layer.ffn, "experts")]
+    with torch.no_grad():
+        for i in moes:
+            model.layers[i].ffn.gate.bias[0] = 100.0
+    B = 32                                 # 32 x 3 pairs over 8 experts: a mean of 12, capacity 24
+    cache = LatentCache(cfg.num_hidden_layers, B, 32, cfg.kv_lora_rank + cfg.qk_rope_head_dim, torch.float32)
+    runner = DecodeRunner(model, cache, (torch.float32,), compile="auto" if eager_first else True, max_batch=B)
+    runner._graphs = {"decode": runner._decode_step, "spec": runner._spec_step}
+    if not dense:
+        for name in [n for n in runner.weights.gemms if ".dense_" in n]:
+            del runner.weights.gemms[name]
+    expected = {"v": 0.0 if not eager_first else 1e9}
+    monkeypatch.setattr(runner, "_expected_compile_s", lambda kind, Bp: expected["v"])
+    ids = torch.randint(0, cfg.vocab_size, (B, 4))
+    with torch.no_grad():
+        cache.begin(torch.zeros(B, dtype=torch.long), 3)
+        model.hidden(ids[:, :3], cache.positions, cache)
+        full = model(ids)[:, -1]
+        for step in range(8):             # the same token at the same position: the cache row is rewritten
+            if eager_first and step == 4:
+                expected["v"] = 0.0
+            logits = runner.decode(ids[:, 3].tolist(), [3] * B)[0]
+            assert (logits - full).abs().max() < 1e-4, step
+    plan = runner.plan(B)
+    reruns = runner.stats["overflow_reruns"]
+    assert reruns == (0 if eager_first else 3)
+    assert runner.stats["compiled_steps"] == (4 if eager_first else 8)
+    want = "dense" if dense else B                        # the load: every token
+    assert runner.stats["capacity"]["decode32"] == {i: want for i in moes}
+    for i in moes:
+        assert plan[f"moe{i}.path"] == ("dense" if dense else "capacity")
+        assert dense or plan[f"moe{i}.capacity"] == B
 
 
 def test_auto_compile_with_a_known_horizon_weighs_the_steps_left(monkeypatch):

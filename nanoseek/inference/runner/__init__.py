@@ -44,11 +44,25 @@ The saving is measured too (CPU): once a bucket has run SAVES_STEPS compiled ste
 COMPILED_SAVES (on an AVX2-only AMD EPYC the benchmark model's compiled steps saved 0.32 / 0.44 /
 0.59 at batch 64 / 8 / 1, against the Xeon's 0.51 / 0.61 / 0.71).
 `warmup()` compiles chosen buckets up front (the server does, at start-up).
+
+MoE capacity. A compiled step cannot size its capacity-path MoE buffers to the step's loads; it gets
+a fixed number of rows per expert, 2x the mean load (moe.py), and an expert given more pairs makes the
+runner redo the step eagerly. A trained router can be far from balanced: on bench_grpo's model the
+busiest expert overflowed 2x the mean in 431 of 756 batch-64 layer-steps, and its compiled rollouts
+took 2.6-2.8 s against 1.7 s eager (AVX2 EPYC). So every step records each capacity-path layer's
+busiest-expert load (eager steps too, scaled to the bucket's padded rows), and once FIT_STEPS are seen,
+a bucket about to compile or one that just overflowed gets its capacities fitted (`_fit_capacities`):
+a layer that needs more than 2x the mean takes the fused dense path where it exists (about as fast as
+the capacity path's larger buffers, and it cannot overflow), else a capacity that holds all but
+OVERFLOW_SHARE of the loads seen. The plan changes and the bucket compiles once more. There the same
+rollouts took 0.9-1.1 s.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
+import math
 import time
 import warnings
 from pathlib import Path
@@ -59,6 +73,7 @@ from ... import calibrate
 from ...common import progress
 from ...quant.fp8_weights import holds_fp8_weights
 from . import gemm
+from . import moe as moe_paths
 from .step import decode_head, decode_hidden, greedy, speculate
 from .weights import DecodeWeights
 
@@ -70,6 +85,7 @@ COLD_COMPILE_S = 20.0
 # conservative CPU figure, so GPU rollouts compile later than they could.
 COMPILED_SAVES = 0.5
 SAVES_STEPS = 32          # compiled steps of a bucket (after eager ones) before its saving is stored
+FIT_STEPS = 32            # observed loads of an MoE layer before a compiled step's capacity is fitted to them
 
 
 @functools.cache
@@ -108,6 +124,11 @@ class DecodeRunner:
                 torch._dynamo.mark_static_address(t, guard=False)
         self.check_versions = True   # the safety net behind sync_weights()
         self._plans: dict[tuple[int, bool], dict[str, str]] = {}
+        self._eager_plans: dict[tuple[int, bool], dict[str, str]] = {}
+        self._dense: dict[tuple[int, bool], set[int]] = {}     # MoE layers a compiled plan moved to dense
+        # the busiest expert's load per step, by (step rows, MoE layer): what a compiled step's
+        # capacity is fitted to (module docstring)
+        self._loads: dict[tuple[int, int], collections.deque] = {}
         # one compiled function per kind of step; inside each, one graph per batch bucket.
         # cpp_wrapper: inductor writes the code that calls the step's ~100 kernels in C++ rather than
         # Python (measured +9% tokens/s at batch 8, +5% at 64), the packed GEMMs then in C++ too
@@ -120,6 +141,7 @@ class DecodeRunner:
         self._compiled: set[tuple[str, int]] = set()
         self._checked: set[tuple[str, int]] = set()     # graphs whose guards passed since the last sync
         self._failed: set[tuple[str, int]] = set()
+        self._refitted: set[tuple[str, int]] = set()    # capacities raised: the next step compiles
         self._expected_s: dict[tuple[str, int], float] = {}   # expected compile time, read from disk once
         # (units done, units in the job, phase), if the caller knows. Eager seconds are kept per
         # (phase, kind, bucket), phase None without a horizon, so that e.g. GRPO's evaluations and
@@ -131,7 +153,7 @@ class DecodeRunner:
         self._saves: dict[tuple[str, int], float] = {}                # measured saving, read from disk once
         self._spans: dict[int, torch.Tensor] = {}
         self.stats = {"compile_s": {}, "eager_steps": 0, "compiled_steps": 0, "syncs": 0,
-                      "overflow_reruns": 0}
+                      "overflow_reruns": 0, "capacity": {}}
         if compile:   # graphs per bucket (1, 2, 4, ... max_batch) and step kind, plus room for other runners
             import torch._dynamo as dynamo
             dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 4 * (max_batch.bit_length() + 1))
@@ -146,11 +168,22 @@ class DecodeRunner:
     def bucket(self, rows: int) -> int:
         return 1 << (rows - 1).bit_length()
 
-    def plan(self, rows: int, spec: bool = False) -> dict[str, str]:
-        """{GEMM: kernel, ...} for steps of `rows` rows (see DecodeWeights.plan), measured on first use."""
+    def plan(self, rows: int, spec: bool = False) -> dict:
+        """{GEMM: kernel, ...} for steps of `rows` rows (see DecodeWeights.plan), measured on first use,
+        and for a compiled step each capacity-path MoE layer's rows per expert, "moe{i}.capacity"."""
         if (rows, spec) not in self._plans:
-            self._plans[(rows, spec)] = self.weights.plan(rows, mtp=spec)
+            plan = self.weights.plan(rows, mtp=spec)
+            self._eager_plans[(rows, spec)] = dict(plan)
+            blocks = dict(self.weights.blocks)
+            for i in self._capacity_layers(plan):
+                plan[f"moe{i}.capacity"] = moe_paths.capacity(blocks[i].ffn, rows, self.device.type)
+            self._plans[(rows, spec)] = plan
         return self._plans[(rows, spec)]
+
+    @staticmethod
+    def _capacity_layers(plan: dict) -> list[int]:
+        """The capacity-path MoE layers, in the order a step runs them (and appends their loads)."""
+        return sorted(int(k[3:-len(".path")]) for k, v in plan.items() if k.endswith(".path") and v == "capacity")
 
     def decode(self, pending: list[int], lengths: list[int]):
         """One token per running row (slots 0..B-1): row b's `pending` token at position lengths[b].
@@ -193,21 +226,28 @@ class DecodeRunner:
         if self.check_versions and self.weights.stale():
             self.sync_weights()
         plan = self.plan(Bp * T, spec=kind == "spec")
-        W = self.weights.tensors(Bp * T, plan)
         key = (kind, Bp)
         if self._graphs and key not in self._failed and Bp <= self.max_batch and \
                 (force or self.compile is True or key in self._compiled or self._pays(key)):
-            out = self._run_compiled(key, T, ids, lengths, W, plan)
+            if key not in self._compiled:
+                self._fit_capacities(key, T, plan)
+            out = self._run_compiled(key, T, ids, lengths, self.weights.tensors(Bp * T, plan), plan)
             if out is not None:
                 return out
-        return self._run_eager(key, ids, lengths, W, plan, T)
+        return self._run_eager(key, ids, lengths, T)
 
-    def _run_eager(self, key: tuple[str, int], ids, lengths, W, plan, T: int):
+    def _run_eager(self, key: tuple[str, int], ids, lengths, T: int, note_loads: bool = True):
         t = time.perf_counter()
         fn = self._decode_step if key[0] == "decode" else self._spec_step
+        plan = self._eager_plans[(key[1] * T, key[0] == "spec")]     # no fixed capacities
+        W = self.weights.tensors(key[1] * T, plan)
+        loads: list[torch.Tensor] = []
         with torch.no_grad():
             out = fn(torch.tensor(ids, device=self.device).view(-1, T), torch.tensor(lengths, device=self.device),
-                     None, W, plan)
+                     None, W, plan, loads)
+        if loads and note_loads:    # as the bucket's padded step would see them: its dummy rows copy real rows
+            scale = key[1] / len(lengths)
+            self._note_loads(key[1] * T, plan, [math.ceil(x * scale) for x in torch.stack(loads).tolist()])
         self.stats["eager_steps"] += 1
         ekey = (self.horizon[2] if self.horizon else None, *key)
         self._eager_s[ekey] = self._eager_s.get(ekey, 0.0) + time.perf_counter() - t
@@ -231,7 +271,8 @@ class DecodeRunner:
             torch._dynamo.mark_dynamic(span, 0)
         torch._dynamo.mark_static(t_ids, 0)
         torch._dynamo.mark_static(starts, 0)
-        first = key not in self._compiled
+        first = key not in self._compiled or key in self._refitted
+        self._refitted.discard(key)
         # Dynamo checks ~100 guards per call (~0.1 ms, 7% of a batch-8 step). Once this bucket's graph
         # passed them since the last sync, every input is the same kind of tensor (the runner makes them
         # all), so only the guards that tell graphs apart are evaluated
@@ -258,13 +299,58 @@ class DecodeRunner:
             self._note_compiled_step(key, time.perf_counter() - t)
         self._checked.add(key)
         self.stats["compiled_steps"] += 1
-        if flags and bool(torch.stack(flags).any()):
+        if flags and self._note_loads(Bp * T, plan, torch.stack(flags).tolist()):
             # an expert got more pairs than the capacity path holds: redo the step eagerly, exactly
-            # (it rewrites the same cache positions)
+            # (it rewrites the same cache positions), and fit the capacities to the loads seen so far
             self.stats["overflow_reruns"] += 1
-            return self._run_eager(key, ids, lengths, W, plan, T)
+            out = self._run_eager(key, ids, lengths, T, note_loads=False)
+            self._fit_capacities(key, T, plan)
+            return out
         # a CUDA graph's outputs live in its memory pool and its next replay overwrites them
         return tuple(o[:B].clone() if self.cuda_graphs else o[:B] for o in out)
+
+    def _note_loads(self, rows: int, plan: dict, loads: list[int]) -> bool:
+        """Record a step's busiest-expert loads (one per capacity-path layer of the `plan` it ran);
+        -> did one exceed its layer's compiled capacity?"""
+        over = False
+        for i, load in zip(self._capacity_layers(plan), loads):
+            self._loads.setdefault((rows, i), collections.deque(maxlen=8 * FIT_STEPS)).append(load)
+            over |= load > plan.get(f"moe{i}.capacity", rows)
+        return over
+
+    def _fit_capacities(self, key: tuple[str, int], T: int, plan: dict) -> None:
+        """Fit each capacity-path layer's compiled capacity to its observed loads (`fit_capacity`), once
+        FIT_STEPS loads are seen: raised where more than OVERFLOW_SHARE of them would overflow it, and a
+        layer that needs more than the default (2x the mean load) takes the fused dense path instead
+        where it exists: the capacity path does its rows' FLOPs in more, smaller ops (per compiled layer
+        1157 vs dense's 1364 us at 64 rows and 2x the mean: at ~2.4x they would be even; on
+        bench_grpo's model at batch 64, rollouts of 1.35 s with fitted capacities, 1.1 s dense).
+        A change rewrites the plan, which the compiled step guards on: the bucket's next step compiles
+        a graph for it."""
+        rows, spec = key[1] * T, key[0] == "spec"
+        blocks, caps = dict(self.weights.blocks), {}
+        dense = self._dense.setdefault((rows, spec), set())
+        before = len(dense)
+        for i in self._capacity_layers(plan):
+            C = C0 = plan[f"moe{i}.capacity"]
+            seen = self._loads.get((rows, i), ())
+            if len(seen) >= FIT_STEPS:
+                C = moe_paths.fit_capacity(list(seen), C0, -(-rows // 8) * 8)
+            if C > moe_paths.capacity(blocks[i].ffn, rows, self.device.type) and f"moe{i}.dense_in" in self.weights.gemms:
+                dense.add(i)
+            caps[i] = C
+        if len(dense) == before and all(caps[i] == plan[f"moe{i}.capacity"] for i in caps):
+            return
+        if len(dense) > before:
+            new = self.weights.plan(rows, mtp=spec, dense=frozenset(dense))
+            plan.clear()
+            plan.update(new)
+        for i in self._capacity_layers(plan):
+            plan[f"moe{i}.capacity"] = caps[i]
+        self.stats["capacity"][f"{key[0]}{key[1]}"] = {
+            i: plan.get(f"moe{i}.capacity", plan[f"moe{i}.path"]) for i in sorted(caps)}
+        self._checked.discard(key)           # every guard is evaluated: the new plan misses them
+        self._refitted.add(key)              # and the next step is timed as a compile
 
     def _pays(self, key: tuple[str, int]) -> bool:
         """The "auto" policy (module docstring): is compiling bucket `key` now expected to pay?"""

@@ -7,11 +7,12 @@ By rows T (E routed experts, K per token):
             the route), every down projection as a second GEMM. E/K x the routed FLOPs, in two
             well-shaped GEMMs: it wins while the step is bound by reading weights. Top-k is done by
             rank counting (`top_mask`), which fuses into one kernel under torch.compile.
-  capacity  otherwise: each expert gets `capacity(T)` rows (2x the mean load; 4x on CUDA), the pairs are
-            scattered into an (E, C, D) buffer and the experts run as two batched matmuls over the
-            stacked weights. If an expert gets more pairs than C (a very unbalanced router), the eager
-            step runs every expert on every token instead, so the result stays exact; the compiled step
-            reports the overflow (`flags`) and the runner reruns that step eagerly. (A torch.cond
+  capacity  otherwise: each expert gets C rows, the pairs are scattered into an (E, C, D) buffer and
+            the experts run as two batched matmuls over the stacked weights. An eager step sizes C to
+            its busiest expert (read on the host, rounded up to 8 rows) and drops nothing. A compiled
+            step's C is fixed: `capacity(T)` (2x the mean load; 4x on CUDA) until the runner has seen
+            this router's loads (runner/__init__.py, `fit_capacity`); if an expert gets more pairs,
+            the runner sees its load in `flags` and reruns the step eagerly. (A torch.cond
             inside the graph did the same, but a graph holding one cannot be cached on disk: every
             process recompiled its batch-64 bucket for ~19 s instead of loading it in ~5.)
 Thresholds measured on the decode benchmark's model (hidden 256, 16 experts top-4, 2 cores): per
@@ -28,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ...model.moe import MoE, dense_experts, gate_choice, gather_experts, route, scale_weights
+from ...model.moe import MoE, gate_choice, gather_experts, route, scale_weights
 from ...quant.fp8 import WEIGHT, QTensor, dequantize
 
 DENSE_MAX_TOKENS = 16
@@ -65,6 +66,22 @@ def capacity(moe: MoE, T: int, device_type: str = "cpu") -> int:
     return max(8, math.ceil(factor * mean / 8) * 8)
 
 
+# the share of a compiled bucket's steps a layer may overflow its capacity (each overflow reruns the whole
+# step eagerly). Break-even, measured on bench_grpo's model at batch 64 (AVX2 EPYC): an eager rerun costs
+# ~27 ms, while 8 more rows per expert cost one layer ~0.2 ms, so ~1-2% of steps
+OVERFLOW_SHARE = 0.02
+
+
+def fit_capacity(loads: list[int], C: int, ceiling: int, share: float = OVERFLOW_SHARE) -> int:
+    """The smallest multiple of 8 rows, at least C, that more than `share` of the observed `loads`
+    (the busiest expert's pairs per step) would not exceed; at most `ceiling` (the step's token count
+    rounded up to 8, which no load can exceed: an expert takes a token at most once)."""
+    allowed = int(share * len(loads))
+    ranked = sorted(loads, reverse=True)
+    need = ranked[allowed] if allowed < len(ranked) else 0        # the largest load that must fit
+    return min(ceiling, max(C, -(-need // 8) * 8))
+
+
 def choose_path(moe: MoE, T: int, has_dense: bool) -> str:
     cfg = moe.cfg
     if 2 * T * cfg.num_experts_per_tok <= cfg.n_routed_experts:
@@ -72,11 +89,14 @@ def choose_path(moe: MoE, T: int, has_dense: bool) -> str:
     return "dense" if has_dense and T <= DENSE_MAX_TOKENS else "capacity"
 
 
-def moe_decode(moe: MoE, i: int, x_TD: torch.Tensor, linear, W: dict, path: str, flags: list | None = None):
+def moe_decode(moe: MoE, i: int, x_TD: torch.Tensor, linear, W: dict, path: str, flags: list | None = None,
+               rows_per_expert: int | None = None):
     """x (T, D) fp32 -> (T, D) fp32 by `path` (see choose_path). `linear(name, x)` runs the runner's GEMM
-    `name`; W holds the expert stacks `moe{i}.w13` (E, 2F, D) and `moe{i}.w2` (E, D, F). `flags`: None
-    to branch on a capacity overflow here (a host sync), or a list to which the capacity path appends
-    its overflow flag instead (no branch: a compiled graph; the caller must redo the step if one is set)."""
+    `name`; W holds the expert stacks `moe{i}.w13` (E, 2F, D) and `moe{i}.w2` (E, D, F).
+    The capacity path's rows per expert: `rows_per_expert` (a compiled step's fixed number: pairs past
+    it are dropped and the caller must redo the step), or None for the busiest expert's load (read on
+    the host: eager). `flags`: a list to which the capacity path appends the busiest expert's load (a
+    0-d tensor; a compiled graph cannot branch on it, the caller compares it with the capacity)."""
     T, cfg = x_TD.shape[0], moe.cfg
     E = cfg.n_routed_experts
     logits = linear(f"moe{i}.router", x_TD)                                   # T, E fp32
@@ -103,15 +123,11 @@ def moe_decode(moe: MoE, i: int, x_TD: torch.Tensor, linear, W: dict, path: str,
     else:
         onehot = F.one_hot(idx.reshape(-1), E)                                # T*K, E
         pos = ((onehot.cumsum(0) - 1) * onehot).sum(1)                        # rank of a pair within its expert
-        C = capacity(moe, T, x_TD.device.type)
-        overflow = (onehot.sum(0) > C).any()
+        load = onehot.sum(0).max()
         if flags is not None:
-            flags.append(overflow)
-            out = capacity_experts(x_TD, weights, idx, w13, w2, pos, C)
-        elif overflow:
-            out = dense_experts(x_TD, weights, idx, w13, w2)
-        else:
-            out = capacity_experts(x_TD, weights, idx, w13, w2, pos, C)
+            flags.append(load)
+        C = rows_per_expert if rows_per_expert is not None else max(8, -(-int(load) // 8) * 8)
+        out = capacity_experts(x_TD, weights, idx, w13, w2, pos, C)
     if moe.shared is not None:
         gate, up = linear(f"moe{i}.shared_in", x_TD).chunk(2, dim=-1)
         out = out + linear(f"moe{i}.shared_out", F.silu(gate) * up)
@@ -120,7 +136,7 @@ def moe_decode(moe: MoE, i: int, x_TD: torch.Tensor, linear, W: dict, path: str,
 
 def capacity_experts(x_TD, weights_TK, idx_TK, w13, w2, pos, C: int):
     """Pair p (rank pos[p] among its expert's pairs) goes to row pos[p] of its expert's C rows; pairs
-    past C would be dropped (the caller falls back to `dense_experts` before that can happen)."""
+    past C are dropped (an eager caller sizes C so that none is; a compiled one flags the overflow)."""
     (T, D), (E, F2, _), K = x_TD.shape, w13.shape, idx_TK.shape[1]
     slot = torch.where(pos < C, idx_TK.reshape(-1) * C + pos, E * C)          # E*C: a spare zero row
     xs = x_TD.new_zeros(E * C + 1, D, dtype=w13.dtype).index_put(

@@ -29,7 +29,8 @@ def decode_hidden(model, W: dict, plan: dict, cache, x: torch.Tensor, blocks=Non
                   flags: list | None = None) -> torch.Tensor:
     """Embedded inputs x (B, T, D) at positions `cache.positions` (the caller ran `cache.begin`) ->
     hidden states (B, T, D) fp32 before the final norm. `blocks`: (index, Block) pairs to run instead
-    of the main layers (the MTP module's block). `flags`: see `moe_decode` (compiled steps pass a list)."""
+    of the main layers (the MTP module's block). `flags`: see `moe_decode`; a plan's "moe{i}.capacity"
+    fixes layer i's capacity (compiled steps), without one the step sizes it to the busiest expert."""
     rot = model.rope(cache.positions)
     lin = _linear(W, plan)
     for i, layer in blocks if blocks is not None else enumerate(model.layers):
@@ -42,7 +43,7 @@ def decode_hidden(model, W: dict, plan: dict, cache, x: torch.Tensor, blocks=Non
         h = layer.ffn_norm(x)
         if isinstance(layer.ffn, MoE):
             x = x + moe_decode(layer.ffn, i, h.reshape(-1, h.shape[-1]), lin, W, plan[f"moe{i}.path"],
-                               flags).view(h.shape)
+                               flags, plan.get(f"moe{i}.capacity")).view(h.shape)
         elif isinstance(layer.ffn, MLP):
             gate, up = lin(f"mlp{i}.w13", h).chunk(2, dim=-1)
             x = x + lin(f"mlp{i}.w2", F.silu(gate) * up)

@@ -103,10 +103,12 @@ class DecodeWeights:
         self.gemms[name] = Gemm(name, source, only)
 
     # ---------------------------------------------------------------------------------------------
-    def plan(self, rows: int, mtp: bool = False) -> dict[str, str]:
+    def plan(self, rows: int, mtp: bool = False, dense: frozenset[int] = frozenset()) -> dict[str, str]:
         """Choose (by measurement, cached per host) how a step of `rows` rows runs, and make the copies
         and packs that needs: {GEMM name: kernel, "moe{i}.path": gather/dense/capacity,
-        "moe{i}.experts": the kernel of the expert stacks' batched matmuls}.
+        "moe{i}.experts": the kernel of the expert stacks' batched matmuls}. `dense`: MoE layers that
+        take the fused dense path (where it exists) whatever the row count (the runner's choice for
+        a router too unbalanced for the capacity path).
 
         Each GEMM takes the fastest kernel at this row count; the batched expert matmuls take the
         faster plain dtype for a GEMM of the same work (one row for gather's per-pair products, E x
@@ -127,6 +129,8 @@ class DecodeWeights:
                 continue
             moe = layer.ffn
             path = choose_path(moe, rows, f"moe{i}.dense_in" in self.gemms)
+            if i in dense and f"moe{i}.dense_in" in self.gemms:
+                path = "dense"
             plan[f"moe{i}.path"] = path
             used.append(f"moe{i}.router")
             if path == "dense":
@@ -157,13 +161,14 @@ class DecodeWeights:
     def tensors(self, rows: int, plan: dict[str, str]) -> dict[str, torch.Tensor]:
         """The step's inputs for a planned row count: each GEMM's weight in its kernel's dtype and its
         pack, and the expert stacks (built once per sync)."""
-        key = (rows, "mtp0.eh" in plan)               # a decode plan, or a speculative one with the MTP block
+        # a decode plan or a speculative one (with the MTP block), and the layers on the dense path
+        key = (rows, "mtp0.eh" in plan, *(i for i, _ in self.blocks if plan.get(f"moe{i}.path") == "dense"))
         hit = self._tensors.get(key)
         if hit is not None:
             return hit
         out = self._tensors[key] = {}
         for name, kind in plan.items():
-            if name.endswith(".path"):
+            if name.endswith((".path", ".capacity")):
                 continue
             if name.endswith(".experts"):
                 i = int(name[3:-len(".experts")])
