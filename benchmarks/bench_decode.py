@@ -93,8 +93,8 @@ def main():
             llm.generate(reqs, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
         runner = ours["nanoseek"].engine.runner
         plan = runner.plan(runner.bucket(B))
-        res["plan"][B] = {k: sum(1 for n, v in plan.items() if v == k and not n.endswith(".path")) for k in
-                          sorted(set(v for n, v in plan.items() if not n.endswith(".path")))}
+        kernels = [v for n, v in plan.items() if isinstance(v, str) and not n.endswith(".path")]
+        res["plan"][B] = {k: kernels.count(k) for k in sorted(set(kernels))}
         for m in hf.values():
             with torch.no_grad():
                 m.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=4, do_sample=False,
@@ -122,6 +122,10 @@ def main():
         tok_s["speedup_fp32"] = round(tok_s["nanoseek_fp32"] / peer, 2)
         tok_s["speedup_eager"] = round(tok_s["nanoseek_eager"] / peer, 2)
         res["decode_tok_s"][B] = tok_s
+        # the compiled engines' MoE capacities as fitted to the router's loads, and their eager reruns
+        res.setdefault("moe_steps", {})[B] = {
+            k: {s: ours[k].engine.runner.stats[s] for s in ("capacity", "overflow_reruns", "compiled_steps")}
+            for k in ("nanoseek", "nanoseek_fp32")}
         if B == args.batches[-1]:
             n_tok = B * (args.prompt + args.new)
             res["hf_cache_bytes_per_token"] = round(hf_cache_bytes(outs["hf_fp32"].past_key_values) / n_tok, 1)
