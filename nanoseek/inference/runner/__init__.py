@@ -227,10 +227,13 @@ class DecodeRunner:
             self.sync_weights()
         plan = self.plan(Bp * T, spec=kind == "spec")
         key = (kind, Bp)
-        if self._graphs and key not in self._failed and Bp <= self.max_batch and \
-                (force or self.compile is True or key in self._compiled or self._pays(key)):
-            if key not in self._compiled:
+        if self._graphs and key not in self._failed and Bp <= self.max_batch:
+            if key not in self._compiled:     # the graph it would compile, before the policy prices it
                 self._fit_capacities(key, T, plan)
+            go = force or self.compile is True or key in self._compiled or self._pays(key)
+        else:
+            go = False
+        if go:
             out = self._run_compiled(key, T, ids, lengths, self.weights.tensors(Bp * T, plan), plan)
             if out is not None:
                 return out
@@ -351,6 +354,8 @@ class DecodeRunner:
             i: plan.get(f"moe{i}.capacity", plan[f"moe{i}.path"]) for i in sorted(caps)}
         self._checked.discard(key)           # every guard is evaluated: the new plan misses them
         self._refitted.add(key)              # and the next step is timed as a compile
+        self._expected_s.pop(key, None)      # of another graph (_compile_key)
+        self._saves.pop(key, None)
 
     def _pays(self, key: tuple[str, int]) -> bool:
         """The "auto" policy (module docstring): is compiling bucket `key` now expected to pay?"""
@@ -387,8 +392,14 @@ class DecodeRunner:
         of a time measured with the cache warm, compiled cold instead, and averaged 2.93 s of rollout
         per step against ~0.7 s: 0.71x TRL instead of ~2.2x)."""
         c = self.model.cfg
+        # and its MoE layers' paths and capacities, which a router's loads change (`_fit_capacities`):
+        # a time measured for another graph says nothing (a time from a warm cache once made
+        # bench_grpo.py compile its fitted batch-64 graph cold, 46 s, inside a 12-step run)
+        plan = self._plans.get((Bp * (2 if kind == "spec" else 1), kind == "spec"), {})
+        moe = ",".join(f"{k[3:-5]}:{plan.get(k[:-5] + '.capacity', v)}" for k, v in plan.items()
+                       if k.endswith(".path"))
         return (f"{kind}-compile|{c.hidden_size}x{c.num_hidden_layers}x{c.n_routed_experts}|"
-                f"{','.join(self.kinds)}|B{Bp}|{traced_code_version()}")
+                f"{','.join(self.kinds)}|B{Bp}|{moe}|{traced_code_version()}")
 
     def _expected_compile_s(self, kind: str, Bp: int) -> float:
         """The last measured compile time of this graph on this host (COLD_COMPILE_S before the first),
