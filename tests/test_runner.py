@@ -326,7 +326,7 @@ def test_compiled_capacity_follows_an_unbalanced_router(dense, eager_first, monk
     the load), after which no step overflows. Loads seen in eager steps first (`eager_first`, as GRPO's
     "auto" rollouts run) fit the plan before the first compile: no overflow at all. Logits equal the
     model's throughout. (The policy, not inductor: the "compiled" step is the eager function behind the
-    same calls, with the plan's fixed capacities.)"""
+    same calls, with the plan's fixed capacities.) Eager steps follow the move to the dense path."""
     monkeypatch.setattr(rmoe, "DENSE_MAX_TOKENS", 0)
     monkeypatch.setattr(runner_mod, "FIT_STEPS", 3)
     model = _model()
@@ -365,6 +365,8 @@ def test_compiled_capacity_follows_an_unbalanced_router(dense, eager_first, monk
         assert dense or plan[f"moe{i}.capacity"] == B
         # a compile time measured for the default graph is not this graph's
         assert f"{i}:{want}" in runner._compile_key("decode", B)
+        # eager steps (an overflow's rerun, or before a compile) take the dense path too
+        assert runner._eager_plans[(B, False)][f"moe{i}.path"] == ("dense" if dense else "capacity")
 
 
 def test_auto_compile_with_a_known_horizon_weighs_the_steps_left(monkeypatch):
