@@ -53,8 +53,10 @@ took 2.6-2.8 s against 1.7 s eager (AVX2 EPYC). So every step records each capac
 busiest-expert load (eager steps too, scaled to the bucket's padded rows), and once FIT_STEPS are seen,
 a bucket about to compile or one that just overflowed gets its capacities fitted (`_fit_capacities`):
 a layer that needs more than 2x the mean takes the fused dense path where it exists (about as fast as
-the capacity path's larger buffers, and it cannot overflow), else a capacity that holds all but
-OVERFLOW_SHARE of the loads seen. The plan changes and the bucket compiles once more. There the same
+the capacity path's larger buffers, and it cannot overflow; the bucket's eager steps take it too),
+else a capacity that holds all but OVERFLOW_SHARE of the loads seen. The plan changes and the bucket
+compiles once more (from inductor's disk cache in a later process, but the fit itself is redone per
+process: a server that warmed its buckets up compiles a refitted one while serving). There the same
 rollouts took 0.9-1.1 s.
 """
 from __future__ import annotations
