@@ -53,7 +53,8 @@ took 2.6-2.8 s against 1.7 s eager (AVX2 EPYC). So every step records each capac
 busiest-expert load (eager steps too, scaled to the bucket's padded rows), and once FIT_STEPS are seen,
 a bucket about to compile or one that just overflowed gets its capacities fitted (`_fit_capacities`):
 a layer that needs more than 2x the mean takes the fused dense path where it exists (about as fast as
-the capacity path's larger buffers, and it cannot overflow; the bucket's eager steps take it too),
+the capacity path's larger buffers, and it cannot overflow; the bucket's eager steps take it too
+where their median load needs more than 2x the mean),
 else a capacity that holds all but OVERFLOW_SHARE of the loads seen. The plan changes and the bucket
 compiles once more (from inductor's disk cache in a later process, but the fit itself is redone per
 process: a server that warmed its buckets up compiles a refitted one while serving). There the same
@@ -127,7 +128,8 @@ class DecodeRunner:
         self.check_versions = True   # the safety net behind sync_weights()
         self._plans: dict[tuple[int, bool], dict[str, str]] = {}
         self._eager_plans: dict[tuple[int, bool], dict[str, str]] = {}
-        self._dense: dict[tuple[int, bool], set[int]] = {}     # MoE layers a plan moved to dense
+        self._dense: dict[tuple[int, bool], set[int]] = {}     # MoE layers a compiled plan moved to dense
+        self._eager_dense: dict[tuple[int, bool], set[int]] = {}   # and an eager plan
         self._load_steps: dict[int, int] = {}                   # steps whose loads were noted, by rows
         self._fit_at: dict[tuple[int, bool], int] = {}          # _load_steps at a plan's last fit
         # the busiest expert's load per step, by (step rows, MoE layer): what a compiled step's
@@ -340,22 +342,35 @@ class DecodeRunner:
         self._fit_at[(rows, spec)] = seen_steps
         blocks, caps = dict(self.weights.blocks), {}
         dense = self._dense.setdefault((rows, spec), set())
-        before = len(dense)
-        for i in self._capacity_layers(plan):
+        eager_dense = self._eager_dense.setdefault((rows, spec), set())
+        before, eager_before = len(dense), len(eager_dense)
+
+        def default(i):
+            return moe_paths.capacity(blocks[i].ffn, rows, self.device.type)
+        for i in self._capacity_layers(plan):          # the compiled graph must hold the loads' tail
             C = C0 = plan[f"moe{i}.capacity"]
             seen = self._loads.get((rows, i), ())
             if len(seen) >= FIT_STEPS:
                 C = moe_paths.fit_capacity(list(seen), C0, -(-rows // 8) * 8)
-            if C > moe_paths.capacity(blocks[i].ffn, rows, self.device.type) and f"moe{i}.dense_in" in self.weights.gemms:
+            if C > default(i) and f"moe{i}.dense_in" in self.weights.gemms:
                 dense.add(i)
             caps[i] = C
+        # an eager step sizes itself to its own load, so its cost follows the typical load: the dense
+        # path's two GEMMs beat the capacity path's scatter, batched matmuls and gather once the median
+        # step needs more than 2x the mean (bench_grpo's rollouts, eager, alternated in one process:
+        # 1.80 vs 1.90 s; the main job's RL model, median 1.9x, p98 2.8-3.8x at 128 rows: 0.78 vs
+        # 0.76 s with all-dense, so it stays; AVX2 EPYC)
+        for i in self._capacity_layers(self._eager_plans[(rows, spec)]):
+            seen = self._loads.get((rows, i), ())
+            if len(seen) >= FIT_STEPS and f"moe{i}.dense_in" in self.weights.gemms and \
+                    -(-sorted(seen)[len(seen) // 2] // 8) * 8 > default(i):
+                eager_dense.add(i)
+        if len(eager_dense) > eager_before:
+            self._eager_plans[(rows, spec)] = self.weights.plan(rows, mtp=spec, dense=frozenset(eager_dense))
         if len(dense) == before and all(caps[i] == plan[f"moe{i}.capacity"] for i in caps):
             return
-        if len(dense) > before:    # the eager steps too: the dense path's two GEMMs beat the capacity
-            # path's scatter, batched matmuls and gather once those need more than 2x the mean load
-            # (bench_grpo's rollouts, eager, alternated in one process: 1.80 vs 1.90 s, AVX2 EPYC)
+        if len(dense) > before:
             new = self.weights.plan(rows, mtp=spec, dense=frozenset(dense))
-            self._eager_plans[(rows, spec)] = dict(new)
             plan.clear()
             plan.update(new)
         for i in self._capacity_layers(plan):
