@@ -128,8 +128,6 @@ class DecodeRunner:
         self.check_versions = True   # the safety net behind sync_weights()
         self._plans: dict[tuple[int, bool], dict[str, str]] = {}
         self._eager_plans: dict[tuple[int, bool], dict[str, str]] = {}
-        self._dense: dict[tuple[int, bool], set[int]] = {}     # MoE layers a compiled plan moved to dense
-        self._eager_dense: dict[tuple[int, bool], set[int]] = {}   # and an eager plan
         self._load_steps: dict[int, int] = {}                   # steps whose loads were noted, by rows
         self._fit_at: dict[tuple[int, bool], int] = {}          # _load_steps at a plan's last fit
         # the busiest expert's load per step, by (step rows, MoE layer): what a compiled step's
@@ -181,15 +179,10 @@ class DecodeRunner:
             plan = self.weights.plan(rows, mtp=spec)
             self._eager_plans[(rows, spec)] = dict(plan)
             blocks = dict(self.weights.blocks)
-            for i in self._capacity_layers(plan):
+            for i in moe_paths.layers_on(plan, "capacity"):
                 plan[f"moe{i}.capacity"] = moe_paths.capacity(blocks[i].ffn, rows, self.device.type)
             self._plans[(rows, spec)] = plan
         return self._plans[(rows, spec)]
-
-    @staticmethod
-    def _capacity_layers(plan: dict) -> list[int]:
-        """The capacity-path MoE layers, in the order a step runs them (and appends their loads)."""
-        return sorted(int(k[3:-len(".path")]) for k, v in plan.items() if k.endswith(".path") and v == "capacity")
 
     def decode(self, pending: list[int], lengths: list[int]):
         """One token per running row (slots 0..B-1): row b's `pending` token at position lengths[b].
@@ -321,7 +314,7 @@ class DecodeRunner:
         -> did one exceed its layer's compiled capacity?"""
         over = False
         self._load_steps[rows] = self._load_steps.get(rows, 0) + 1
-        for i, load in zip(self._capacity_layers(plan), loads):
+        for i, load in zip(moe_paths.layers_on(plan, "capacity"), loads):   # (the order a step appends them)
             self._loads.setdefault((rows, i), collections.deque(maxlen=8 * FIT_STEPS)).append(load)
             over |= load > plan.get(f"moe{i}.capacity", rows)
         return over
@@ -341,18 +334,19 @@ class DecodeRunner:
             return                        # (eager steps call this each time: refit every FIT_STEPS steps)
         self._fit_at[(rows, spec)] = seen_steps
         blocks, caps = dict(self.weights.blocks), {}
-        dense = self._dense.setdefault((rows, spec), set())
-        eager_dense = self._eager_dense.setdefault((rows, spec), set())
+        eager_plan = self._eager_plans[(rows, spec)]
+        # layers already on the dense path (a fit's earlier moves; passed back, any dense layer stays)
+        dense, eager_dense = set(moe_paths.layers_on(plan, "dense")), set(moe_paths.layers_on(eager_plan, "dense"))
         before, eager_before = len(dense), len(eager_dense)
 
         def default(i):
             return moe_paths.capacity(blocks[i].ffn, rows, self.device.type)
-        for i in self._capacity_layers(plan):          # the compiled graph must hold the loads' tail
+        for i in moe_paths.layers_on(plan, "capacity"):     # the compiled graph must hold the loads' tail
             C = C0 = plan[f"moe{i}.capacity"]
             seen = self._loads.get((rows, i), ())
             if len(seen) >= FIT_STEPS:
-                C = moe_paths.fit_capacity(list(seen), C0, -(-rows // 8) * 8)
-            if C > default(i) and f"moe{i}.dense_in" in self.weights.gemms:
+                C = moe_paths.fit_capacity(list(seen), C0, moe_paths.round8(rows))
+            if C > default(i) and self.weights.has_dense(i):
                 dense.add(i)
             caps[i] = C
         # an eager step sizes itself to its own load, so its cost follows the typical load: the dense
@@ -360,11 +354,11 @@ class DecodeRunner:
         # step needs more than 2x the mean (bench_grpo's rollouts, eager, alternated in one process:
         # 1.80 vs 1.90 s; the main job's RL model, median 1.9x, p98 2.8-3.8x at 128 rows: 0.78 vs
         # 0.76 s with all-dense, so it stays; AVX2 EPYC)
-        for i in self._capacity_layers(self._eager_plans[(rows, spec)]):
+        for i in moe_paths.layers_on(eager_plan, "capacity"):
             seen = self._loads.get((rows, i), ())
-            if len(seen) >= FIT_STEPS and f"moe{i}.dense_in" in self.weights.gemms and \
-                    -(-sorted(seen)[len(seen) // 2] // 8) * 8 > default(i):
-                eager_dense.add(i)
+            if len(seen) >= FIT_STEPS and self.weights.has_dense(i) and \
+                    moe_paths.fit_capacity(list(seen), 0, moe_paths.round8(rows), share=0.5) > default(i):
+                eager_dense.add(i)                          # (share 0.5: the median load, rounded up)
         if len(eager_dense) > eager_before:
             self._eager_plans[(rows, spec)] = self.weights.plan(rows, mtp=spec, dense=frozenset(eager_dense))
         if len(dense) == before and all(caps[i] == plan[f"moe{i}.capacity"] for i in caps):
@@ -373,7 +367,7 @@ class DecodeRunner:
             new = self.weights.plan(rows, mtp=spec, dense=frozenset(dense))
             plan.clear()
             plan.update(new)
-        for i in self._capacity_layers(plan):
+        for i in moe_paths.layers_on(plan, "capacity"):
             plan[f"moe{i}.capacity"] = caps[i]
         self.stats["capacity"][f"{key[0]}{key[1]}"] = {
             i: plan.get(f"moe{i}.capacity", plan[f"moe{i}.path"]) for i in sorted(caps)}

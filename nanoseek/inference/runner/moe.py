@@ -63,7 +63,17 @@ def capacity(moe: MoE, T: int, device_type: str = "cpu") -> int:
     mean of 8)."""
     mean = T * moe.cfg.num_experts_per_tok / moe.cfg.n_routed_experts
     factor = 4 if device_type == "cuda" else 2
-    return max(8, math.ceil(factor * mean / 8) * 8)
+    return max(8, round8(factor * mean))
+
+
+def round8(n: float) -> int:
+    """Rows rounded up to a multiple of 8 (so that bf16 GEMM shapes recur)."""
+    return math.ceil(n / 8) * 8
+
+
+def layers_on(plan: dict, path: str) -> list[int]:
+    """The MoE layers a decode plan runs on `path`, in the order a step runs them."""
+    return sorted(int(k[3:-len(".path")]) for k, v in plan.items() if k.endswith(".path") and v == path)
 
 
 # the share of a compiled bucket's steps a layer may overflow its capacity (each overflow reruns the whole
@@ -79,7 +89,7 @@ def fit_capacity(loads: list[int], C: int, ceiling: int, share: float = OVERFLOW
     allowed = int(share * len(loads))
     ranked = sorted(loads, reverse=True)
     need = ranked[allowed] if allowed < len(ranked) else 0        # the largest load that must fit
-    return min(ceiling, max(C, -(-need // 8) * 8))
+    return min(ceiling, max(C, round8(need)))
 
 
 def choose_path(moe: MoE, T: int, has_dense: bool) -> str:
@@ -126,7 +136,7 @@ def moe_decode(moe: MoE, i: int, x_TD: torch.Tensor, linear, W: dict, path: str,
         load = onehot.sum(0).max()
         if flags is not None:
             flags.append(load)
-        C = rows_per_expert if rows_per_expert is not None else max(8, -(-int(load) // 8) * 8)
+        C = rows_per_expert if rows_per_expert is not None else max(8, round8(int(load)))
         out = capacity_experts(x_TD, weights, idx, w13, w2, pos, C)
     if moe.shared is not None:
         gate, up = linear(f"moe{i}.shared_in", x_TD).chunk(2, dim=-1)

@@ -36,7 +36,7 @@ from ...model.moe import MoE
 from ... import calibrate
 from ...quant.fp8 import WEIGHT, quantize
 from . import gemm
-from .moe import capacity, choose_path
+from .moe import capacity, choose_path, layers_on
 
 
 @dataclass
@@ -102,6 +102,10 @@ class DecodeWeights:
     def _add(self, name: str, source, only: str | None = None) -> None:
         self.gemms[name] = Gemm(name, source, only)
 
+    def has_dense(self, i: int) -> bool:
+        """Does MoE layer i have the fused dense path's weights (small enough layers do)?"""
+        return f"moe{i}.dense_in" in self.gemms
+
     # ---------------------------------------------------------------------------------------------
     def plan(self, rows: int, mtp: bool = False, dense: frozenset[int] = frozenset()) -> dict[str, str]:
         """Choose (by measurement, cached per host) how a step of `rows` rows runs, and make the copies
@@ -128,8 +132,8 @@ class DecodeWeights:
             if not isinstance(layer.ffn, MoE):
                 continue
             moe = layer.ffn
-            path = choose_path(moe, rows, f"moe{i}.dense_in" in self.gemms)
-            if i in dense and f"moe{i}.dense_in" in self.gemms:
+            path = choose_path(moe, rows, self.has_dense(i))
+            if i in dense and self.has_dense(i):
                 path = "dense"
             plan[f"moe{i}.path"] = path
             used.append(f"moe{i}.router")
@@ -162,7 +166,7 @@ class DecodeWeights:
         """The step's inputs for a planned row count: each GEMM's weight in its kernel's dtype and its
         pack, and the expert stacks (built once per sync)."""
         # a decode plan or a speculative one (with the MTP block), and the layers on the dense path
-        key = (rows, "mtp0.eh" in plan, *(i for i, _ in self.blocks if plan.get(f"moe{i}.path") == "dense"))
+        key = (rows, "mtp0.eh" in plan, *layers_on(plan, "dense"))
         hit = self._tensors.get(key)
         if hit is not None:
             return hit
