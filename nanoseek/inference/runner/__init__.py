@@ -48,8 +48,8 @@ COMPILED_SAVES (on an AVX2-only AMD EPYC the benchmark model's compiled steps sa
 MoE capacity. A compiled step cannot size its capacity-path MoE buffers to the step's loads; it gets
 a fixed number of rows per expert, 2x the mean load (moe.py), and an expert given more pairs makes the
 runner redo the step eagerly. A trained router can be far from balanced: on bench_grpo's model the
-busiest expert overflowed 2x the mean in 431 of 756 batch-64 layer-steps, and its compiled rollouts
-took 2.6-2.8 s against 1.7 s eager (AVX2 EPYC). So every step records each capacity-path layer's
+busiest expert overflowed 2x the mean in 431 of 756 eager layer-steps above 16 rows (mostly batch 64),
+and its compiled rollouts took 2.6-2.8 s against 1.7 s eager (AVX2 EPYC). So every step records each capacity-path layer's
 busiest-expert load (eager steps too, scaled to the bucket's padded rows), and once FIT_STEPS are seen,
 a bucket about to compile or one that just overflowed gets its capacities fitted (`_fit_capacities`):
 a layer that needs more than 2x the mean takes the fused dense path where it exists (about as fast as
@@ -58,7 +58,7 @@ where their median load needs more than 2x the mean),
 else a capacity that holds all but OVERFLOW_SHARE of the loads seen. The plan changes and the bucket
 compiles once more (from inductor's disk cache in a later process, but the fit itself is redone per
 process: a server that warmed its buckets up compiles a refitted one while serving). There the same
-rollouts took 0.9-1.1 s.
+rollouts took 0.9-1.3 s.
 """
 from __future__ import annotations
 
