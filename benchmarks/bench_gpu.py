@@ -62,7 +62,7 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermedi
             tie_word_embeddings=False)
 
 
-TRAIN_MODES = ("eager", "eager_dense", "compiled")       # the train part's nanoseek contenders
+TRAIN_MODES = ("eager", "eager_dense", "compiled", "compiled_docs4")       # the train part's nanoseek contenders
 PARTS = ("greedy_fp32_vs_hf", "attention", "moe", "train", "decode_small", "decode_mid", "profile")
 
 
@@ -200,8 +200,13 @@ def train_part(b: Bench) -> dict:
     flops = 6 * act * B * T + attn
     peak = b.res["env"]["peak_flops"]
     batch = torch.randint(0, cfg.vocab_size, (B, T + 1), device=b.dev)
+    bos = cfg.bos_token_id
+    batch[batch == bos] = (bos + 1) % cfg.vocab_size
+    batch[:, 0] = bos                                   # each row one document (CausalMask on a GPU) ...
+    docs4 = batch.clone()
+    docs4[:, :: (T + 1) // 4] = bos                     # ... or four (FlexAttention's document rule)
     out = {"total_params": info["total_params"], "activated_params": info["activated_params"], "batch": [B, T],
-           "flops_per_step": flops}
+           "flops_per_step": flops, "documents_per_row": {"default": 1, "compiled_docs4": 4}}
 
     def record(name, seconds, extra=None):
         out[name] = {"step_s": round(seconds, 4), "tok_s": round(B * T / seconds),
@@ -233,7 +238,7 @@ def train_part(b: Bench) -> dict:
             model = Transformer(cfg).init_weights(0).to(b.dev).train()
             opt = build_optimizer(model, 1e-4)
             t_compile = time.perf_counter()
-            if mode == "compiled":
+            if mode.startswith("compiled"):
                 StepCompiler(model, "on")
 
             # eager_dense: the dense document mask through SDPA, its cuDNN kernel tried first (the default
@@ -241,11 +246,14 @@ def train_part(b: Bench) -> dict:
             order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
             prefer = (lambda: sdpa_kernel(order, set_priority=True)) if mode == "eager_dense" else None
             flex_mask.FLEX_MIN_T = 10**9 if mode == "eager_dense" else 1024
-            step = training_step(model, opt, batch, b.dev, prefer)
+            step = training_step(model, opt, docs4 if mode == "compiled_docs4" else batch, b.dev, prefer)
             step()
             b.sync()
             first = time.perf_counter() - t_compile
             record(f"nanoseek_{mode}", b.timed(step, n=3, warm=1), {"first_step_s": round(first, 1)})
+            if mode == "compiled" and b.want is not None and "profile" in b.want:
+                from profiles import top_kernels          # where the compiled step's GPU time goes
+                b.res["profile_compiled"] = top_kernels(step, b.dev.type == "cuda", n=30)
         except Exception as e:    # noqa: BLE001 - a measurement script reports, it does not stop
             out[f"nanoseek_{mode}"] = {"error": f"{type(e).__name__}: {e}"[:500],
                                        "trace": traceback.format_exc()[-1200:]}
@@ -261,8 +269,9 @@ def train_part(b: Bench) -> dict:
 def attention_part(b: Bench) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from nanoseek.data.loader import document_positions
     from nanoseek.model.mla import fused_attention
-    from nanoseek.train.flex_mask import training_mask
+    from nanoseek.train.flex_mask import DocumentMask, training_mask
 
     B, H, T, QK, V = (2, 2, 256, 24, 16) if b.args.tiny else (8, 16, 2048, 192, 128)
     torch.manual_seed(0)
@@ -279,10 +288,15 @@ def attention_part(b: Bench) -> dict:
     q, k, v = (torch.randn(B, H, T, d, device=b.dev, dtype=dt, requires_grad=True) for d in (QK, QK, V))
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
     res = {}
+    one = torch.randint(3, 1000, (B, T), device=b.dev)
+    one[:, 0] = 1                                                              # one document per row
+    flex_one, causal = DocumentMask(document_positions(one, 1)[1]), training_mask(one, 1, flex=True)[1]
     for name, fn in (("sdpa_dense", lambda: fused_attention(q, k, v, dense, 0.1)),
-                     ("flex_doc", lambda: flex.attend(q, k, v, 0.1))):
-        if b.args.tiny and name == "flex_doc":
-            break                                           # FlexAttention has no CPU backward
+                     ("flex_doc", lambda: flex.attend(q, k, v, 0.1)),
+                     ("sdpa_causal", lambda: causal.attend(q, k, v, 0.1)),      # rows of one document:
+                     ("flex_causal", lambda: flex_one.attend(q, k, v, 0.1))):  # CausalMask vs FlexAttention
+        if b.args.tiny and name.startswith("flex"):
+            continue                                        # FlexAttention has no CPU backward
 
         def step():
             with sdpa_kernel(order, set_priority=True):
@@ -294,10 +308,14 @@ def attention_part(b: Bench) -> dict:
         first = time.perf_counter() - t
         res[name] = [x.detach().float() for x in step()]
         out[name] = {"fwd_bwd_ms": round(1000 * b.timed(step, n=5, warm=1), 3), "first_call_s": round(first, 1)}
-    if len(res) == 2:
-        out["max_rel_diff"] = {n: float((a - c).abs().max() / c.abs().max()) for n, a, c in
-                               zip(("out", "dq", "dk", "dv"), res["flex_doc"], res["sdpa_dense"])}
+    def rel(x, y):
+        return {n: float((a - c).abs().max() / c.abs().max()) for n, a, c in zip(("out", "dq", "dk", "dv"), res[x], res[y])}
+    if "flex_doc" in res:
+        out["max_rel_diff"] = rel("flex_doc", "sdpa_dense")
         out["flex_speedup"] = round(out["sdpa_dense"]["fwd_bwd_ms"] / out["flex_doc"]["fwd_bwd_ms"], 2)
+    if "flex_causal" in res:
+        out["causal_max_rel_diff"] = rel("sdpa_causal", "flex_causal")
+        out["causal_kernel_speedup_vs_flex"] = round(out["flex_causal"]["fwd_bwd_ms"] / out["sdpa_causal"]["fwd_bwd_ms"], 2)
     return out
 
 
@@ -396,6 +414,10 @@ def decode_part(b: Bench, shapes: dict, batches, graph_batches=None) -> dict:
             else:
                 row["graphs_tokens_equal_eager"] = sum(o.outputs[0].token_ids == r for o, r in zip(first, ref))
                 row["graphs_stats"] = {k: v for k, v in engine.engine.runner.stats.items() if k != "syncs"}
+                if B == max(batches) and b.want is not None and "profile" in b.want:
+                    from profiles import top_kernels      # the GPU kernels of 16 decode steps (graph replays)
+                    short = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True)
+                    row["graphs_profile_16_steps"] = top_kernels(lambda: engine.generate(reqs, short), True, n=20)
         best = max(("graphs", "eager"), key=lambda n: row.get(f"{n}_tok_s", 0))
         row["nanoseek_tok_s"], row["ratio"] = row[f"{best}_tok_s"], row[f"{best}_ratio"]
         row["roofline_fraction"] = row[f"{best}_roofline_fraction"]
@@ -495,7 +517,7 @@ def main(argv=None) -> dict:
     small = {k: v for k, v in hf_config().to_dict().items() if k in MID}
     b.part("decode_small", lambda: decode_part(b, TINY if args.tiny else small, (1, 8) if args.tiny else (1, 8, 64)))
     if not args.tiny:
-        b.part("decode_mid", lambda: decode_part(b, MID, (1, 8, 64), graph_batches=(1, 64)))
+        b.part("decode_mid", lambda: decode_part(b, MID, (1, 8, 64)))
     if b.want is not None and "profile" in b.want:
         b.part("profile", lambda: profile_part(b))
     return b.res

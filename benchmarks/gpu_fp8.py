@@ -10,7 +10,8 @@
 2. the cost of quantizing (1x128 tiles) a 8192 x 7168 bf16 activation, in GB/s: the reference (eager,
    several passes) and the fused quantizer (one compiled kernel, CUDA's default);
 3. a training step of a V3-shaped model (hidden 2048, 4 layers, 32 experts top-4) in bf16 autocast,
-   without and with `--fp8` (enable_training), and with FP8's opt-in fused quantizers, B4 x T2048:
+   without and with `--fp8` (enable_training), and with FP8's opt-in fused quantizers, B4 x T2048;
+   bf16_compiled / fp8_compiled: the same with every block compiled (`--compile on`), B4 x T2048:
    seconds per step, the first step's time (the fused quantizers compile there), compiled graphs,
    first-step losses, and each FP8 step's top GPU kernels.
 Each part reports its error instead of stopping the run; a part that would start after
@@ -54,9 +55,10 @@ def part(name):
 DRY = os.environ.get("GPU_FP8_DRY") == "1"
 dev = "cpu" if DRY else "cuda"
 S = 64 if DRY else 1                      # dry run: every size divided by S
+ALL_MODES = ("bf16", "fp8", "fp8_fused", "bf16_compiled", "fp8_compiled")
 MODES = os.environ.get("GPU_FP8_MODES", "bf16,fp8,fp8_fused").split(",")
-if set(MODES) - {"bf16", "fp8", "fp8_fused"}:
-    raise SystemExit(f"GPU_FP8_MODES={','.join(MODES)}: choose from bf16, fp8, fp8_fused (comma-separated)")
+if set(MODES) - set(ALL_MODES):
+    raise SystemExit(f"GPU_FP8_MODES={','.join(MODES)}: choose from {', '.join(ALL_MODES)} (comma-separated)")
 
 
 def sync():
@@ -150,11 +152,14 @@ def _():
             continue
         torch.manual_seed(0)
         model = Transformer(cfg).init_weights(0).to(dev).train()
-        if mode == "fp8":
+        if mode in ("fp8", "fp8_compiled"):
             fp8.enable_training(model)
         elif mode == "fp8_fused":
             fp8.convert(model, fp8.Recipe(fused=True))
             torch._logging.set_logs(recompiles=True)      # to fp8.log: why a graph recompiled, if one does
+        if mode.endswith("_compiled"):                # the trainer's --compile on: every block compiled,
+            from nanoseek.train.compiled import StepCompiler   # the FP8 quantizers fused by inductor there
+            StepCompiler(model, "on")
         opt = build_optimizer(model, 1e-4)
         losses = []
 
@@ -180,12 +185,15 @@ def _():
         if mode.startswith("fp8"):
             out[f"{mode}_top_kernels"] = top_kernels(step, dev == "cuda", n=15, name_chars=80)
             out[f"{mode}_host_top"] = host_profile(step)
+        res["train_step"] = out              # kept if a later mode runs past the session's time
+        json.dump(res, open(os.path.join(OUT, "gpu_fp8.json"), "w"), indent=2)
         model = opt = None     # free before the next mode
         if dev == "cuda":
             torch.cuda.empty_cache()
-    for mode in ("fp8", "fp8_fused"):
-        if "s_per_step" in out.get(mode, {}) and "s_per_step" in out.get("bf16", {}):
-            out[f"{mode}_speedup"] = round(out["bf16"]["s_per_step"] / out[mode]["s_per_step"], 3)
+    for mode, base in (("fp8", "bf16"), ("fp8_fused", "bf16"), ("fp8_compiled", "bf16_compiled"),
+                       ("fp8_compiled", "bf16")):
+        if "s_per_step" in out.get(mode, {}) and "s_per_step" in out.get(base, {}):
+            out[f"{mode}_speedup_vs_{base}"] = round(out[base]["s_per_step"] / out[mode]["s_per_step"], 3)
     return out
 
 

@@ -169,6 +169,39 @@ def test_flex_document_mask_in_compiled_blocks():
         assert (model.hidden(ids, positions, mask=flex) - ref).abs().max() < 1e-5
 
 
+def test_single_document_rows_take_the_causal_kernel():
+    """A window whose rows each hold one document (BOS only at a row's start, or none) gets CausalMask:
+    SDPA's causal kernel, forward and backward equal to the dense document mask's, in the eager model
+    and inside compiled blocks (the sdpa_kernel priority traced by dynamo). A second document in any
+    row keeps the FlexAttention rule."""
+    from nanoseek.model.mla import manual_attention
+    from nanoseek.train.compiled import StepCompiler
+    from nanoseek.train.flex_mask import CausalMask, DocumentMask, training_mask
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 50, (2, 256))
+    ids[0, 0] = 1                                                   # row 0 starts with BOS, row 1 has none
+    positions, causal = training_mask(ids, 1, flex=True)
+    dense_positions, dense = training_mask(ids, 1, flex=False)
+    assert isinstance(causal, CausalMask) and torch.equal(positions, dense_positions)
+    q, k, v = (torch.randn(2, 3, 256, d, requires_grad=True) for d in (24, 24, 16))
+    g = torch.randn(2, 3, 256, 16)
+    a = causal.attend(q, k, v, 0.3)
+    da = torch.autograd.grad(a, (q, k, v), g)
+    b = manual_attention(q, k, v, dense, 0.3)
+    db = torch.autograd.grad(b, (q, k, v), g)
+    assert (a - b).abs().max() < 1e-5
+    assert all((x - y).abs().max() < 1e-5 for x, y in zip(da, db))
+    model = _model()
+    with torch.no_grad():
+        ref = model.hidden(ids, positions, mask=dense)
+        assert (model.hidden(ids, positions, mask=causal) - ref).abs().max() < 1e-5
+        StepCompiler(model, policy="on")
+        assert (model.hidden(ids, positions, mask=causal) - ref).abs().max() < 1e-5
+    ids[1, 100] = 1                                                 # a second document in row 1
+    assert isinstance(training_mask(ids, 1, flex=True, compiled=False)[1], DocumentMask)
+
+
 def test_document_block_mask_equals_create_block_mask():
     """The block mask built from document extents == FlexAttention's own create_block_mask of the rule
     (which evaluates it at every pair), partial and full blocks alike."""

@@ -418,6 +418,11 @@ def test_auto_compile_uses_the_saving_measured_on_this_host(tmp_path, monkeypatc
     assert not fresh._pays(key)
     fresh.horizon = (2, 43, "rollout")      # 41 left x 2 x 0.25 = 20.5 > 20
     assert fresh._pays(key)
+    gpu = DecodeRunner(model, cache, (torch.float32,), compile=False, max_batch=2)
+    gpu.device = torch.device("cuda")       # no measurement there yet: the CUDA priors (H200-measured)
+    monkeypatch.setattr(runner_mod.calibrate, "lookup", lambda *a, **k: None)
+    assert gpu._expected_saves("decode", 1) == runner_mod.CUDA_COMPILED_SAVES
+    assert gpu._expected_compile_s("decode", 1) == runner_mod.CUDA_COLD_COMPILE_S
 
 
 def test_in_place_sync_keeps_addresses_and_follows_the_model():

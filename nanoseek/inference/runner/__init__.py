@@ -29,7 +29,7 @@ Compilation. Rows are padded to a power of two (a graph per batch bucket); the a
 cache length rounded up to 32) is the graph's one dynamic dimension, so sequences grow without
 recompiles. `compile=True` compiles a bucket on first use, `False` never, and "auto" (the default, on
 CPU and CUDA) when it pays. The expected cost of compiling a bucket is the last measured compile time for this
-model and bucket on this host (COLD_COMPILE_S before the first; graphs load from inductor's disk cache
+model and bucket on this host (COLD_COMPILE_S before the first, CUDA_COLD_COMPILE_S on a GPU; graphs load from inductor's disk cache
 in a later process, ~6 s for batch 64 of the benchmark model against ~19 s cold). Without knowing how
 long the job runs, a bucket is compiled once the time spent decoding it eagerly reaches that cost (the
 ski-rental rule: never more than twice the better of the two choices; one `generate` call stays
@@ -41,7 +41,7 @@ compiles; a long one compiles after its first units. (Without the margin, the ma
 steps compiled their rollout buckets cold at step 2 and its RL phase took 121 instead of 72 s.)
 The saving is measured too (CPU): once a bucket has run SAVES_STEPS compiled steps after eager ones,
 1 - compiled / eager time per step is stored per host, and later processes use it instead of
-COMPILED_SAVES (on an AVX2-only AMD EPYC the benchmark model's compiled steps saved 0.32 / 0.44 /
+COMPILED_SAVES / CUDA_COMPILED_SAVES (on an AVX2-only AMD EPYC the benchmark model's compiled steps saved 0.32 / 0.44 /
 0.59 at batch 64 / 8 / 1, against the Xeon's 0.51 / 0.61 / 0.71).
 `warmup()` compiles chosen buckets up front (the server does, at start-up).
 
@@ -84,9 +84,13 @@ SPAN_STEP = 32
 COLD_COMPILE_S = 20.0
 # share of an eager step's time the compiled step saves: 0.51 / 0.61 / 0.71 at batch 64 / 8 / 1
 # (bench_decode.py, benchmark model, 2-core Xeon: 7,677 -> 15,575, 1,915 -> 4,888, 307 -> 1,071 tok/s).
-# On an H200 the CUDA graphs saved more, 0.85-0.9 (bench_gpu.py, benchmark model); the policy keeps the
-# conservative CPU figure, so GPU rollouts compile later than they could.
 COMPILED_SAVES = 0.5
+# The priors on CUDA, from one H200 (bench_gpu.py run 1, the 8.5M benchmark model): a bucket compiled
+# and captured in 7.6-10.0 s, and the CUDA graphs saved 0.85-0.9 of an eager step (eager steps there are
+# bound by launching kernels). With the CPU priors the main job's GRPO rollouts on that GPU never
+# compiled (40 steps judged too few).
+CUDA_COLD_COMPILE_S = 10.0
+CUDA_COMPILED_SAVES = 0.85
 SAVES_STEPS = 32          # compiled steps of a bucket (after eager ones) before its saving is stored
 FIT_STEPS = 32            # observed loads of an MoE layer before a compiled step's capacity is fitted to them
 
@@ -401,7 +405,8 @@ class DecodeRunner:
         before it was measured)."""
         if (kind, Bp) not in self._saves:
             hit = calibrate.lookup(self.device, self._compile_key(kind, Bp) + "|saves")
-            self._saves[(kind, Bp)] = float(hit) if hit is not None else COMPILED_SAVES
+            prior = CUDA_COMPILED_SAVES if self.device.type == "cuda" else COMPILED_SAVES
+            self._saves[(kind, Bp)] = float(hit) if hit is not None else prior
         return self._saves[(kind, Bp)]
 
     def _compile_key(self, kind: str, Bp: int) -> str:
@@ -425,5 +430,6 @@ class DecodeRunner:
         looked up once: the eager steps that consult it are a hot path."""
         if (kind, Bp) not in self._expected_s:
             hit = calibrate.lookup(self.device, self._compile_key(kind, Bp))
-            self._expected_s[(kind, Bp)] = float(hit) if hit is not None else COLD_COMPILE_S
+            prior = CUDA_COLD_COMPILE_S if self.device.type == "cuda" else COLD_COMPILE_S
+            self._expected_s[(kind, Bp)] = float(hit) if hit is not None else prior
         return self._expected_s[(kind, Bp)]
