@@ -7,19 +7,23 @@
            q_lora 768, kv_lora 512), B8 x T2048, bf16 autocast, AdamW: nanoseek eager, nanoseek with its
            blocks compiled (`train/compiled.py`), HF `DeepseekV3ForCausalLM`. Step time, tokens/s, MFU
            (6 x activated params x tokens + causal attention, over the GPU's dense bf16 peak), peak memory.
-           Document masking on (pretrain's default): on a GPU attention is FlexAttention with a block
-           mask (`train/flex_mask.py`); eager_dense is the eager step with the dense mask through SDPA,
-           its cuDNN kernel tried first (the previous default).
+           Document masking on (pretrain's default). The rows hold one document each, so on a GPU
+           attention is SDPA's causal kernel, cuDNN first (`CausalMask`, `train/flex_mask.py`);
+           compiled_docs4 is the compiled step on rows of four documents (FlexAttention with a block
+           mask); eager_dense the eager step with the dense mask through SDPA (cuDNN first). With
+           --parts ...,profile the compiled step's top kernels are listed too (`profile_compiled`).
 2. decode  the 8.5M benchmark model and the 1.71B model, 128 new tokens after 32-token prompts, greedy,
            batch 1 / 8 / 64: nanoseek `LLM` (bf16) eager and with its step compiled into CUDA graphs (the
            first run per batch, which compiles and captures, is reported apart) vs HF `generate` (bf16),
-           and how many of the graphs' greedy tokens equal the eager step's. Tokens/s, and the achieved
+           and how many of the graphs' greedy tokens equal the eager step's (with profile: the top
+           kernels of 16 graph steps at the largest batch). Tokens/s, and the achieved
            fraction of the memory roofline: (bytes of the dense weights, of the experts a step's tokens
            use under uniform routing, and of the latent cache) / step time / peak bandwidth. Plus:
            nanoseek's greedy tokens in fp32 == HF's in fp32 (8 prompts).
-3. attention  MLA's training attention (B8 x H16 x T2048, q/k 192, v 128, bf16, four documents per row):
-           FlexAttention with the document block mask vs SDPA (cuDNN first) with the dense mask,
-           forward + backward: time, compile time, and the outputs' and gradients' difference.
+3. attention  MLA's training attention (B8 x H16 x T2048, q/k 192, v 128, bf16), forward + backward: four
+           documents per row, FlexAttention with the document block mask vs SDPA (cuDNN first) with
+           the dense mask; one document per row, `CausalMask` (SDPA causal, cuDNN first) vs
+           FlexAttention. Time, compile time, and the outputs' and gradients' difference.
 4. moe     one MoE layer of the 1.71B model over B8 x T2048 tokens, forward + backward in bf16: the
            expert GEMMs grouped (torch._grouped_mm, one call per projection) vs every expert padded to
            the busiest one (batched matmuls). Time each, and their outputs' and gradients' difference.

@@ -68,6 +68,29 @@ def test_grouped_bf16_segments_padded_equal_padded_path():
     assert moe.choose_impl(many, grad=True, dtype=torch.bfloat16) == "grouped"
 
 
+def test_grouped_static_rows_equal_exact_rows():
+    """The grouped layout without a host sync (a fixed row bound, the slack as zero rows in the last
+    expert's segment; the default on GPUs) gives the exact layout's output and gradients (bf16 autocast,
+    a router that leaves the last expert busy and one that leaves it empty)."""
+    from nanoseek.model.moe import sorted_experts
+    moe = _moe()
+    E, K = moe.cfg.n_routed_experts, moe.cfg.num_experts_per_tok
+    x = torch.randn(70, moe.cfg.hidden_size)
+    w = torch.rand(70, K)
+    for last in (True, False):
+        idx = torch.stack([torch.randperm(E - (0 if last else 1))[:K] for _ in range(70)])
+        res = {}
+        for static in (True, False):
+            xi = x.clone().requires_grad_()
+            w13, w2 = (p.detach().clone().requires_grad_() for p in (moe.experts.w13, moe.experts.w2))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = sorted_experts(xi, w, idx, w13, w2, "grouped", static_rows=static)
+            y.float().square().sum().backward()
+            res[static] = [y.detach().float(), xi.grad, w13.grad, w2.grad]
+        for a, b in zip(res[True], res[False]):
+            assert (a - b).abs().max() <= 1e-3 * b.abs().max()
+
+
 @pytest.mark.parametrize("kw,dtype", [(dict(moe_intermediate_size=20), torch.bfloat16), (dict(hidden_size=50), torch.float32)])
 def test_grouped_needs_16_byte_rows_else_padded(kw, dtype):
     """torch._grouped_mm wants every operand row on a 16-byte boundary: widths that are not (F = 20

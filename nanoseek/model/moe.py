@@ -216,7 +216,8 @@ def _grouped_swiglu(xs, w13, w2, dt, offs):
         return glin(F.silu(gate) * up, w2.to(dt), offs)
 
 
-def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None, pad_to: int = 32):
+def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None, pad_to: int = 32,
+                   static_rows: bool | None = None):
     """Pairs sorted by expert, each expert's contiguous segment through its SwiGLU:
     "grouped" one torch._grouped_mm per projection over all segments, forward and backward. Outside
               fp32 on CPU each segment is padded to a multiple of 32 rows: bf16 GEMMs on CPU (oneDNN)
@@ -231,6 +232,11 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None, pad_to
               asks for whole 128-row groups). Falls back
               to "loop" when padding would more than quadruple the work (a very unbalanced router).
     "loop"    one matmul pair per non-empty expert.
+    `static_rows` ("grouped"; default: off the CPU): the padded layout gets a fixed number of rows, the
+    bound T*K + E*(pad_to-1), the slack appended to the last expert's segment as zero rows, instead of
+    its exact length read on the host. The read is a device sync per MoE layer, after which the GPU
+    waits on the host's launches of the layer's small ops: an H200's compiled training step (1.71B
+    V3-shaped model, B8 x T2048) ran 127 ms of kernels in 139 ms.
     `mm(a, w)` = a @ w^T (batched over experts in "padded") computes the expert GEMMs of "padded" and
     "loop": a low-precision GEMM (nanoseek.quant.fp8) plugs in here from outside."""
     if impl == "grouped" and mm is not None:        # a plugged-in GEMM takes (batched) expert matmuls
@@ -260,7 +266,12 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None, pad_to
         if impl == "grouped":
             sizes = (counts + pad_to - 1) // pad_to * pad_to
             ends = sizes.cumsum(0)
-            starts, rows = ends - sizes, int(ends[-1])
+            starts = ends - sizes
+            if x_TD.device.type != "cpu" if static_rows is None else static_rows:
+                rows = -(-(T * K + E * (pad_to - 1)) // pad_to) * pad_to          # no host sync
+                ends = torch.cat([ends[:-1], ends.new_full((1,), rows)])           # slack: last segment
+            else:
+                rows = int(ends[-1])
         else:
             starts, rows = torch.arange(E, device=flat.device) * C, E * C
         slot = starts[expert] + rank                                        # padded row of each pair
