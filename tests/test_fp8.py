@@ -383,13 +383,13 @@ def test_gpu_fp8_script_runs_dry_on_cpu(tmp_path):
     """benchmarks/gpu_fp8.py is run once in a session with a GPU; its toy-size CPU mode keeps it working
     (the fused-quantizer training step compiles for ~2 minutes on 2 cores: the slow test below runs it)."""
     res = run_gpu_fp8_dry(tmp_path, "bf16,fp8")
-    assert "fp8_fused" not in res["train_step"] and res["train_step"]["fp8_speedup"] > 0
+    assert "fp8_fused" not in res["train_step"] and res["train_step"]["fp8_speedup_vs_bf16"] > 0
 
 
 @pytest.mark.slow
 def test_gpu_fp8_script_runs_dry_on_cpu_with_fused_quantizers(tmp_path):
     res = run_gpu_fp8_dry(tmp_path, "bf16,fp8,fp8_fused")
-    assert res["train_step"]["fp8_fused_speedup"] > 0
+    assert res["train_step"]["fp8_fused_speedup_vs_bf16"] > 0
 
 
 def test_gpu_fp8_script_rejects_unknown_modes(tmp_path):
