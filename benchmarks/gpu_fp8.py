@@ -158,8 +158,8 @@ def _():
         elif mode == "fp8_fused":
             fp8.convert(model, fp8.Recipe(fused=True))
             torch._logging.set_logs(recompiles=True)      # to fp8.log: why a graph recompiled, if one does
-        if mode.endswith("_compiled"):                # the trainer's --compile on: every block compiled,
-            from nanoseek.train.compiled import StepCompiler   # the FP8 quantizers fused by inductor there
+        if mode.endswith("_compiled"):                # the trainer's --compile on: every block compiled
+            from nanoseek.train.compiled import StepCompiler   # (the FP8 linear inside, as an autograd function)
             StepCompiler(model, "on")
         opt = build_optimizer(model, 1e-4)
         losses = []

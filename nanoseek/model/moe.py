@@ -232,8 +232,9 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None, pad_to
               asks for whole 128-row groups). Falls back
               to "loop" when padding would more than quadruple the work (a very unbalanced router).
     "loop"    one matmul pair per non-empty expert.
-    `static_rows` ("grouped"; default: off the CPU): the padded layout gets a fixed number of rows, the
-    bound T*K + E*(pad_to-1), the slack appended to the last expert's segment as zero rows, instead of
+    `static_rows` ("grouped" outside fp32 on CPU; default: off the CPU): the padded layout gets a fixed
+    number of rows, the bound T*K + E*(pad_to-1) rounded up to a multiple of pad_to, the slack appended
+    to the last expert's segment as zero rows (exact: they contribute nothing), instead of
     its exact length read on the host. The read is a device sync per MoE layer, after which the GPU
     waits on the host's launches of the layer's small ops: an H200's compiled training step (1.71B
     V3-shaped model, B8 x T2048) ran 127 ms of kernels in 139 ms.

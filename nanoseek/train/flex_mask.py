@@ -14,7 +14,8 @@ free of kernel choices. `training_mask` picks it on CUDA for long windows and th
 a window whose rows each hold one document (no BOS after a row's first token) needs no document rule:
 it gets `CausalMask`, SDPA's causal kernel with cuDNN's first (MLA's q/k 192, v 128, B8 x H16 x
 T2048, forward + backward on an H200: 2.10 ms against 4.86 ms through FlexAttention on the same rows,
-`bench_gpu.py` run 5; one host sync per step to tell).
+`bench_gpu.py` run 5). Telling costs one host sync per step, before the forward's kernels are queued
+(the loss's token count, `losses.loss_norm`, syncs there too).
 On CPU FlexAttention has no backward, so CPU tests check its forward against the dense path; the GPU
 benchmark (`benchmarks/bench_gpu.py`) checks forward and backward on the GPU.
 """
