@@ -224,7 +224,6 @@ def train_part(b: Bench) -> dict:
                      "mfu": round(flops / seconds / peak, 4) if peak else None, "peak_mem_gb": b.peak_mem_gb(),
                      **(extra or {})}
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     # HF first: the ratios need it, and the compiled contender may run out of time
     hf_cfg = DeepseekV3Config(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
     hf = DeepseekV3ForCausalLM(hf_cfg).to(b.dev).train()
@@ -254,8 +253,7 @@ def train_part(b: Bench) -> dict:
 
             # eager_dense: the dense document mask through SDPA, its cuDNN kernel tried first (the default
             # order tries memory-efficient first)
-            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-            prefer = (lambda: sdpa_kernel(order, set_priority=True)) if mode == "eager_dense" else None
+            prefer = flex_mask.cudnn_first if mode == "eager_dense" else None
             flex_mask.FLEX_MIN_T = 10**9 if mode == "eager_dense" else 1024
             step = training_step(model, opt, docs4 if mode == "compiled_docs4" else batch, b.dev, prefer)
             step()
@@ -278,11 +276,9 @@ def train_part(b: Bench) -> dict:
 
 
 def attention_part(b: Bench) -> dict:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from nanoseek.data.loader import document_positions
     from nanoseek.model.mla import fused_attention
-    from nanoseek.train.flex_mask import DocumentMask, training_mask
+    from nanoseek.train.flex_mask import DocumentMask, cudnn_first, training_mask
 
     B, H, T, QK, V = (2, 2, 256, 24, 16) if b.args.tiny else (8, 16, 2048, 192, 128)
     torch.manual_seed(0)
@@ -297,7 +293,6 @@ def attention_part(b: Bench) -> dict:
         out[name] = round(1000 * (time.perf_counter() - t), 2)
     dt = torch.float32 if b.args.tiny else torch.bfloat16
     q, k, v = (torch.randn(B, H, T, d, device=b.dev, dtype=dt, requires_grad=True) for d in (QK, QK, V))
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
     res = {}
     one = torch.randint(3, 1000, (B, T), device=b.dev)
     one[:, 0] = 1                                                              # one document per row
@@ -310,7 +305,7 @@ def attention_part(b: Bench) -> dict:
             continue                                        # FlexAttention has no CPU backward
 
         def step():
-            with sdpa_kernel(order, set_priority=True):
+            with cudnn_first():
                 o = fn()
             return (o, *torch.autograd.grad(o.float().square().sum(), (q, k, v)))
         t = time.perf_counter()

@@ -268,7 +268,9 @@ def sorted_experts(x_TD, weights_TK, idx_TK, w13, w2, impl: str, mm=None, pad_to
             sizes = (counts + pad_to - 1) // pad_to * pad_to
             ends = sizes.cumsum(0)
             starts = ends - sizes
-            if x_TD.device.type != "cpu" if static_rows is None else static_rows:
+            if static_rows is None:
+                static_rows = x_TD.device.type != "cpu"
+            if static_rows:
                 rows = -(-(T * K + E * (pad_to - 1)) // pad_to) * pad_to          # no host sync
                 ends = torch.cat([ends[:-1], ends.new_full((1,), rows)])           # slack: last segment
             else:

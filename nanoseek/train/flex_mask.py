@@ -26,6 +26,7 @@ import functools
 import torch
 
 from ..data.loader import causal_document_mask, document_mask, document_positions
+from ..model.mla import fused_attention
 
 FLEX_MIN_T = 1024    # shorter windows keep the dense mask: its T^2 cost is small there, and each new
                      # shape costs a FlexAttention compile (~8 s on an H200 for MLA's head dims)
@@ -60,17 +61,21 @@ class DocumentMask:
         return causal_document_mask(self.doc)
 
 
-class CausalMask:
-    """Plain causal attention (each row one document) through SDPA, cuDNN's kernel tried first: PyTorch's
-    default order tries the memory-efficient kernel before it, and flash has no kernel for v's narrower
-    head dim. CPU: SDPA's math path (tests)."""
+def cudnn_first():
+    """A context in which SDPA tries cuDNN's kernel first: PyTorch's default order tries the
+    memory-efficient kernel before it, and flash has no kernel for MLA's narrower v head dim."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH], set_priority=True)
 
-    ORDER = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+class CausalMask:
+    """Plain causal attention (each row one document): the model's own SDPA path (`fused_attention`)
+    with cuDNN's kernel tried first. CPU: SDPA's math path (tests)."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel([getattr(SDPBackend, n) for n in self.ORDER], set_priority=True):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        with cudnn_first():
+            return fused_attention(q, k, v, None, scale)
 
 
 def document_block_mask(doc_BT: torch.Tensor, block: int = 128):

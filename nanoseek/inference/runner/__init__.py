@@ -182,11 +182,15 @@ class DecodeRunner:
         if (rows, spec) not in self._plans:
             plan = self.weights.plan(rows, mtp=spec)
             self._eager_plans[(rows, spec)] = dict(plan)
-            blocks = dict(self.weights.blocks)
             for i in moe_paths.layers_on(plan, "capacity"):
-                plan[f"moe{i}.capacity"] = moe_paths.capacity(blocks[i].ffn, rows, self.device.type)
+                plan[f"moe{i}.capacity"] = self._default_capacity(i, rows)
             self._plans[(rows, spec)] = plan
         return self._plans[(rows, spec)]
+
+    def _default_capacity(self, i: int, rows: int) -> int:
+        """MoE layer i's compiled capacity before any loads are seen (`moe_paths.capacity`); i may be an
+        MTP block's index (speculative plans)."""
+        return moe_paths.capacity(dict(self.weights.blocks)[i].ffn, rows, self.device.type)
 
     def decode(self, pending: list[int], lengths: list[int]):
         """One token per running row (slots 0..B-1): row b's `pending` token at position lengths[b].
@@ -337,20 +341,17 @@ class DecodeRunner:
         if not overflowed and seen_steps - self._fit_at.get((rows, spec), -FIT_STEPS) < FIT_STEPS:
             return                        # (eager steps call this each time: refit every FIT_STEPS steps)
         self._fit_at[(rows, spec)] = seen_steps
-        blocks, caps = dict(self.weights.blocks), {}
+        caps = {}
         eager_plan = self._eager_plans[(rows, spec)]
         # layers already on the dense path (a fit's earlier moves; passed back, any dense layer stays)
         dense, eager_dense = set(moe_paths.layers_on(plan, "dense")), set(moe_paths.layers_on(eager_plan, "dense"))
         before, eager_before = len(dense), len(eager_dense)
-
-        def default(i):
-            return moe_paths.capacity(blocks[i].ffn, rows, self.device.type)
         for i in moe_paths.layers_on(plan, "capacity"):     # the compiled graph must hold the loads' tail
             C = C0 = plan[f"moe{i}.capacity"]
             seen = self._loads.get((rows, i), ())
             if len(seen) >= FIT_STEPS:
                 C = moe_paths.fit_capacity(list(seen), C0, moe_paths.round8(rows))
-            if C > default(i) and self.weights.has_dense(i):
+            if C > self._default_capacity(i, rows) and self.weights.has_dense(i):
                 dense.add(i)
             caps[i] = C
         # an eager step sizes itself to its own load, so its cost follows the typical load: the dense
@@ -361,7 +362,7 @@ class DecodeRunner:
         for i in moe_paths.layers_on(eager_plan, "capacity"):
             seen = self._loads.get((rows, i), ())
             if len(seen) >= FIT_STEPS and self.weights.has_dense(i) and \
-                    moe_paths.fit_capacity(list(seen), 0, moe_paths.round8(rows), share=0.5) > default(i):
+                    moe_paths.fit_capacity(list(seen), 0, moe_paths.round8(rows), share=0.5) > self._default_capacity(i, rows):
                 eager_dense.add(i)                          # (share 0.5: the median load, rounded up)
         if len(eager_dense) > eager_before:
             self._eager_plans[(rows, spec)] = self.weights.plan(rows, mtp=spec, dense=frozenset(eager_dense))
