@@ -14,8 +14,9 @@ GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def model():
+    # two layers (one dense, one MoE): each layer adds ~10 s to a compiled step's cold compile here
     torch.manual_seed(0)
-    return randomize(Transformer(random_cfg(rope_factor=1.0, max_position_embeddings=256))).eval()
+    return randomize(Transformer(random_cfg(num_hidden_layers=2, rope_factor=1.0, max_position_embeddings=256))).eval()
 
 
 def prompts(n, lens=(5, 9, 3, 7, 12, 4)):
@@ -154,7 +155,7 @@ def test_compiled_decode_equals_eager_and_sees_weight_updates(monkeypatch):
     from nanoseek.inference.runner import moe as rmoe
     monkeypatch.setattr(rmoe, "DENSE_MAX_TOKENS", 4)      # batch 4: fused dense MoE; batch 8: capacity path
     torch.manual_seed(0)
-    m = randomize(Transformer(random_cfg(rope_factor=1.0, max_position_embeddings=64))).eval()
+    m = randomize(Transformer(random_cfg(num_hidden_layers=2, rope_factor=1.0, max_position_embeddings=64))).eval()
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)   # span 32 -> 64
     compiled = LLM(m, max_batch=8, max_len=64, compile=True, autocast_dtype="float32")
     assert compiled.engine.runner.bucket(3) == 4          # 3 rows run padded to 4

@@ -147,7 +147,8 @@ def test_compiled_step_with_capacity_overflow_reruns_eagerly(monkeypatch):
     counters.clear()
     monkeypatch.setattr(rmoe, "DENSE_MAX_TOKENS", 0)
     monkeypatch.setattr(rmoe, "capacity", lambda moe, T, device_type="cpu": 1)
-    logits, full, _, _, runner = _prefill_then_step(_model(), (torch.float32,), compile=True, with_runner=True)
+    logits, full, _, _, runner = _prefill_then_step(_model(num_hidden_layers=2), (torch.float32,), compile=True,
+                                                  with_runner=True)
     assert (logits - full).abs().max() < 1e-4
     assert runner.stats["overflow_reruns"] == 1 and runner.stats["compiled_steps"] == 1
     assert "fxgraph_cache_bypass" not in counters["inductor"], dict(counters["inductor"])
@@ -228,7 +229,8 @@ def test_packed_kernels_in_one_compiled_step_equal_model_forward(monkeypatch):
         mine = [k for k in packed if k in kinds]
         return mine[next(turn) % len(mine)] if mine else kinds[0]
     monkeypatch.setattr(gemm, "fastest", deal)
-    logits, full, _, _, runner = _prefill_then_step(_model(), (torch.float32,), compile=True, with_runner=True)
+    logits, full, _, _, runner = _prefill_then_step(_model(num_hidden_layers=2), (torch.float32,), compile=True,
+                                                  with_runner=True)
     plan = runner.plan(runner.bucket(3))
     assert {v for n, v in plan.items() if not n.endswith((".path", ".experts", ".router", ".capacity"))} == set(packed)
     assert runner.stats["compiled_steps"] == 1
