@@ -95,8 +95,10 @@ def run(model_dir: str, n_docs: int = 200, workdir: str | None = None) -> dict:
     from nanoseek.inference.server import build_app, serve_in_thread
     llm = LLM(model_dir, max_batch=8, compile=False)
     with serve_in_thread(build_app(llm, name)) as url:
+        # include_defaults=False: lm_eval would otherwise index its ~14,000 built-in task files (~17 s)
+        tasks = TaskManager(include_path=str(root), include_defaults=False)
         out = lm_eval.simple_evaluate(
-            model="local-completions", tasks=[TASK], task_manager=TaskManager(include_path=str(root)),
+            model="local-completions", tasks=[TASK], task_manager=tasks,
             model_args={"model": name, "base_url": url + "/v1/completions", "tokenizer_backend": "huggingface",
                         "tokenizer": model_dir, "num_concurrent": 1, "max_retries": 1, "tokenized_requests": True},
             log_samples=True, batch_size=1)
