@@ -294,22 +294,21 @@ def test_parallel_flags_without_torchrun_say_how_to_launch(tmp_path, args, words
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_resume_refuses_the_other_launch_mode(tmp_path):
+def test_resume_refuses_the_other_launch_mode(tmp_path, ep_run):
     """A one-process run's checkpoints resumed under torchrun (and the reverse) is an error naming the
-    launch to use - not a silent fresh start that truncates the run's metrics."""
+    launch to use - not a silent fresh start that truncates the run's metrics. (The distributed side: a
+    copy of the module's EP run; both refusals come before any training.)"""
     one, dcp_run = tmp_path / "one", tmp_path / "dcp"
     short = {**RUN, "max_steps": 2}
     pretrain(PretrainConfig(preset="tiny", out=str(one), **short))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
-                        "nanoseek", "pretrain", "--preset", "tiny", "--out", str(one), "--resume",
-                        *flags({**RUN, "max_steps": 4})], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "one-process run" in r.stderr
+    with pytest.raises(AssertionError, match="one-process run"):     # `ranks` asserts every rank exits 0
+        ranks(1, [sys.executable, "-m", "nanoseek", "pretrain", "--preset", "tiny", "--out", str(one), "--resume",
+                  *flags({**RUN, "max_steps": 4})], tmp_path / "logs")
     assert len(metrics(one)) == 2
-    torchrun(1, dcp_run, **short)
+    shutil.copytree(ep_run, dcp_run)
     with pytest.raises(UserError, match="resume under torchrun"):
-        pretrain(PretrainConfig(preset="tiny", out=str(dcp_run), resume=True, **{**RUN, "max_steps": 4}))
-    assert len(metrics(dcp_run)) == 2
+        pretrain(PretrainConfig(preset="tiny", out=str(dcp_run), resume=True, **{**RUN, "max_steps": 16}))
+    assert len(metrics(dcp_run)) == len(metrics(ep_run))
 
 
 def test_placement_for_another_model_is_refused(tmp_path):
