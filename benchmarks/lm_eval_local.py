@@ -42,6 +42,8 @@ doc_to_target: "{{{{label}}}}"
 target_delimiter: ""
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
 """
 
 
