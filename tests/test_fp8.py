@@ -456,6 +456,12 @@ def test_fused_quantizers_equal_reference():
     torch.manual_seed(0)
     x = torch.randn(2, 200, 300) * torch.logspace(-3, 3, 300)
     _check_fused([(x, fp8.ACT), (x[0], fp8.WEIGHT)], (False,))
+    # other shapes of the same rank reuse the graph: one group, no tail, a single row, a single column
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
+    for shape in [(1, 128, 128), (3, 1, 384), (2, 5, 1), (1, 130, 200)]:
+        _check_fused([(torch.randn(shape) * 100, fp8.ACT)], (False,))
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.slow

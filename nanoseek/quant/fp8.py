@@ -191,11 +191,19 @@ def _retile_transposed(q: torch.Tensor, scale: torch.Tensor, pow2: bool):
 def _compiled(fn):
     """fn compiled once per process with dynamic shapes (token counts change from call to call), called
     with plain tensors (parameters get static-shape guards: one recompile per weight shape) and autocast
-    off (forward runs under autocast, backward outside: a recompile each way otherwise)."""
+    off (forward runs under autocast, backward outside: a recompile each way otherwise). Every dim is
+    marked unbacked: with plain dynamic sizes dynamo guards on whether a dim holds one group and whether
+    it has a tail (`[..., :C]` a no-op or not), so each new kind of shape compiled a new graph (6 operand
+    shapes: 18 graphs, 180 s on 2 CPU cores), and a model's many weight shapes could reach dynamo's
+    recompile limit. Unbacked, it is one graph per function, rank, dtype and scale format."""
     compiled = torch.compile(fn, dynamic=True)
 
     def call(*args):
         args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                for d in range(a.dim()):
+                    torch._dynamo.decorators.mark_unbacked(a, d)
         with torch.autocast(args[0].device.type, enabled=False):
             return compiled(*args)
     return call
