@@ -381,7 +381,7 @@ def run_gpu_fp8_dry(tmp_path, modes: str) -> dict:
 
 def test_gpu_fp8_script_runs_dry_on_cpu(tmp_path):
     """benchmarks/gpu_fp8.py is run once in a session with a GPU; its toy-size CPU mode keeps it working
-    (the fused-quantizer training step compiles for ~2 minutes on 2 cores: the slow test below runs it)."""
+    (the fused-quantizer training step compiles for ~75 s on 2 cores: the slow test below runs it)."""
     res = run_gpu_fp8_dry(tmp_path, "bf16,fp8")
     assert "fp8_fused" not in res["train_step"] and res["train_step"]["fp8_speedup_vs_bf16"] > 0
 
