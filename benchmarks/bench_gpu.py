@@ -71,8 +71,9 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermedi
 TRAIN_MODES = ("eager", "eager_dense", "compiled", "compiled_docs4")       # the train part's nanoseek contenders
 DEFAULT_TRAIN_MODES = ("eager", "compiled")
 PARTS = ("greedy_fp32_vs_hf", "attention", "moe", "train", "decode_small", "decode_mid", "profile")
-# without --parts: what issue 11 asks for, ~5.3 min on an H200 (run 5: 27 + 12 + 106 + 171 s); the moe
-# part and the 8.5M model's decode are measured in run 1. --tiny runs the parts a CPU can.
+# without --parts: what issue 11 asks for, ~4.9 min on an H200 (estimated from run 5's parts, 27 + 12 +
+# 106 + 171 s, less compiled_docs4's ~25 s, which run 5 ran by default); the moe part and the 8.5M model's
+# decode are measured in run 1. --tiny runs the parts a CPU can.
 DEFAULT_PARTS = ("greedy_fp32_vs_hf", "attention", "train", "decode_mid")
 TINY_PARTS = ("greedy_fp32_vs_hf", "attention", "moe", "train", "decode_small")
 

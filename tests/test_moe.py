@@ -68,7 +68,7 @@ def test_grouped_bf16_segments_padded_equal_padded_path():
     assert moe.choose_impl(many, grad=True, dtype=torch.bfloat16) == "grouped"
 
 
-def test_grouped_static_rows_equal_exact_rows():
+def test_grouped_static_rows_equal_exact_rows(monkeypatch):
     """The grouped layout without a host sync (a fixed row bound, the slack as zero rows in the last
     expert's segment; the default on GPUs) gives the exact layout's output and gradients (bf16 autocast,
     a router that leaves the last expert busy and one that leaves it empty)."""
@@ -83,6 +83,7 @@ def test_grouped_static_rows_equal_exact_rows():
     def spy(xs, w13, w2, dt, offs):                 # the layout the grouped GEMMs got
         seen.append((xs.shape[0], int(offs[-1])))
         return swiglu(xs, w13, w2, dt, offs)
+    monkeypatch.setattr(moe_mod, "_grouped_swiglu", spy)
     bound = -(-(70 * K + E * 31) // 32) * 32        # T*K + E*(pad_to-1), rounded up to pad_to = 32
     for last in (True, False):
         idx = torch.stack([torch.randperm(E - (0 if last else 1))[:K] for _ in range(70)])
@@ -91,12 +92,8 @@ def test_grouped_static_rows_equal_exact_rows():
             xi = x.clone().requires_grad_()
             w13, w2 = (p.detach().clone().requires_grad_() for p in (moe.experts.w13, moe.experts.w2))
             seen.clear()
-            moe_mod._grouped_swiglu = spy
-            try:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    y = moe_mod.sorted_experts(xi, w, idx, w13, w2, "grouped", static_rows=static)
-            finally:
-                moe_mod._grouped_swiglu = swiglu
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = moe_mod.sorted_experts(xi, w, idx, w13, w2, "grouped", static_rows=static)
             rows, end = seen[0]
             assert rows == end and (rows == bound) == static     # the last segment ends at the buffer's end
             y.float().square().sum().backward()
