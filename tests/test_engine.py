@@ -153,7 +153,9 @@ def test_compiled_decode_equals_eager_and_sees_weight_updates(monkeypatch):
     engine's greedy tokens, and reads the new weights after an in-place update (an optimizer step):
     folded MLA weights, fused MoE weights and packed weights must all follow."""
     from nanoseek.inference.runner import moe as rmoe
+    from nanoseek.inference.runner import weights as rweights
     monkeypatch.setattr(rmoe, "DENSE_MAX_TOKENS", 4)      # batch 4: fused dense MoE; batch 8: capacity path
+    monkeypatch.setattr(rweights, "grouped_pays", lambda *a: False)     # (not the grouped kernel: measured)
     torch.manual_seed(0)
     m = randomize(Transformer(random_cfg(num_hidden_layers=2, rope_factor=1.0, max_position_embeddings=64))).eval()
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)   # span 32 -> 64

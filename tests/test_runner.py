@@ -7,6 +7,7 @@ from conftest import randomize, random_cfg
 from nanoseek.inference.cache import LatentCache
 from nanoseek.inference.runner import DecodeRunner, gemm
 from nanoseek.inference.runner import moe as rmoe
+from nanoseek.inference.runner import weights as rweights
 import nanoseek.inference.runner as runner_mod
 from nanoseek.inference.runner.step import _linear
 from nanoseek.inference.runner.weights import DecodeWeights
@@ -86,20 +87,31 @@ def test_topk_free_routing_equals_route(kw):
     assert torch.allclose(rmoe.route_dense(logits, moe.gate.bias, moe.cfg), want, atol=1e-6)
 
 
+GROUPED = "panel" in FP32          # the grouped kernel exists where the panel kernel does
+
+
+def only_rules(monkeypatch, grouped: bool = False):
+    """Paths by choose_path's rules alone (grouped: always the grouped kernel), not by measurement."""
+    monkeypatch.setattr(rweights, "grouped_pays", lambda *a: grouped)
+
+
 @pytest.mark.parametrize("path,skew,compiled", [("dense", False, True), ("capacity", False, True),
                                                 ("capacity", True, True), ("gather", False, False),
-                                                ("capacity", True, False), ("dense", False, False)])
+                                                ("capacity", True, False), ("dense", False, False)] +
+                         ([("grouped", True, True), ("grouped", False, False)] if GROUPED else []))
 def test_moe_decode_paths_equal_reference(path, skew, compiled, monkeypatch):
     """Every MoE decode path (eager and compiled) equals the per-token reference, also after an in-place
     weight update. `skew`: a router bias sends every token to expert 0. Eager, the capacity path sizes
     itself to that load and drops nothing; compiled, a fixed capacity (8 rows for 12 tokens) cannot hold
-    it, and the step reports the load that exceeds it."""
+    it, and the step reports the load that exceeds it. The grouped kernel has no capacity: one expert
+    with every row, compiled, is exact."""
     torch._dynamo.reset()
     model = _model()
     i = len(model.layers) - 1
     moe = model.layers[i].ffn
     T = 1 if path == "gather" else 12
     monkeypatch.setattr(rmoe, "DENSE_MAX_TOKENS", 16 if path == "dense" else 0)
+    only_rules(monkeypatch, grouped=path == "grouped")
     if skew:
         with torch.no_grad():
             moe.gate.bias[0] = 100.0
@@ -123,11 +135,11 @@ def test_moe_decode_paths_equal_reference(path, skew, compiled, monkeypatch):
         for _ in range(2):
             W.sync()
             out, load = f(x, W.tensors(T, plan))
-            if skew:
+            if skew and path == "capacity":
                 assert int(load) == T                     # expert 0 takes every token
             want.append(max(8, -(-int(load) // 8) * 8))
             over = C is not None and int(load) > C
-            assert over == (compiled and skew)
+            assert over == (compiled and skew and path == "capacity")
             err = (out - moe_reference(moe, x)).abs().max()
             assert err > 1e-2 if over else err < 1e-5     # an overflowing capacity drops pairs: the load tells
             moe.experts.w2.mul_(-1.5)
@@ -146,6 +158,7 @@ def test_compiled_step_with_capacity_overflow_reruns_eagerly(monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     monkeypatch.setattr(rmoe, "DENSE_MAX_TOKENS", 0)
+    only_rules(monkeypatch)
     monkeypatch.setattr(rmoe, "capacity", lambda moe, T, device_type="cpu": 1)
     logits, full, _, _, runner = _prefill_then_step(_model(num_hidden_layers=2), (torch.float32,), compile=True,
                                                   with_runner=True)
@@ -167,6 +180,7 @@ def test_fp8_weight_moe_decode_paths_follow_the_quantized_model(path, monkeypatc
     moe = model.layers[i].ffn
     T = 1 if path == "gather" else 12
     monkeypatch.setattr(rmoe, "DENSE_MAX_TOKENS", 16 if path == "dense" else 0)
+    only_rules(monkeypatch, grouped=path == "grouped")
     W = DecodeWeights(model, CPU, ["fp8"])
     plan = W.plan(T)
     assert plan[f"moe{i}.path"] == path
@@ -219,8 +233,9 @@ def test_every_fp32_kernel_through_the_whole_step_equals_model_forward(kind, mon
 
 def test_packed_kernels_in_one_compiled_step_equal_model_forward(monkeypatch):
     """The packed kernels, which the compiled step calls as C++ ops, dealt out in turn to the step's
-    GEMMs (as a host's calibration mixes them): one compiled graph calls every one of them and gives
-    the model's logits (one graph, not one per kernel: each costs ~25 s to compile on a fresh clone)."""
+    GEMMs (as a host's calibration mixes them), and the grouped expert kernel where it is built: one
+    compiled graph calls every one of them and gives the model's logits (one graph, not one per kernel:
+    each costs ~25 s to compile on a fresh clone)."""
     import itertools
     torch._dynamo.reset()
     packed, turn = [k for k in FP32 if k in gemm.PACKED], itertools.count()
@@ -229,12 +244,32 @@ def test_packed_kernels_in_one_compiled_step_equal_model_forward(monkeypatch):
         mine = [k for k in packed if k in kinds]
         return mine[next(turn) % len(mine)] if mine else kinds[0]
     monkeypatch.setattr(gemm, "fastest", deal)
+    only_rules(monkeypatch, grouped=GROUPED)
     logits, full, _, _, runner = _prefill_then_step(_model(num_hidden_layers=2), (torch.float32,), compile=True,
                                                   with_runner=True)
     plan = runner.plan(runner.bucket(3))
+    assert plan["moe1.path"] == ("grouped" if GROUPED else "dense")
     assert {v for n, v in plan.items() if not n.endswith((".path", ".experts", ".router", ".capacity"))} == set(packed)
     assert runner.stats["compiled_steps"] == 1
     assert (logits - full).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not GROUPED, reason="the grouped kernel is built where the panel kernel is (x86-64, AVX2)")
+def test_grouped_kernel_equals_per_row_products():
+    """nanoseek::grouped_linear (C++) and its torch reference == each row times its expert's weight:
+    experts with no rows, one expert with every row, widths that leave a part-filled panel."""
+    g = torch.Generator().manual_seed(0)
+    for E, N, K, P, skew in [(16, 256, 256, 32, False), (8, 40, 24, 12, False), (5, 37, 19, 9, True),
+                             (4, 16, 8, 1, False)]:
+        w = torch.randn(E, N, K, generator=g)
+        expert = torch.zeros(P, dtype=torch.long) if skew else torch.randint(0, E, (P,), generator=g).sort().values
+        counts = torch.bincount(expert, minlength=E)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        x = torch.randn(P, K, generator=g)
+        want = torch.einsum("pnk,pk->pn", w[expert], x)
+        packs = gemm.pack_stack(w)
+        torch.testing.assert_close(gemm.grouped_linear(x, packs, offsets, N), want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(gemm._grouped_linear(x, packs, offsets, N), want, rtol=1e-5, atol=1e-4)
 
 
 def test_decode_step_in_mixed_precision_is_close():
@@ -330,6 +365,7 @@ def test_compiled_capacity_follows_an_unbalanced_router(dense, eager_first, monk
     model's throughout. (The policy, not inductor: the "compiled" step is the eager function behind the
     same calls, with the plan's fixed capacities.) Eager steps follow the move to the dense path."""
     monkeypatch.setattr(rmoe, "DENSE_MAX_TOKENS", 0)
+    only_rules(monkeypatch)
     monkeypatch.setattr(runner_mod, "FIT_STEPS", 3)
     model = _model()
     cfg = model.cfg

@@ -47,6 +47,9 @@ The runner therefore picks a kernel per (weight, row count) by timing the candid
                         of bf16, for a dequantization pass per GEMM
     pack(w, kind, rows)        the packed tensor for that kernel (None for the plain kinds)
     linear(x, w, packed, kind) y = x @ w.T in the kernel's dtype; the caller casts around it
+    grouped_linear(x, packs, offsets, n)   a MoE layer's routed experts in one call: rows sorted by
+                               expert, each times its expert's weight in panels (`pack_stack`); the panel
+                               kernel's tiles per expert (runner/moe.py's grouped path)
 
 Nothing here holds state: the runner makes the packs (in `sync_weights`), owns them and passes them
 to the step as ordinary inputs. `nanoseek::packed_linear` is an opaque op so that inductor calls the
@@ -144,6 +147,40 @@ _lib.impl("packed_linear", _packed_linear, "CompositeExplicitAutograd")   # also
 @torch.library.register_fake("nanoseek::packed_linear")
 def _(x, packed, w, kind):
     return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def pack_stack(w: torch.Tensor) -> torch.Tensor:
+    """A stack of expert weights (E, N, K) fp32 -> each in panels, (E, ceil(N/16), K, 16)."""
+    E, N, K = w.shape
+    padded = w.new_zeros(E, -(-N // PANEL) * PANEL, K)
+    padded[:, :N] = w
+    return padded.view(E, -1, PANEL, K).transpose(2, 3).contiguous()
+
+
+def grouped_linear(x: torch.Tensor, packs: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows sorted by expert, x (P, K), `offsets` (E + 1) their cumulative counts -> (P, n): row r times
+    its expert's weight (`pack_stack`), routed rows only (the C++ panel kernel; here the same maths by
+    torch ops, one expert at a time: the reference the kernel is tested against)."""
+    return torch.ops.nanoseek.grouped_linear(x, packs, offsets, n)
+
+
+def _grouped_linear(x, packs, offsets, n):
+    E, _, K, _ = packs.shape
+    w_t = packs.transpose(1, 2).reshape(E, K, -1)[..., :n]            # (E, K, n): each expert's w.T
+    y = x.new_empty(x.shape[0], n)
+    bounds = offsets.tolist()
+    for e in range(E):
+        y[bounds[e]: bounds[e + 1]] = x[bounds[e]: bounds[e + 1]] @ w_t[e]
+    return y
+
+
+_lib.define("grouped_linear(Tensor x, Tensor packs, Tensor offsets, int n) -> Tensor")
+_lib.impl("grouped_linear", _grouped_linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("nanoseek::grouped_linear")
+def _(x, packs, offsets, n):
+    return x.new_empty(x.shape[0], n)
 
 
 @functools.cache        # one build attempt per process (a failed one warns once)

@@ -1,8 +1,9 @@
 // nanoseek::packed_linear in C++: y = x @ w.T on a weight packed ahead of time (kind 0: MKL sgemm pack,
 // kind 1: oneDNN-blocked, bf16 or fp32, kind 2: fp32 in 16-column panels, our own AVX2 kernel for a few
-// rows). Stateless: the runner owns the packs and passes them in. Registered for the CPU and MkldnnCPU
-// keys (the packs are mkldnn-layout tensors), so a compiled decode step's C++ wrapper calls the kernel
-// without a round trip into Python (~5 us per call, ~20 calls a step).
+// rows), and nanoseek::grouped_linear, the panel kernel over a MoE layer's routed experts. Stateless:
+// the runner owns the packs and passes them in. Registered for the CPU and MkldnnCPU keys (the packs are
+// mkldnn-layout tensors), so a compiled decode step's C++ wrapper calls the kernel without a round trip
+// into Python (~5 us per call, ~20 calls a step).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -157,6 +158,51 @@ at::Tensor panel_linear(const at::Tensor& x2, const at::Tensor& pack, int64_t N)
   });
   return y;
 }
+
+// The routed experts of a MoE layer as one call: x holds the (token, expert) pairs' rows sorted by
+// expert, offsets (E + 1) the cumulative row counts, packs (E, panels, K, 16) each expert's weight in
+// panels. Row r of y = x[r] @ w_e.T for its expert e: only the routed rows are computed, each expert's
+// weight is read once, and every shape is fixed by the step (E, the pair count), so a compiled step
+// needs no capacity. Work items are (expert, 4 panels): the same tiles as panel_linear per expert.
+at::Tensor grouped_panel_linear(const at::Tensor& x, const at::Tensor& packs, const at::Tensor& offsets,
+                                int64_t N) {
+  TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+              "nanoseek panel kernel: this CPU has no AVX2/FMA");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && packs.scalar_type() == at::kFloat &&
+                  packs.is_contiguous() && packs.dim() == 4 && packs.size(2) == x.size(1) && packs.size(3) == NB &&
+                  packs.size(1) == (N + NB - 1) / NB && offsets.numel() == packs.size(0) + 1,
+              "nanoseek grouped panel kernel: fp32 x (P, K), packs (E, ceil(N/16), K, 16), offsets (E + 1)");
+  auto x2 = x.contiguous();
+  auto off = offsets.to(at::kLong).contiguous();
+  int64_t E = packs.size(0), panels = packs.size(1), K = x2.size(1), groups = (panels + 3) / 4;
+  auto y = at::empty({x2.size(0), N}, x2.options());
+  const float* xp = x2.data_ptr<float>();
+  const float* wp = packs.data_ptr<float>();
+  const int64_t* op = off.data_ptr<int64_t>();
+  float* yp = y.data_ptr<float>();
+  TORCH_CHECK(op[0] == 0 && op[E] == x2.size(0), "nanoseek grouped panel kernel: offsets must run from 0 to P");
+  at::parallel_for(0, E * groups, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t e = i / groups, p1 = std::min(panels, (i % groups) * 4 + 4), r0 = op[e], M = op[e + 1] - r0;
+      const float* pack = wp + e * panels * K * NB;
+      for (int64_t p = (i % groups) * 4; p < p1 && M > 0;) {
+        int64_t end = M <= 4 ? p1 : p + 1, step = 1;
+        for (int64_t m = 0; m < M; m += 4) {
+          const float* xm = xp + (r0 + m) * K;
+          float* ym = yp + (r0 + m) * N;
+          switch (std::min<int64_t>(4, M - m)) {
+            case 4: step = panel_rows<4>(xm, K, pack, N, ym, p, end); break;
+            case 3: step = panel_rows<3>(xm, K, pack, N, ym, p, end); break;
+            case 2: step = panel_rows<2>(xm, K, pack, N, ym, p, end); break;
+            default: step = panel_rows<1>(xm, K, pack, N, ym, p, end);
+          }
+        }
+        p += step;
+      }
+    }
+  });
+  return y;
+}
 #endif
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w, int64_t kind) {
@@ -188,5 +234,10 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(nanoseek, CPU, m) { m.impl("packed_linear", packed_linear); }
+TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
+  m.impl("packed_linear", packed_linear);
+#ifdef NANOSEEK_PANEL
+  m.impl("grouped_linear", grouped_panel_linear);
+#endif
+}
 TORCH_LIBRARY_IMPL(nanoseek, MkldnnCPU, m) { m.impl("packed_linear", packed_linear); }

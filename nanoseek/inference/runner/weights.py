@@ -13,7 +13,8 @@ The model stores what training needs; a decode step wants the same maths laid ou
   MoE: the router (fp32 always), the shared expert, and for a handful of rows every routed expert's
       [gate; up] stacked into one (E 2F + 2Fs, D) matrix and every down projection into one
       (D, E F + Fs) matrix (`dense_in` / `dense_out`): E/K x the routed FLOPs in two well-shaped
-      GEMMs, which wins while a step is bound by reading weights.
+      GEMMs, which wins while a step is bound by reading weights; or (`grouped`, where measured faster)
+      the expert stacks in panels for the grouped kernel, which computes only the routed rows.
   Each GEMM in the kernel's dtype, plus its packed form (runner/gemm.py) where the kernel wants one,
   and the expert stacks in the dtype the batched-matmul MoE paths run in. `plan(rows)` decides which
   of these a batch size needs (measured, runner/gemm.py) and only those are built.
@@ -36,7 +37,7 @@ from ...model.moe import MoE
 from ... import calibrate
 from ...quant.fp8 import WEIGHT, quantize
 from . import gemm
-from .moe import capacity, choose_path, layers_on
+from .moe import capacity, choose_path, grouped_pays, layers_on
 
 
 @dataclass
@@ -63,7 +64,8 @@ class DecodeWeights:
         rather than making new ones, so their addresses stay fixed (CUDA graphs read them there)."""
         self.model, self.device, self.kinds, self.in_place = model, device, kinds, in_place
         self.gemms: dict[str, Gemm] = {}
-        self.stacks: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}   # MoE layer, dtype
+        # MoE layer, dtype (or "panel": the grouped path's packs) -> the expert stacks (w13, w2)
+        self.stacks: dict[tuple[int, torch.dtype | str], tuple] = {}
         L = len(model.layers)
         # the main blocks, then the MTP blocks (indices L.., their cache layers): the speculative step
         # runs both
@@ -132,7 +134,8 @@ class DecodeWeights:
             if not isinstance(layer.ffn, MoE):
                 continue
             moe = layer.ffn
-            path = choose_path(moe, rows, self.has_dense(i))
+            grouped = "panel" in self.kinds and grouped_pays(moe, i, rows, self.has_dense(i), self.kinds, measured)
+            path = choose_path(moe, rows, self.has_dense(i), grouped)
             if i in dense and self.has_dense(i):
                 path = "dense"
             plan[f"moe{i}.path"] = path
@@ -141,6 +144,10 @@ class DecodeWeights:
                 used += [f"moe{i}.dense_in", f"moe{i}.dense_out"]
                 continue
             used += [f"moe{i}.shared_in", f"moe{i}.shared_out"] if moe.shared is not None else []
+            if path == "grouped":                       # the expert stacks in panels (`gemm.pack_stack`)
+                plan[f"moe{i}.experts"] = "panel"
+                self.stacks.setdefault((i, "panel"), None)
+                continue
             E, F2, D = moe.experts.w13.shape
             proxy = 1 if path == "gather" else E * capacity(moe, rows, self.device.type)
             kind = gemm.fastest(self.device, proxy, D, F2, plain, measured)
@@ -176,7 +183,7 @@ class DecodeWeights:
                 continue
             if name.endswith(".experts"):
                 i = int(name[3:-len(".experts")])
-                stack = self.stacks[(i, gemm.storage(kind))]
+                stack = self.stacks[(i, "panel" if kind == "panel" else gemm.storage(kind))]
                 for proj, derived in zip(("w13", "w2"), stack):
                     out[f"moe{i}.{proj}"] = derived[0]
                     if len(derived) == 2:                              # fp8: and its block scales
@@ -267,7 +274,10 @@ class DecodeWeights:
             for (i, dt), old in self.stacks.items():
                 if full or old is None:
                     ex = blocks[i].ffn.experts
-                    new = (_derive(ex.w13.detach(), dt), _derive(ex.w2.detach(), dt))
+                    if dt == "panel":                      # the grouped path's packs
+                        new = tuple((gemm.pack_stack(w.detach().float()),) for w in (ex.w13, ex.w2))
+                    else:
+                        new = (_derive(ex.w13.detach(), dt), _derive(ex.w2.detach(), dt))
                     self.stacks[(i, dt)] = new if old is None else tuple(
                         tuple(keep(o, n) for o, n in zip(od, nd)) for od, nd in zip(old, new))
         self._key = key
