@@ -125,6 +125,26 @@ int64_t panel_rows(const float* x, int64_t K, const float* pack, int64_t N, floa
   return 1;
 }
 
+// all M rows of x from panel p on (panels before `end`): M <= 4 is one row chunk, free to take several
+// panels at once; more rows go in chunks of 4 (and a rest) that walk one panel together while it is in
+// cache. Returns the panels done.
+int64_t rows_at_panel(const float* x, int64_t M, int64_t K, const float* pack, int64_t N, float* y, int64_t p,
+                      int64_t end) {
+  int64_t step = 1;
+  if (M > 4) end = p + 1;
+  for (int64_t m = 0; m < M; m += 4) {
+    const float* xm = x + m * K;
+    float* ym = y + m * N;
+    switch (std::min<int64_t>(4, M - m)) {
+      case 4: step = panel_rows<4>(xm, K, pack, N, ym, p, end); break;
+      case 3: step = panel_rows<3>(xm, K, pack, N, ym, p, end); break;
+      case 2: step = panel_rows<2>(xm, K, pack, N, ym, p, end); break;
+      default: step = panel_rows<1>(xm, K, pack, N, ym, p, end);
+    }
+  }
+  return step;
+}
+
 at::Tensor panel_linear(const at::Tensor& x2, const at::Tensor& pack, int64_t N) {
   TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
               "nanoseek panel kernel: this CPU has no AVX2/FMA");
@@ -139,22 +159,7 @@ at::Tensor panel_linear(const at::Tensor& x2, const at::Tensor& pack, int64_t N)
   // a thread takes >= 64 KB of weight: below that the second thread costs more than it brings
   int64_t grain = std::max<int64_t>(4, 16384 / (NB * std::max<int64_t>(K, 1)));
   at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1;) {
-      // M <= 4: one row chunk, free to take several panels at once; more rows: chunks of 4 (and a rest)
-      // walk one panel together while it is in cache
-      int64_t end = M <= 4 ? p1 : p + 1, step = 1;
-      for (int64_t m = 0; m < M; m += 4) {
-        const float* xm = xp + m * K;
-        float* ym = yp + m * N;
-        switch (std::min<int64_t>(4, M - m)) {
-          case 4: step = panel_rows<4>(xm, K, wp, N, ym, p, end); break;
-          case 3: step = panel_rows<3>(xm, K, wp, N, ym, p, end); break;
-          case 2: step = panel_rows<2>(xm, K, wp, N, ym, p, end); break;
-          default: step = panel_rows<1>(xm, K, wp, N, ym, p, end);
-        }
-      }
-      p += step;
-    }
+    for (int64_t p = p0; p < p1;) p += rows_at_panel(xp, M, K, wp, N, yp, p, p1);
   });
   return y;
 }
@@ -185,20 +190,8 @@ at::Tensor grouped_panel_linear(const at::Tensor& x, const at::Tensor& packs, co
     for (int64_t i = i0; i < i1; ++i) {
       int64_t e = i / groups, p1 = std::min(panels, (i % groups) * 4 + 4), r0 = op[e], M = op[e + 1] - r0;
       const float* pack = wp + e * panels * K * NB;
-      for (int64_t p = (i % groups) * 4; p < p1 && M > 0;) {
-        int64_t end = M <= 4 ? p1 : p + 1, step = 1;
-        for (int64_t m = 0; m < M; m += 4) {
-          const float* xm = xp + (r0 + m) * K;
-          float* ym = yp + (r0 + m) * N;
-          switch (std::min<int64_t>(4, M - m)) {
-            case 4: step = panel_rows<4>(xm, K, pack, N, ym, p, end); break;
-            case 3: step = panel_rows<3>(xm, K, pack, N, ym, p, end); break;
-            case 2: step = panel_rows<2>(xm, K, pack, N, ym, p, end); break;
-            default: step = panel_rows<1>(xm, K, pack, N, ym, p, end);
-          }
-        }
-        p += step;
-      }
+      for (int64_t p = (i % groups) * 4; p < p1 && M > 0;)
+        p += rows_at_panel(xp + r0 * K, M, K, pack, N, yp + r0 * N, p, p1);
     }
   });
   return y;
