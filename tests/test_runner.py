@@ -272,6 +272,21 @@ def test_grouped_kernel_equals_per_row_products():
         torch.testing.assert_close(gemm._grouped_linear(x, packs, offsets, N), want, rtol=1e-5, atol=1e-4)
 
 
+def test_grouped_path_only_for_layers_small_enough_to_copy(monkeypatch):
+    """The grouped packs are an fp32 copy of a layer's experts: above the copy bound the layer keeps the
+    rules' path, and nothing is measured (measuring allocates one more copy)."""
+    model = _model()
+    i = len(model.layers) - 1
+    asked = []
+    monkeypatch.setattr(rweights, "grouped_pays", lambda *a: asked.append(a) or True)
+    small = DecodeWeights(model, CPU, ["fp32", "panel"])
+    assert small.plan(12)[f"moe{i}.path"] == "grouped" and asked
+    asked.clear()
+    E, F2, D = model.layers[i].ffn.experts.w13.shape
+    big = DecodeWeights(model, CPU, ["fp32", "panel"], dense_moe_max_bytes=E * F2 * D * 6 - 1)
+    assert big.plan(12)[f"moe{i}.path"] != "grouped" and not asked
+
+
 def test_decode_step_in_mixed_precision_is_close():
     """With every kernel allowed (bf16 GEMMs where faster here) the step stays close to fp32."""
     model = _model()

@@ -63,6 +63,7 @@ class DecodeWeights:
         """in_place: `sync()` writes new values into the derived tensors it made before (same shapes)
         rather than making new ones, so their addresses stay fixed (CUDA graphs read them there)."""
         self.model, self.device, self.kinds, self.in_place = model, device, kinds, in_place
+        self.moe_copy_max_bytes = dense_moe_max_bytes     # per layer: fused dense weights, or grouped packs
         self.gemms: dict[str, Gemm] = {}
         # MoE layer, dtype (or "panel": the grouped path's packs) -> the expert stacks (w13, w2)
         self.stacks: dict[tuple[int, torch.dtype | str], tuple] = {}
@@ -104,6 +105,13 @@ class DecodeWeights:
     def _add(self, name: str, source, only: str | None = None) -> None:
         self.gemms[name] = Gemm(name, source, only)
 
+    def grouped_fits(self, i: int) -> bool:
+        """May MoE layer i take the grouped path? Its packs are an fp32 copy of the layer's experts (and
+        measuring it makes one more): small layers only, like the fused dense weights (a V3 layer's
+        experts are ~45 GB in fp32)."""
+        E, F2, D = dict(self.blocks)[i].ffn.experts.w13.shape
+        return E * F2 * D * 3 // 2 * 4 <= self.moe_copy_max_bytes
+
     def has_dense(self, i: int) -> bool:
         """Does MoE layer i have the fused dense path's weights (small enough layers do)?"""
         return f"moe{i}.dense_in" in self.gemms
@@ -134,7 +142,8 @@ class DecodeWeights:
             if not isinstance(layer.ffn, MoE):
                 continue
             moe = layer.ffn
-            grouped = "panel" in self.kinds and grouped_pays(moe, i, rows, self.has_dense(i), self.kinds, measured)
+            grouped = "panel" in self.kinds and self.grouped_fits(i) and \
+                grouped_pays(moe, i, rows, self.has_dense(i), self.kinds, measured)
             path = choose_path(moe, rows, self.has_dense(i), grouped)
             if i in dense and self.has_dense(i):
                 path = "dense"
