@@ -267,7 +267,7 @@ def test_grouped_kernel_equals_per_row_products():
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         x = torch.randn(P, K, generator=g)
         want = torch.einsum("pnk,pk->pn", w[expert], x)
-        packs = gemm.pack_stack(w)
+        packs = gemm.pack(w, "panel", P)
         torch.testing.assert_close(gemm.grouped_linear(x, packs, offsets, N), want, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(gemm._grouped_linear(x, packs, offsets, N), want, rtol=1e-5, atol=1e-4)
 

@@ -48,7 +48,7 @@ The runner therefore picks a kernel per (weight, row count) by timing the candid
     pack(w, kind, rows)        the packed tensor for that kernel (None for the plain kinds)
     linear(x, w, packed, kind) y = x @ w.T in the kernel's dtype; the caller casts around it
     grouped_linear(x, packs, offsets, n)   a MoE layer's routed experts in one call: rows sorted by
-                               expert, each times its expert's weight in panels (`pack_stack`); the panel
+                               expert, each times its expert's weight in panels (`pack` of the stack); the panel
                                kernel's tiles per expert (runner/moe.py's grouped path)
 
 Nothing here holds state: the runner makes the packs (in `sync_weights`), owns them and passes them
@@ -108,11 +108,11 @@ def pack(w: torch.Tensor, kind: str, rows: int) -> torch.Tensor | None:
         return torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), rows)
     if kind in ("onednn", "onednn32"):
         return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
-    if kind == "panel":             # (ceil(N/16), K, 16): panel p = w[16p : 16p + 16].T, zero-padded columns
-        N, K = w.shape
-        padded = w.new_zeros(-(-N // PANEL) * PANEL, K)
-        padded[:N] = w
-        return padded.view(-1, PANEL, K).transpose(1, 2).contiguous()
+    if kind == "panel":             # (ceil(N/16), K, 16): panel p = w[16p : 16p + 16].T, zero-padded columns;
+        *lead, N, K = w.shape       # a stack of expert weights (E, N, K): each in panels (the grouped kernel)
+        padded = w.new_zeros(*lead, -(-N // PANEL) * PANEL, K)
+        padded[..., :N, :] = w
+        return padded.view(*lead, -1, PANEL, K).transpose(-1, -2).contiguous()
     return None
 
 
@@ -149,17 +149,9 @@ def _(x, packed, w, kind):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
-def pack_stack(w: torch.Tensor) -> torch.Tensor:
-    """A stack of expert weights (E, N, K) fp32 -> each in panels, (E, ceil(N/16), K, 16)."""
-    E, N, K = w.shape
-    padded = w.new_zeros(E, -(-N // PANEL) * PANEL, K)
-    padded[:, :N] = w
-    return padded.view(E, -1, PANEL, K).transpose(2, 3).contiguous()
-
-
 def grouped_linear(x: torch.Tensor, packs: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
     """Rows sorted by expert, x (P, K), `offsets` (E + 1) their cumulative counts -> (P, n): row r times
-    its expert's weight (`pack_stack`), routed rows only (the C++ panel kernel; here the same maths by
+    its expert's weight (`pack(stack, "panel", ...)`), routed rows only (the C++ panel kernel; here the same maths by
     torch ops, one expert at a time: the reference the kernel is tested against)."""
     return torch.ops.nanoseek.grouped_linear(x, packs, offsets, n)
 

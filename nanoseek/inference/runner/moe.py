@@ -142,7 +142,7 @@ def grouped_pays(moe: MoE, i: int, T: int, has_dense: bool, kinds: list[str], me
             w, pk, kind = lins[name]
             return gemm.linear(x.to(w.dtype), w, pk, kind).float()
         w13, w2 = 0.05 * torch.randn(E, F2, D, generator=g), 0.05 * torch.randn(E, D, F2 // 2, generator=g)
-        W = {"grouped": {f"moe{i}.w13": gemm.pack_stack(w13), f"moe{i}.w2": gemm.pack_stack(w2)},
+        W = {"grouped": {f"moe{i}.w13": gemm.pack(w13, "panel", T), f"moe{i}.w2": gemm.pack(w2, "panel", T)},
              rule: {f"moe{i}.w13": w13, f"moe{i}.w2": w2}}
         x = torch.randn(T, D, generator=g)
         calls = {path: (lambda path=path: moe_decode(moe, i, x, linear, W[path], path)) for path in W}
@@ -160,19 +160,26 @@ def grouped_pays(moe: MoE, i: int, T: int, has_dense: bool, kinds: list[str], me
     return bool(pays)
 
 
+def expert_ranks(flat: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (token, expert) pairs' experts (P,) -> their one-hot (P, E) and each pair's rank among its
+    expert's pairs (P,), in pair order: fixed shapes, no sort (the capacity and grouped paths' layouts)."""
+    onehot = F.one_hot(flat, E)
+    return onehot, ((onehot.cumsum(0) - 1) * onehot).sum(1)
+
+
 def grouped_experts(x_TD, weights_TK, idx_TK, p13, p2):
     """The routed experts by the grouped kernel (gemm.grouped_linear): the (token, expert) pairs laid out
-    by expert, each expert's rows times its weight packs (`gemm.pack_stack` of w13 and w2), then put back
+    by expert, each expert's rows times its weight packs (`gemm.pack` of the w13 and w2 stacks), then put back
     in pair order, weighted and summed per token. A pair's row is its expert's offset plus its rank among
     that expert's pairs (no sort, no scatter-add: one fused pass each way when compiled). Every shape is
     fixed by T: no capacity, nothing dropped."""
     (T, K), E = idx_TK.shape, p13.shape[0]
     F2, D = 2 * p2.shape[2], p13.shape[2]                   # (the panels pad N, never K)
     flat = idx_TK.reshape(-1)
-    onehot = F.one_hot(flat, E)                                               # T*K, E
+    onehot, rank = expert_ranks(flat, E)
     counts = onehot.sum(0)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    row = offsets[flat] + ((onehot.cumsum(0) - 1) * onehot).sum(1)          # each pair's row, by expert
+    row = offsets[flat] + rank                                               # each pair's row, by expert
     xs = x_TD.new_empty(T * K, D, dtype=torch.float32).index_put_((row,), x_TD.float().repeat_interleave(K, dim=0))
     gate, up = gemm.grouped_linear(xs, p13, offsets, F2).chunk(2, dim=-1)
     y = gemm.grouped_linear(F.silu(gate) * up, p2, offsets, D)[row]                 # back in pair order
@@ -213,8 +220,7 @@ def moe_decode(moe: MoE, i: int, x_TD: torch.Tensor, linear, W: dict, path: str,
     elif path == "grouped":                                  # w13, w2: the stacks in panels
         out = grouped_experts(x_TD, weights, idx, w13, w2)
     else:
-        onehot = F.one_hot(idx.reshape(-1), E)                                # T*K, E
-        pos = ((onehot.cumsum(0) - 1) * onehot).sum(1)                        # rank of a pair within its expert
+        onehot, pos = expert_ranks(idx.reshape(-1), E)
         load = onehot.sum(0).max()
         if flags is not None:
             flags.append(load)

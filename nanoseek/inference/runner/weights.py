@@ -153,7 +153,7 @@ class DecodeWeights:
                 used += [f"moe{i}.dense_in", f"moe{i}.dense_out"]
                 continue
             used += [f"moe{i}.shared_in", f"moe{i}.shared_out"] if moe.shared is not None else []
-            if path == "grouped":                       # the expert stacks in panels (`gemm.pack_stack`)
+            if path == "grouped":                       # the expert stacks in panels (`gemm.pack` of each stack)
                 plan[f"moe{i}.experts"] = "panel"
                 self.stacks.setdefault((i, "panel"), None)
                 continue
@@ -284,7 +284,7 @@ class DecodeWeights:
                 if full or old is None:
                     ex = blocks[i].ffn.experts
                     if dt == "panel":                      # the grouped path's packs
-                        new = tuple((gemm.pack_stack(w.detach().float()),) for w in (ex.w13, ex.w2))
+                        new = tuple((gemm.pack(w.detach().float(), "panel", 0),) for w in (ex.w13, ex.w2))
                     else:
                         new = (_derive(ex.w13.detach(), dt), _derive(ex.w2.detach(), dt))
                     self.stacks[(i, dt)] = new if old is None else tuple(
