@@ -20,9 +20,10 @@ By rows T (E routed experts, K per token), the first three by rule:
             laid out by expert, each expert's rows times its weight in one C++ call per projection
             (`gemm.grouped_linear`). Routed FLOPs only, each expert's weight read once, and every shape
             fixed by T, so a compiled step needs no capacity and never reruns. AVX2 EPYC, bench_grpo's
-            model (hidden 256, 16 experts top-4), eager decode steps in one process: 18.3 vs 25.9 ms at
-            64 rows, 13.1 vs 17.9 at 16, 9.1 vs 10.1 at 1 (the runner's choices there: dense, dense,
-            gather); `bench_grpo.py --steps 12` 2.14x TRL against 1.82x without it, the same hour.
+            model (hidden 256, 16 experts top-4), eager decode steps against the rules' path
+            (`benchmarks/bench_grouped_moe.py`): 6.4 / 7.6 / 21.7 vs 6.9 / 9.9 / 25.6 ms at 1 / 8 / 64 rows
+            (gather, dense, dense); `bench_grpo.py --steps 12` 2.14x TRL against 1.82x without it, the
+            same hour.
             Compiled, where the rest of the step is cheaper, it won by 6-7% at batch 64 and lost 12% when
             forced at 8 (dense, which reads the same weight bytes, stays there): hence measured per shape.
 Thresholds measured on the decode benchmark's model (hidden 256, 16 experts top-4, 2 cores): per
